@@ -1,0 +1,50 @@
+"""Runs the expert part of one call: dispatch -> (all-to-all) -> experts -> (all-to-all) -> combine.
+
+Legend: T tokens, D model dim, K top-k, E experts, C capacity, R rows of the expert-major buffer.
+This file holds the single-process path; ``adaptmoe.parallel`` runs the same stages over a
+process group according to the call's adaptive_r / overlap degree / all-to-all algorithm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import dispatch as dispatch_ops
+from .routing import Routing
+
+
+@dataclass(frozen=True)
+class CallKnobs:
+    """The resolved per-call knobs (explicit argument, else plan, else layer default)."""
+
+    gate_index: int
+    top_k: int
+    capacity_factor: float
+    adaptive_r: int
+    overlap_degree: int
+    a2a_algo: str
+
+
+def gate_scales(routing: Routing, is_postscore: bool) -> tuple[Tensor | None, Tensor]:
+    """(dispatch scale, combine weights): post-score scales at combine, pre-score at dispatch."""
+    if is_postscore:
+        return None, routing.weights_TK
+    return routing.weights_TK, torch.ones_like(routing.weights_TK)
+
+
+def run_experts_local(x_RD: Tensor, routing: Routing, experts, num_experts: int) -> Tensor:
+    """Experts over the expert-major buffer of this process (all experts are local)."""
+    if routing.dropless:
+        return experts.forward_grouped(x_RD, routing.counts_E)
+    capacity = routing.capacity
+    y = experts(x_RD.view(num_experts, capacity, x_RD.shape[1]))
+    return y.reshape(num_experts * capacity, -1)
+
+
+def run_local(x_TD: Tensor, routing: Routing, experts, *, num_experts: int, is_postscore: bool) -> Tensor:
+    scale_TK, combine_TK = gate_scales(routing, is_postscore)
+    x_RD = dispatch_ops.dispatch(x_TD, routing.slots_TK, routing.num_rows, scale_TK)
+    y_RO = run_experts_local(x_RD, routing, experts, num_experts)
+    return dispatch_ops.combine(y_RO, routing.slots_TK, combine_TK)

@@ -1,0 +1,172 @@
+"""MoELayer: builds gate(s) and experts from typed configs and runs one call per forward.
+
+Legend: T tokens on this rank, D model dim, E global experts, e local experts, K top-k,
+W ranks in the expert-parallel group, s ranks sharing one expert (W/E when E < W).
+
+Every knob of ``forward`` is per call: ``None`` means the layer's default, any other value
+(0 included) is used as given, and nothing a call passes sticks to the layer. All knobs are
+validated before anything runs, so a bad call changes no state.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import executor
+from .config import A2A_ALGOS, MoEConfig, check_capacity_factor
+from .experts import build_experts
+from .gates import add_noise, build_gate, select_experts
+from .losses import compute_losses
+from .routing import Routing, build_routing, confidence_rank
+from .topology import GroupLayout, layout_for_group
+
+
+class MoELayer(nn.Module):
+    def __init__(self, config: MoEConfig, *, group: Any = None, scan_expert_func: Callable | None = None,
+                 result_func: Callable | None = None, seeds: tuple | None = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.group = group
+        self.layout: GroupLayout = layout_for_group(group, config.num_experts)
+        self.result_func = result_func
+        seeds = tuple(seeds or ())
+        self.gates = nn.ModuleList()
+        for index, gate_config in enumerate(config.gates):
+            _seed(seeds, 0, offset=index)
+            self.gates.append(build_gate(gate_config, config.model_dim, config.num_experts))
+        _seed(seeds, 1)
+        self.experts = build_experts(config.experts, config.model_dim, self.layout.num_local_experts,
+                                     self.layout.sharded_count)
+        _seed(seeds, 2)
+        for param in self.experts.parameters():
+            param._adaptmoe_expert = True   # gradient helpers sync these over the expert-DP group
+            param._tutel_expert = True      # what Tutel-era training scripts look for
+        if scan_expert_func is not None:
+            for name, param in self.experts.named_parameters():
+                scan_expert_func(name, param)
+        # Saved in the state dict like Tutel's, so checkpoints carry the global expert count.
+        self.register_buffer("_num_global_experts", torch.tensor(config.num_experts))
+        self.l_aux: Tensor | None = None
+        self.losses: dict[str, Tensor] = {}
+        self.last_routing: Routing | None = None
+
+    @property
+    def num_global_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.layout.num_local_experts
+
+    @property
+    def sharded_count(self) -> int:
+        return self.layout.sharded_count
+
+    @property
+    def valid_adaptive_rs(self) -> list[int]:
+        return self.layout.valid_rs
+
+    def resolve_knobs(self, *, gate_index: int = 0, top_k: int | None = None, capacity_factor: float | None = None,
+                      adaptive_r: int | None = None, a2a_ffn_overlap_degree: int | None = None,
+                      a2a_algo: str | None = None, megablocks_size: int | None = None) -> executor.CallKnobs:
+        """Per-call knobs merged with the layer defaults; raises before any state changes."""
+        cfg = self.config
+        if isinstance(gate_index, bool) or not isinstance(gate_index, int) or not 0 <= gate_index < len(self.gates):
+            raise ValueError(f"gate_index must be an integer in [0, {len(self.gates) - 1}], got {gate_index!r}")
+        gate_cfg = cfg.gates[gate_index]
+        k = gate_cfg.top_k if top_k is None else top_k
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cfg.num_experts:
+            raise ValueError(f"top_k must be an integer in [1, {cfg.num_experts}] (num_experts), got {k!r}")
+        cf = check_capacity_factor(gate_cfg.capacity_factor if capacity_factor is None else capacity_factor)
+        r = cfg.adaptive_r if adaptive_r is None else adaptive_r
+        if isinstance(r, bool) or r not in self.layout.valid_rs:
+            raise ValueError(f"adaptive_r must be one of {self.layout.valid_rs} for {cfg.num_experts} experts over "
+                             f"{self.layout.world_size} rank(s), got {r!r}")
+        d = cfg.overlap_degree if a2a_ffn_overlap_degree is None else a2a_ffn_overlap_degree
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise ValueError(f"a2a_ffn_overlap_degree must be an integer >= 1, got {d!r}")
+        algo = cfg.a2a_algo if a2a_algo is None else a2a_algo
+        if algo not in A2A_ALGOS:
+            raise ValueError(f"a2a_algo must be one of {list(A2A_ALGOS)}, got {algo!r}")
+        mb = cfg.megablocks_size if megablocks_size is None else megablocks_size
+        if isinstance(mb, bool) or not isinstance(mb, int) or mb < 0:
+            raise ValueError(f"megablocks_size must be an integer >= 0, got {mb!r}")
+        return executor.CallKnobs(gate_index, k, cf, r, d, algo)
+
+    def forward(self, x: Tensor, *, gate_index: int = 0, capacity_factor: float | None = None,
+                top_k: int | None = None, adaptive_r: int | None = None, a2a_ffn_overlap_degree: int | None = None,
+                a2a_algo: str | None = None, megablocks_size: int | None = None, reserve_dims: int = 1,
+                inequivalent_tokens: bool = False) -> Any:
+        knobs = self.resolve_knobs(gate_index=gate_index, top_k=top_k, capacity_factor=capacity_factor,
+                                   adaptive_r=adaptive_r, a2a_ffn_overlap_degree=a2a_ffn_overlap_degree,
+                                   a2a_algo=a2a_algo, megablocks_size=megablocks_size)
+        x_TD, lead_shape = self._flatten_input(x, reserve_dims)
+        routing, losses = self._route(x_TD, knobs)
+        y_TO = self._run(x_TD, routing, knobs)
+        y = y_TO.reshape(*lead_shape, *self._output_tail(y_TO, x, reserve_dims)).to(x.dtype)
+        l_aux = sum(losses.values()) if losses else x_TD.new_zeros((), dtype=torch.float32)
+        self.l_aux, self.losses, self.last_routing = l_aux, losses, routing
+        y.l_aux = l_aux
+        return self.result_func(y) if self.result_func is not None else y
+
+    def _flatten_input(self, x: Tensor, reserve_dims: int) -> tuple[Tensor, tuple[int, ...]]:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            got = type(x).__name__ if not isinstance(x, Tensor) else x.dtype
+            raise TypeError(f"input must be a floating-point tensor (float32, float64, bfloat16, float16), got {got}")
+        if isinstance(reserve_dims, bool) or not isinstance(reserve_dims, int) or not 1 <= reserve_dims <= x.dim():
+            raise ValueError(f"reserve_dims must be an integer in [1, {x.dim()}] (input dims), got {reserve_dims!r}")
+        token_dim = math.prod(x.shape[x.dim() - reserve_dims:])
+        if token_dim != self.config.model_dim:
+            raise ValueError(f"input's last {reserve_dims} dim(s) {tuple(x.shape[x.dim() - reserve_dims:])} must hold "
+                             f"model_dim={self.config.model_dim} values, got {token_dim}")
+        x_TD = x.reshape(-1, token_dim)
+        compute_dtype = _compute_dtype(x, self.experts)
+        return x_TD.to(compute_dtype), tuple(x.shape[: x.dim() - reserve_dims])
+
+    def _output_tail(self, y_TO: Tensor, x: Tensor, reserve_dims: int) -> tuple[int, ...]:
+        if y_TO.shape[1] == self.config.model_dim:
+            return tuple(x.shape[x.dim() - reserve_dims:])
+        return (y_TO.shape[1],)
+
+    def _route(self, x_TD: Tensor, knobs: executor.CallKnobs) -> tuple[Routing, dict[str, Tensor]]:
+        gate_cfg = self.config.gates[knobs.gate_index]
+        # Routing decides discrete choices: keep it out of autocast so bf16 rounding cannot flip them.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = self.gates[knobs.gate_index](x_TD)
+            noisy_TE = add_noise(logits_TE, gate_cfg.noise_std, self.training)
+            indices_TK, weights_TK, probs_TE = select_experts(noisy_TE, gate_cfg, knobs.top_k, self.training)
+            losses = compute_losses(gate_cfg.losses, clean_logits_TE=logits_TE, noisy_logits_TE=noisy_TE,
+                                    scores_TE=probs_TE, indices_TK=indices_TK, noise_std=gate_cfg.noise_std)
+        priority_T = confidence_rank(probs_TE.detach()) if gate_cfg.batch_prioritized else None
+        routing = build_routing(indices_TK, weights_TK, self.config.num_experts, knobs.capacity_factor, priority_T)
+        return routing, losses
+
+    def _run(self, x_TD: Tensor, routing: Routing, knobs: executor.CallKnobs) -> Tensor:
+        if self.layout.world_size == 1:
+            return executor.run_local(x_TD, routing, self.experts, num_experts=self.config.num_experts,
+                                      is_postscore=self.config.is_postscore)
+        from . import parallel  # imported lazily: single-process users never need torch.distributed
+        return parallel.run_parallel(x_TD, routing, self.experts, knobs, self.layout,
+                                     is_postscore=self.config.is_postscore)
+
+    def extra_repr(self) -> str:
+        gates = ", ".join(f"{g.kind} k={g.top_k} noise={g.noise_std}" for g in self.config.gates)
+        return (f"gates=[{gates}], experts={self.config.num_experts} over {self.layout.world_size} rank(s), "
+                f"local={self.layout.num_local_experts}, shards={self.layout.sharded_count}")
+
+
+def _seed(seeds: tuple, index: int, offset: int = 0) -> None:
+    if len(seeds) > index and seeds[index] is not None:
+        torch.manual_seed(int(seeds[index]) + offset)
+
+
+def _compute_dtype(x: Tensor, experts: nn.Module) -> torch.dtype:
+    """Autocast's dtype when active, else the experts' parameter dtype (Tutel's rule), else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    param = next(experts.parameters(), None)
+    return param.dtype if param is not None else x.dtype

@@ -1,0 +1,87 @@
+"""Top-k selection, capacity and slot assignment: turns gate scores into one ``Routing`` record.
+
+Legend: T tokens, E experts, K top-k, C capacity (slots per expert), R rows of the expert-major
+buffer. Dropless and capacity modes differ only here: every later stage reads ``slots_TK``.
+
+Priority (who keeps a slot when an expert overflows) follows GShard/Tutel: all first choices
+before any second choice, and within one choice rank, token order, or descending confidence
+with batch-prioritized routing. Slots are assigned by one sort, not by k dense one-hot
+cumsums, so BPR and dropless share the same (correct) per-expert counts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Routing:
+    indices_TK: Tensor     # int64 expert of each choice
+    weights_TK: Tensor     # combine weights (differentiable w.r.t. the gate)
+    locations_TK: Tensor   # int64 rank of the choice among its expert's assignments (priority order)
+    counts_E: Tensor       # int64 assignments per expert before capacity
+    capacity: int | None   # slots per expert, None when dropless
+    slots_TK: Tensor       # int64 row in the expert-major buffer, -1 when dropped
+    num_rows: int          # E*C, or T*K when dropless
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity is None
+
+    def kept_counts_E(self) -> Tensor:
+        """Rows each expert actually processes (counts clipped by capacity)."""
+        if self.capacity is None:
+            return self.counts_E
+        return self.counts_E.clamp(max=self.capacity)
+
+
+def capacity_for(capacity_factor: float, tokens: int, num_experts: int, top_k: int) -> int | None:
+    """Tutel's capacity: cf>0 -> k*floor(cf*ceil(T/E)); cf=0 -> dropless (None); cf<0 -> the cap
+    k*floor(-cf*ceil(T/E)). For cf<0 Tutel uses min(need, cap); dropping the choices at
+    location >= cap keeps exactly the same tokens, without a host sync to learn ``need``."""
+    if capacity_factor == 0:
+        return None
+    per_expert = math.ceil(tokens / num_experts) if tokens else 0
+    return top_k * math.floor(abs(capacity_factor) * per_expert)
+
+
+def assign_locations(indices_TK: Tensor, num_experts: int, priority_T: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (locations_TK, counts_E, sorted_position_TK): the position of each choice in the
+    expert-major order and its rank inside its expert."""
+    T, K = indices_TK.shape
+    device = indices_TK.device
+    n = T * K
+    rank_T = torch.arange(T, device=device) if priority_T is None else priority_T
+    # Choice k of every token outranks choice k+1 of any token; inside a choice rank, rank_T decides.
+    order_TK = torch.arange(K, device=device).unsqueeze(0) * T + rank_T.unsqueeze(1)
+    key_N = indices_TK.reshape(-1) * max(n, 1) + order_TK.reshape(-1)
+    sort_N = torch.argsort(key_N)
+    position_N = torch.empty_like(sort_N)
+    position_N[sort_N] = torch.arange(n, device=device)
+    counts_E = torch.bincount(indices_TK.reshape(-1), minlength=num_experts)
+    offsets_E = torch.cumsum(counts_E, 0) - counts_E
+    locations_N = position_N - offsets_E[indices_TK.reshape(-1)]
+    return locations_N.view(T, K), counts_E, position_N.view(T, K)
+
+
+def confidence_rank(scores_TE: Tensor) -> Tensor:
+    """Batch-prioritized routing: rank 0 goes to the token with the highest top score."""
+    order_T = torch.argsort(scores_TE.max(dim=1).values, descending=True, stable=True)
+    rank_T = torch.empty_like(order_T)
+    rank_T[order_T] = torch.arange(order_T.numel(), device=order_T.device)
+    return rank_T
+
+
+def build_routing(indices_TK: Tensor, weights_TK: Tensor, num_experts: int, capacity_factor: float,
+                  priority_T: Tensor | None = None) -> Routing:
+    T, K = indices_TK.shape
+    locations_TK, counts_E, position_TK = assign_locations(indices_TK, num_experts, priority_T)
+    capacity = capacity_for(capacity_factor, T, num_experts, K)
+    if capacity is None:
+        return Routing(indices_TK, weights_TK, locations_TK, counts_E, None, position_TK, T * K)
+    kept_TK = locations_TK < capacity
+    slots_TK = torch.where(kept_TK, indices_TK * capacity + locations_TK, torch.full_like(indices_TK, -1))
+    return Routing(indices_TK, weights_TK, locations_TK, counts_E, capacity, slots_TK, num_experts * capacity)

@@ -10,6 +10,7 @@ validated before anything runs, so a bad call changes no state.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -152,6 +153,19 @@ class MoELayer(nn.Module):
         from . import parallel  # imported lazily: single-process users never need torch.distributed
         return parallel.run_parallel(x_TD, routing, self.experts, knobs, self.layout,
                                      is_postscore=self.config.is_postscore)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "_num_global_experts"
+        if key not in state_dict:
+            warnings.warn(f"checkpoint has no {key!r} (an old format); assuming {self.config.num_experts} experts")
+            state_dict[key] = self._num_global_experts.clone()
+        elif int(state_dict[key]) != self.config.num_experts:
+            error_msgs.append(f"checkpoint holds {int(state_dict[key])} global experts, this layer has "
+                              f"{self.config.num_experts}; use adaptmoe.checkpoint to re-shard across layouts")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         gates = ", ".join(f"{g.kind} k={g.top_k} noise={g.noise_std}" for g in self.config.gates)

@@ -6,6 +6,7 @@ process group according to the call's adaptive_r / overlap degree / all-to-all a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,7 @@ def run_experts_local(x_RD: Tensor, routing: Routing, experts, num_experts: int)
         return experts.forward_grouped(x_RD, routing.counts_E)
     capacity = routing.capacity
     y = experts(x_RD.view(num_experts, capacity, x_RD.shape[1]))
-    return y.reshape(num_experts * capacity, -1)
+    return y.reshape(num_experts * capacity, math.prod(y.shape[2:]))
 
 
 def run_local(x_TD: Tensor, routing: Routing, experts, *, num_experts: int, is_postscore: bool) -> Tensor:

@@ -45,7 +45,7 @@ def route(layer, logits_TE, top_k, capacity_factor, gate_index=0):
             w = w / w.sum()
         choices.append(order)
         weights.append(w)
-    keep = capacity_keep(choices, T, E, top_k, capacity_factor, logits_TE, cfg.batch_prioritized, sigmoid)
+    keep = capacity_keep(choices, T, E, top_k, capacity_factor, logits_TE.detach(), cfg.batch_prioritized, sigmoid)
     return [[(choices[t][k], weights[t][k]) for k in range(top_k) if keep[t][k]] for t in range(T)]
 
 

@@ -12,6 +12,11 @@ def native_extensions():
         return [], {}
     if CUDA_HOME is None or torch.version.cuda is None:
         return [], {}
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # native/ beside setup.py
+    if os.environ.get("ADAPTMOE_NO_NATIVE_BUILD"):
+        return [], {}
     try:
         from native.build import extension_for_setup
     except ImportError:

@@ -37,8 +37,12 @@ def combine_reference(y_RD: Tensor, slots_TK: Tensor, weights_TK: Tensor) -> Ten
 
 
 def dispatch(x_TD: Tensor, slots_TK: Tensor, num_rows: int, scale_TK: Tensor | None = None) -> Tensor:
-    return dispatch_reference(x_TD, slots_TK, num_rows, scale_TK)
+    """``dispatch_reference`` through the ``adaptmoe::dispatch`` op (native kernels on CUDA)."""
+    from . import ops  # lazy: ops imports this module for its references
+    return ops.dispatch(x_TD, slots_TK, num_rows, scale_TK)
 
 
 def combine(y_RD: Tensor, slots_TK: Tensor, weights_TK: Tensor) -> Tensor:
-    return combine_reference(y_RD, slots_TK, weights_TK)
+    """``combine_reference`` through the ``adaptmoe::combine`` op (native kernels on CUDA)."""
+    from . import ops
+    return ops.combine(y_RD, slots_TK, weights_TK)

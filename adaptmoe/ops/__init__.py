@@ -1,0 +1,54 @@
+"""Native ops of adaptmoe behind torch.library: dispatch, combine, fused routing.
+
+Legend: T tokens, E experts, K top-k, D model dim, R rows of the expert-major buffer.
+
+On CUDA the ops run native kernels (the prebuilt ``adaptmoe._C`` or a just-in-time build of
+``native/``); elsewhere, or when no extension can be had, the PyTorch reference with the same
+signatures (one warning when a CUDA tensor takes that path). Every op has a fake implementation
+and a backward, so ``torch.compile(fullgraph=True)`` and CUDA-graph capture work.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import _native
+from ._ops import (SCORE_FNS, TOLERANCES, assign_slots_op, combine_op, dispatch_op, route_topk_grad,
+                   route_topk_op)
+
+__all__ = ["dispatch", "combine", "route_topk", "assign_slots", "native_available", "native_status",
+           "TOLERANCES", "SCORE_FNS"]
+
+
+def dispatch(x_TD: Tensor, slots_TK: Tensor, num_rows: int, scale_TK: Tensor | None = None) -> Tensor:
+    """x_RD: row ``slots_TK[t, k]`` holds ``x_TD[t]`` (times ``scale_TK[t, k]``); other rows 0."""
+    return dispatch_op(x_TD, slots_TK, num_rows, scale_TK)
+
+
+def combine(y_RD: Tensor, slots_TK: Tensor, weights_TK: Tensor) -> Tensor:
+    """y_TD[t] = sum_k weights_TK[t, k] * y_RD[slots_TK[t, k]] (dropped choices add nothing)."""
+    return combine_op(y_RD, slots_TK, weights_TK)
+
+
+def route_topk(logits_TE: Tensor, k: int, score_fn: str = "softmax", normalize: bool = True,
+               capacity: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused scores + top-k + slot assignment: (indices_TK, weights_TK, scores_TE, locations_TK,
+    counts_E, slots_TK). ``capacity=None`` is dropless (slots are expert-major rows, T*K of
+    them); else slot = e*capacity + location, -1 when the location is >= capacity."""
+    return route_topk_op(logits_TE, k, score_fn, normalize, -1 if capacity is None else capacity)
+
+
+def assign_slots(indices_TK: Tensor, num_experts: int, capacity: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(locations_TK, counts_E, slots_TK) in GShard priority order, equal to
+    ``adaptmoe.routing.assign_locations`` (token-order priority) and its slot rule."""
+    return assign_slots_op(indices_TK, num_experts, -1 if capacity is None else capacity)
+
+
+def native_available() -> bool:
+    """True when the native CUDA kernels are loaded (this may build them just in time)."""
+    return _native.load() is not None
+
+
+def native_status() -> str:
+    """How the native kernels were loaded, or why they are not."""
+    _native.load()
+    return _native.status()

@@ -1,0 +1,181 @@
+// Torch-facing side of the native kernels: argument checks, output allocation (the caching
+// allocator, so CUDA-graph capture works), the current stream, and the Python module.
+// The torch.library op registration lives in Python (adaptmoe/ops/_ops.py), which calls these.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <optional>
+#include <tuple>
+
+#include "moe_kernels.h"
+
+namespace {
+
+using at::Tensor;
+
+adaptmoe::DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return adaptmoe::kFloat32;
+    case at::kHalf: return adaptmoe::kFloat16;
+    case at::kBFloat16: return adaptmoe::kBFloat16;
+    default: TORCH_CHECK(false, "adaptmoe native ops take float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return adaptmoe::kFloat32;
+}
+
+void check_cuda(const Tensor& t, const char* name, const Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), "adaptmoe: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == like.device(), "adaptmoe: ", name, " is on ", t.device(), ", expected ", like.device());
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "adaptmoe native ", what, " failed: ", cudaGetErrorString(err));
+}
+
+Tensor checked_slots(const Tensor& slots_TK, const Tensor& like) {
+  check_cuda(slots_TK, "slots_TK", like);
+  TORCH_CHECK(slots_TK.dim() == 2, "adaptmoe: slots_TK must be (T, K)");
+  TORCH_CHECK(slots_TK.scalar_type() == at::kLong, "adaptmoe: slots_TK must be int64");
+  return slots_TK.contiguous();
+}
+
+std::optional<Tensor> checked_tk(const std::optional<Tensor>& w, const Tensor& slots, const Tensor& like, const char* name) {
+  if (!w.has_value()) return std::nullopt;
+  check_cuda(*w, name, like);
+  TORCH_CHECK(w->sizes() == slots.sizes(), "adaptmoe: ", name, " must have the shape of slots_TK");
+  dtype_of(*w);
+  return w->contiguous();
+}
+
+// Returns (indices_TK int64, weights_TK, scores_TE (empty unless want_scores), locations_TK, counts_E, slots_TK).
+std::vector<Tensor> route_topk(const Tensor& logits_TE, int64_t k, int64_t score_fn, bool normalize,
+                               int64_t capacity, bool want_scores) {
+  TORCH_CHECK(logits_TE.is_cuda() && logits_TE.dim() == 2, "adaptmoe: logits_TE must be a 2-D CUDA tensor");
+  const auto dt = dtype_of(logits_TE);
+  const c10::cuda::CUDAGuard guard(logits_TE.device());
+  const Tensor logits = logits_TE.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(E >= 1 && E <= adaptmoe::kMaxTopkExperts, "adaptmoe: native top-k takes 1..", adaptmoe::kMaxTopkExperts, " experts, got ", E);
+  TORCH_CHECK(k >= 1 && k <= E, "adaptmoe: top_k must be in [1, E], got ", k);
+  TORCH_CHECK(T * k < INT32_MAX, "adaptmoe: T*k must fit in int32");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto lopt = logits.options().dtype(at::kLong);
+  Tensor indices = at::empty({T, k}, lopt);
+  Tensor weights = at::empty({T, k}, logits.options());
+  Tensor scores = want_scores ? at::empty({T, E}, logits.options()) : at::empty({0}, logits.options());
+  check_launch(adaptmoe::launch_topk(logits.data_ptr(), dt, T, static_cast<int>(E), static_cast<int>(k),
+                                     score_fn == 1 ? adaptmoe::kSigmoid : adaptmoe::kSoftmax, normalize,
+                                     indices.data_ptr<int64_t>(), weights.data_ptr(),
+                                     want_scores ? scores.data_ptr() : nullptr, stream),
+               "top-k");
+  Tensor locations = at::empty({T, k}, lopt);
+  Tensor slots = at::empty({T, k}, lopt);
+  Tensor counts = at::empty({E}, lopt);
+  Tensor ws = at::empty({std::max<int64_t>(1, adaptmoe::locate_workspace_ints(T, E, k))}, logits.options().dtype(at::kInt));
+  check_launch(adaptmoe::launch_locate(indices.data_ptr<int64_t>(), T, static_cast<int>(E), static_cast<int>(k), capacity,
+                                       ws.data_ptr<int>(), locations.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
+                                       slots.data_ptr<int64_t>(), stream),
+               "slot assignment");
+  return {indices, weights, scores, locations, counts, slots};
+}
+
+// Returns (locations_TK, counts_E, slots_TK) for given expert choices.
+std::vector<Tensor> assign_slots(const Tensor& indices_TK, int64_t num_experts, int64_t capacity) {
+  TORCH_CHECK(indices_TK.is_cuda() && indices_TK.dim() == 2 && indices_TK.scalar_type() == at::kLong,
+              "adaptmoe: indices_TK must be a 2-D int64 CUDA tensor");
+  TORCH_CHECK(num_experts >= 1 && num_experts <= adaptmoe::kMaxLocateExperts, "adaptmoe: native slot assignment takes 1..",
+              adaptmoe::kMaxLocateExperts, " experts, got ", num_experts);
+  const c10::cuda::CUDAGuard guard(indices_TK.device());
+  const Tensor idx = indices_TK.contiguous();
+  const int64_t T = idx.size(0), K = idx.size(1);
+  TORCH_CHECK(T * K < INT32_MAX, "adaptmoe: T*k must fit in int32");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  Tensor locations = at::empty({T, K}, idx.options());
+  Tensor slots = at::empty({T, K}, idx.options());
+  Tensor counts = at::empty({num_experts}, idx.options());
+  Tensor ws = at::empty({std::max<int64_t>(1, adaptmoe::locate_workspace_ints(T, static_cast<int>(num_experts), static_cast<int>(K)))},
+                        idx.options().dtype(at::kInt));
+  check_launch(adaptmoe::launch_locate(idx.data_ptr<int64_t>(), T, static_cast<int>(num_experts), static_cast<int>(K), capacity,
+                                       ws.data_ptr<int>(), locations.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
+                                       slots.data_ptr<int64_t>(), stream),
+               "slot assignment");
+  return {locations, counts, slots};
+}
+
+// Returns (out_RD, dot_TK (empty unless dot_RD)).
+std::vector<Tensor> scatter_rows(const Tensor& src_TD, const Tensor& slots_TK, int64_t num_rows,
+                                 const std::optional<Tensor>& w_TK, const std::optional<Tensor>& dot_RD) {
+  TORCH_CHECK(src_TD.is_cuda() && src_TD.dim() == 2, "adaptmoe: rows must be a 2-D CUDA tensor");
+  const auto dt = dtype_of(src_TD);
+  const c10::cuda::CUDAGuard guard(src_TD.device());
+  const Tensor src = src_TD.contiguous();
+  const Tensor slots = checked_slots(slots_TK, src);
+  TORCH_CHECK(slots.size(0) == src.size(0), "adaptmoe: slots_TK and rows disagree on T");
+  const auto w = checked_tk(w_TK, slots, src, "scale/weights");
+  std::optional<Tensor> dot;
+  if (dot_RD.has_value()) {
+    check_cuda(*dot_RD, "dot rows", src);
+    TORCH_CHECK(dot_RD->scalar_type() == src.scalar_type() && dot_RD->dim() == 2 && dot_RD->size(0) == num_rows &&
+                    dot_RD->size(1) == src.size(1), "adaptmoe: dot rows must be (R, D) of the rows' dtype");
+    dot = dot_RD->contiguous();
+  }
+  const int64_t T = src.size(0), D = src.size(1), K = slots.size(1);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  Tensor out = at::empty({num_rows, D}, src.options());
+  const auto dot_dtype = w.has_value() ? w->scalar_type() : at::kFloat;
+  Tensor dot_out = dot.has_value() ? at::empty({T, K}, src.options().dtype(dot_dtype)) : at::empty({0}, src.options().dtype(dot_dtype));
+  Tensor filled = at::empty({std::max<int64_t>(1, num_rows)}, src.options().dtype(at::kByte));
+  check_launch(adaptmoe::launch_scatter_rows(src.data_ptr(), dt, slots.data_ptr<int64_t>(),
+                                             w.has_value() ? w->data_ptr() : nullptr,
+                                             w.has_value() ? dtype_of(*w) : adaptmoe::kFloat32,
+                                             dot.has_value() ? dot->data_ptr() : nullptr, T, static_cast<int>(K), D,
+                                             num_rows, filled.data_ptr<uint8_t>(), out.data_ptr(),
+                                             dot.has_value() ? dot_out.data_ptr() : nullptr, dtype_of(dot_out), stream),
+               "scatter");
+  return {out, dot_out};
+}
+
+// Returns (out_TD, dot_TK (empty unless dot_TD)).
+std::vector<Tensor> gather_rows(const Tensor& src_RD, const Tensor& slots_TK, const std::optional<Tensor>& w_TK,
+                                const std::optional<Tensor>& dot_TD) {
+  TORCH_CHECK(src_RD.is_cuda() && src_RD.dim() == 2, "adaptmoe: rows must be a 2-D CUDA tensor");
+  const auto dt = dtype_of(src_RD);
+  const c10::cuda::CUDAGuard guard(src_RD.device());
+  const Tensor src = src_RD.contiguous();
+  const Tensor slots = checked_slots(slots_TK, src);
+  const auto w = checked_tk(w_TK, slots, src, "scale/weights");
+  const int64_t T = slots.size(0), K = slots.size(1), D = src.size(1), R = src.size(0);
+  std::optional<Tensor> dot;
+  if (dot_TD.has_value()) {
+    check_cuda(*dot_TD, "dot rows", src);
+    TORCH_CHECK(dot_TD->scalar_type() == src.scalar_type() && dot_TD->dim() == 2 && dot_TD->size(0) == T &&
+                    dot_TD->size(1) == D, "adaptmoe: dot rows must be (T, D) of the rows' dtype");
+    dot = dot_TD->contiguous();
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  Tensor out = at::empty({T, D}, src.options());
+  const auto dot_dtype = w.has_value() ? w->scalar_type() : at::kFloat;
+  Tensor dot_out = dot.has_value() ? at::empty({T, K}, src.options().dtype(dot_dtype)) : at::empty({0}, src.options().dtype(dot_dtype));
+  check_launch(adaptmoe::launch_gather_rows(src.data_ptr(), dt, slots.data_ptr<int64_t>(),
+                                            w.has_value() ? w->data_ptr() : nullptr,
+                                            w.has_value() ? dtype_of(*w) : adaptmoe::kFloat32,
+                                            dot.has_value() ? dot->data_ptr() : nullptr, T, static_cast<int>(K), D, R,
+                                            out.data_ptr(), dot.has_value() ? dot_out.data_ptr() : nullptr,
+                                            dtype_of(dot_out), stream),
+               "gather");
+  return {out, dot_out};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "adaptmoe native CUDA kernels (gating/top-k, slot assignment, dispatch/combine rows)";
+  m.def("route_topk", &route_topk, "fused scores + top-k + slot assignment");
+  m.def("assign_slots", &assign_slots, "slot locations in GShard priority order");
+  m.def("scatter_rows", &scatter_rows, "token rows -> expert-major rows (optional scale, optional dots)");
+  m.def("gather_rows", &gather_rows, "expert-major rows -> weighted sum per token (optional dots)");
+  m.attr("max_topk_experts") = adaptmoe::kMaxTopkExperts;
+  m.attr("max_locate_experts") = adaptmoe::kMaxLocateExperts;
+}

@@ -89,21 +89,27 @@ def _memory_reasons(shape: CallShape, signature: LayerSignature, device: DeviceM
     return []
 
 
-def feasibility(plan: Plan, signature: LayerSignature, tokens_per_rank: int,
-                topology: Topology, device: DeviceModel) -> list[str]:
-    """Every reason this plan cannot run; empty when it can."""
+def structural_reasons(plan: Plan, signature: LayerSignature, tokens_per_rank: int,
+                       topology: Topology) -> list[str]:
+    """Reasons the plan is undefined here (divisibility, algorithm, kernel); memory aside."""
     if tokens_per_rank < 0:
         return [f"tokens_per_rank must be >= 0, got {tokens_per_rank}"]
     reasons = _layout_reasons(signature, topology)
     if reasons:
         return reasons
     shards = shards_per_expert(signature.num_experts, topology.world_size)
-    reasons = _parallel_reasons(plan, shards, topology)
-    reasons += _kernel_reasons(plan, signature, tokens_per_rank)
-    if not reasons:   # sizes are only defined once the layout is valid
-        shape = call_shape(plan, signature, tokens_per_rank, topology.world_size)
-        reasons += _memory_reasons(shape, signature, device)
-    return reasons
+    return (_parallel_reasons(plan, shards, topology)
+            + _kernel_reasons(plan, signature, tokens_per_rank))
+
+
+def feasibility(plan: Plan, signature: LayerSignature, tokens_per_rank: int,
+                topology: Topology, device: DeviceModel) -> list[str]:
+    """Every reason this plan cannot run; empty when it can."""
+    reasons = structural_reasons(plan, signature, tokens_per_rank, topology)
+    if reasons:      # sizes (and so memory) are only defined once the layout is valid
+        return reasons
+    shape = call_shape(plan, signature, tokens_per_rank, topology.world_size)
+    return _memory_reasons(shape, signature, device)
 
 
 # -- timing pieces (seconds) ------------------------------------------------------------------
@@ -149,8 +155,6 @@ def sync_seconds(plan: Plan, signature: LayerSignature, topology: Topology,
 def a2a_seconds(plan: Plan, bytes_per_rank: float, topology: Topology,
                 device: DeviceModel) -> float:
     """One all-to-all of `bytes_per_rank` with the plan's algorithm."""
-    if bytes_per_rank <= 0 and plan.adaptive_r == 0:
-        return 0.0
     if plan.a2a_algo == "flat":
         return topology.collective_time("all_to_all", bytes_per_rank, "world")
     # 2D: intra-node exchange, then inter-node exchange of L-times larger messages, with a
@@ -209,24 +213,24 @@ def pipeline_seconds(dispatch_s: float, compute_s: float, combine_s: float, chun
 
 def _pipelined_parts(plan: Plan, shape: CallShape, signature: LayerSignature,
                      topology: Topology, device: DeviceModel) -> dict[str, float]:
-    """Seconds of the pipelined middle: raw per-component totals and the pipeline makespan."""
+    """Seconds of the pipelined middle: raw per-component totals and the pipeline makespan.
+
+    Weight gathers run inside each chunk's expert call (d times; R=0 has d=1), on the compute
+    stream, so they delay that chunk's compute rather than overlap with it.
+    """
     d = plan.overlap_degree
     a2a = a2a_seconds(plan, shape.a2a_bytes / d, topology, device) if shape.a2a_bytes else 0.0
     contention = 1.0 + (device.overlap_contention if d > 1 else 0.0)
     experts = expert_seconds(plan, shape, signature, device) * contention
     gather = gather_seconds(plan, shape, topology, "all_gather")
-    # R=0 gathers once; sharded experts (R<S) gather inside every chunk's expert call.
-    gathers_per_pass = d if plan.adaptive_r > 0 else 1
-    fwd = pipeline_seconds(a2a, experts + gather * (gathers_per_pass / d), a2a, d)
-    parts = {"a2a": 2 * d * a2a, "experts": d * experts, "weight_gather": gathers_per_pass * gather,
-             "makespan": fwd}
+    parts = {"a2a": 2 * d * a2a, "experts": d * experts, "weight_gather": d * gather,
+             "makespan": pipeline_seconds(a2a, experts + gather, a2a, d)}
     if signature.training:
         scatter = gather_seconds(plan, shape, topology, "reduce_scatter")
-        bwd_compute = BACKWARD_COMPUTE * experts + scatter * (gathers_per_pass / d)
         parts["a2a"] *= 2
         parts["experts"] *= 1 + BACKWARD_COMPUTE
-        parts["weight_gather"] += gathers_per_pass * scatter
-        parts["makespan"] += pipeline_seconds(a2a, bwd_compute, a2a, d)
+        parts["weight_gather"] += d * scatter
+        parts["makespan"] += pipeline_seconds(a2a, BACKWARD_COMPUTE * experts + scatter, a2a, d)
     return parts
 
 
@@ -238,8 +242,7 @@ def estimate(plan: Plan, signature: LayerSignature, tokens_per_rank: int,
     weight_gather - overlap_hidden (the communication the pipeline hid behind compute).
     Raises ValueError for a plan whose layout is invalid (see `feasibility`).
     """
-    structural = [r for r in feasibility(plan, signature, tokens_per_rank, topology, device)
-                  if "device memory" not in r]
+    structural = structural_reasons(plan, signature, tokens_per_rank, topology)
     if structural:
         raise ValueError(f"cannot cost {plan.label()}: " + "; ".join(structural))
     shape = call_shape(plan, signature, tokens_per_rank, topology.world_size)

@@ -162,3 +162,38 @@ def test_memory_rejection_names_sizes():
     assert len(reasons) == 1
     assert re.fullmatch(r"expert weights 144\.0 GiB exceed device memory 80 GiB", reasons[0])
     assert feasibility(Plan(adaptive_r=1), sig, 1024, topo, H100) == []
+
+
+def test_sharded_weight_gathers_repeat_per_chunk_and_backward_reduce_scatters():
+    topo = Topology.from_cluster(1, 8, 300, 25)
+    sig = LayerSignature(4096, 14336, 2, 2, training=False)          # S = 4
+    _, d1 = estimate(Plan(1, 1), sig, 4096, topo, H100)
+    _, d2 = estimate(Plan(1, 2), sig, 4096, topo, H100)
+    one_gather = topo.collective_time("all_gather", sig.expert_weight_bytes, 4) * 1e3
+    assert d1["weight_gather"] == pytest.approx(one_gather)
+    assert d2["weight_gather"] == pytest.approx(2 * one_gather)
+    _, r_s = estimate(Plan(4, 1), sig, 4096, topo, H100)              # R = S: no gather
+    assert r_s["weight_gather"] == 0.0
+    _, train = estimate(Plan(1, 1), LayerSignature(4096, 14336, 2, 2), 4096, topo, H100)
+    scatter = topo.collective_time("reduce_scatter", sig.expert_weight_bytes, 4) * 1e3
+    assert train["weight_gather"] == pytest.approx(one_gather + scatter)
+
+
+@pytest.mark.parametrize("sig, tokens, cluster", [
+    (LayerSignature(4096, 14336, 16, 2), 2048, (4, 8)),
+    (LayerSignature(2048, 1024, 64, 8, capacity_factor=0.0), 512, (2, 8)),
+    (LayerSignature(1024, 4096, 4, 2, training=False), 32, (2, 4)),
+])
+def test_every_breakdown_adds_up(sig, tokens, cluster):
+    from planner import rank_plans
+    topo = Topology.from_cluster(*cluster, 300, 25)
+    for cand in rank_plans(sig, tokens, topo, H100):
+        if not cand.feasible:
+            continue
+        parts = cand.breakdown
+        assert parts["overlap_hidden"] >= 0
+        assert all(v >= 0 for v in parts.values())
+        added = sum(v for k, v in parts.items() if k != "overlap_hidden") - parts["overlap_hidden"]
+        assert cand.predicted_ms == pytest.approx(added)
+        if cand.plan.overlap_degree == 1:
+            assert parts["overlap_hidden"] == pytest.approx(0.0, abs=1e-12)

@@ -21,34 +21,22 @@ from planner.topology import Topology
 MAIN_COMPONENTS = ("a2a", "experts", "weight_gather", "overlap_hidden")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _bounded(convert, low: float, inclusive: bool, what: str):
+    """argparse type: `convert(text)` that must be >= low (or > low); errors say what it must be."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not (value >= low if inclusive else value > low):   # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
+_positive_int = _bounded(int, 1, True, "a positive integer")
+_non_negative_int = _bounded(int, 0, True, "an integer >= 0")
+_positive_float = _bounded(float, 0.0, False, "a number > 0")
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ class LinkCost:
     bandwidth_Bps: float    # bytes per second (bus bandwidth convention)
 
 
-def _uniform(alpha_s: float, bandwidth_Bps: float) -> dict[str, LinkCost]:
+def uniform_links(alpha_s: float, bandwidth_Bps: float) -> dict[str, LinkCost]:
     return {c: LinkCost(alpha_s, bandwidth_Bps) for c in COLLECTIVES}
 
 
@@ -95,9 +95,9 @@ class Topology:
         for name, value in (("intra_bw_gbps", intra_bw_gbps), ("inter_bw_gbps", inter_bw_gbps)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0 GB/s, got {value!r}")
-        links = {"self": _uniform(launch_latency_us * 1e-6, self_bw_gbps * 1e9),
-                 "intra": _uniform(intra_latency_us * 1e-6, intra_bw_gbps * 1e9),
-                 "inter": _uniform(inter_latency_us * 1e-6, inter_bw_gbps * 1e9)}
+        links = {"self": uniform_links(launch_latency_us * 1e-6, self_bw_gbps * 1e9),
+                 "intra": uniform_links(intra_latency_us * 1e-6, intra_bw_gbps * 1e9),
+                 "inter": uniform_links(inter_latency_us * 1e-6, inter_bw_gbps * 1e9)}
         return cls(nodes * gpus_per_node, gpus_per_node, links)
 
     @classmethod

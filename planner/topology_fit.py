@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from planner.topology import COLLECTIVES, DEFAULT_LAUNCH_US, GROUPS, LinkCost, _uniform
+from planner.topology import COLLECTIVES, DEFAULT_LAUNCH_US, GROUPS, LinkCost, uniform_links
 
 SELF_BW_BPS = 1500e9   # local copy share of an all-to-all; not probed (it never bounds a collective)
 
@@ -103,7 +103,7 @@ def _default_links(link_class: str, needed: bool) -> dict[str, LinkCost]:
     if needed:
         warnings.warn(f"the probe measured nothing on the {link_class!r} links; using a default "
                       f"(300 GB/s intra-node, 25 GB/s inter-node): plans may be off", stacklevel=4)
-    return _uniform(1e-6, 300e9) if link_class == "intra" else _uniform(2e-6, 25e9)
+    return uniform_links(1e-6, 300e9) if link_class == "intra" else uniform_links(2e-6, 25e9)
 
 
 def fit_links(world_size: int, local_size: int, samples: list[dict]
@@ -122,7 +122,7 @@ def fit_links(world_size: int, local_size: int, samples: list[dict]
     launch_s = DEFAULT_LAUNCH_US * 1e-6
     if fits:
         launch_s = min(launch_s, 0.5 * min(c0 for c0, _ in fits.values()))
-    links = {"self": _uniform(launch_s, SELF_BW_BPS)}
+    links = {"self": uniform_links(launch_s, SELF_BW_BPS)}
     for link_class in ("intra", "inter"):
         needed = local_size > 1 if link_class == "intra" else world_size > local_size
         links[link_class] = (_class_links(link_class, fits, world_size, local_size, launch_s)

@@ -45,8 +45,83 @@ def _hidden_padded(x_eCD, w: FFNWeights, act, bmm):
 
 
 def ffn_grouped(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor:
-    """FFN over exactly the routed rows: rows of expert i are contiguous, ``counts_e[i]`` of them.
-    Reference: one matmul per expert (reads counts on the host)."""
+    """FFN over exactly the routed rows: rows of expert i are contiguous, ``counts_e[i]`` of them
+    (device tensor; their sum is R).
+
+    CUDA, bf16 (or bf16 autocast), sm90+: ``torch._grouped_mm`` with device-side int32 cumulative
+    offsets, no host synchronization. Other CUDA dtypes (``_grouped_mm`` is bf16-only): a padded
+    batched matmul with R rows per expert (sync-free) when the experts are few (e <= 4), else one
+    matmul per expert (reads counts on the host). CPU: one matmul per expert."""
+    if x_RD.is_cuda:
+        if _grouped_mm_usable(x_RD, w):
+            return _ffn_grouped_mm(x_RD, counts_e, w, act)
+        if counts_e.numel() <= _PADDED_MAX_EXPERTS:
+            return _ffn_grouped_padded(x_RD, counts_e, w, act)
+    return ffn_grouped_loop(x_RD, counts_e, w, act)
+
+
+_PADDED_MAX_EXPERTS = 4
+
+
+def _weight_tensors(w: FFNWeights) -> list[Tensor]:
+    return [t for t in w if t is not None]
+
+
+def _grouped_mm_usable(x_RD: Tensor, w: FFNWeights) -> bool:
+    if not hasattr(torch, "_grouped_mm") or torch.cuda.get_device_capability(x_RD.device) < (9, 0):
+        return False
+    autocast_bf16 = (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+    if not autocast_bf16 and not all(t.dtype == torch.bfloat16 for t in (x_RD, *_weight_tensors(w))):
+        return False
+    # 16-byte aligned row strides for A (R x D), B1 (D x H column-major), h (R x H), B2 (H x O)
+    D, H, O = x_RD.shape[1], w.w1_eHD.shape[1], w.w2_eHO.shape[2]
+    return D % 8 == 0 and H % 8 == 0 and O % 8 == 0
+
+
+def _row_experts(offs_e: Tensor, rows: int) -> Tensor:
+    """Expert of each grouped row (sync-free), for per-expert biases."""
+    r_R = torch.arange(rows, device=offs_e.device, dtype=offs_e.dtype)
+    return torch.searchsorted(offs_e, r_R, right=True).clamp_(max=offs_e.numel() - 1)
+
+
+def _ffn_grouped_mm(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor:
+    bf16 = torch.bfloat16
+    if x_RD.dtype != bf16 or any(t.dtype != bf16 for t in _weight_tensors(w)):  # bf16 autocast
+        x_RD = x_RD.to(bf16)
+        w = FFNWeights(*[None if t is None else t.to(bf16) for t in w])
+    with torch.autocast("cuda", enabled=False):
+        offs_e = torch.cumsum(counts_e, 0, dtype=torch.int32)
+        rows_e = None
+        h_RH = torch._grouped_mm(x_RD, w.w1_eHD.transpose(1, 2), offs=offs_e)
+        if w.b1_eH is not None:
+            rows_e = _row_experts(offs_e, x_RD.shape[0])
+            h_RH = h_RH + w.b1_eH.index_select(0, rows_e)
+        h_RH = act(h_RH)
+        if w.w3_eHD is not None:
+            h_RH = h_RH * torch._grouped_mm(x_RD, w.w3_eHD.transpose(1, 2), offs=offs_e)
+        y_RO = torch._grouped_mm(h_RH, w.w2_eHO, offs=offs_e)
+        if w.b2_eO is not None:
+            rows_e = _row_experts(offs_e, x_RD.shape[0]) if rows_e is None else rows_e
+            y_RO = y_RO + w.b2_eO.index_select(0, rows_e)
+    return y_RO
+
+
+def _ffn_grouped_padded(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor:
+    """Sync-free: every expert gets R padded rows (an expert holds at most R of the R rows)."""
+    e = counts_e.numel()
+    R, D = x_RD.shape
+    offs_e = torch.cumsum(counts_e, 0)
+    rows_e = _row_experts(offs_e, R)
+    start_e = offs_e - counts_e
+    r_R = torch.arange(R, device=x_RD.device)
+    padded_R = rows_e * R + (r_R - start_e.index_select(0, rows_e))
+    x_eCD = x_RD.new_zeros(e * R, D).index_copy(0, padded_R, x_RD).view(e, R, D)
+    y_eCO = ffn_padded(x_eCD, w, act)
+    return y_eCO.reshape(e * R, -1).index_select(0, padded_R)
+
+
+def ffn_grouped_loop(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor:
+    """Reference: one matmul per expert (reads counts on the host)."""
     outputs = []
     start = 0
     for i, n in enumerate(counts_e.tolist()):

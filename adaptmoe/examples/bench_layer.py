@@ -1,0 +1,213 @@
+"""Single-GPU MoE layer benchmark: fwd and fwd+bwd against the expert-compute floor of the same run.
+
+    python -m adaptmoe.examples.bench_layer [--configs mixtral,fine64,dsv3,readme_fp32,readme_bf16]
+                                            [--quick] [--profile CONFIG] [--iters N]
+
+Legend: T tokens, D model dim, H expert hidden, E experts, K top-k.
+Experts: 2-matrix FFN, relu, no biases (so the floor, two balanced batched matmuls with T*K/E
+rows per expert, does the same arithmetic). Gate: softmax top-k, k weights renormalised, the
+layer's default (bf16 gate for bf16 models), gshard loss included in the backward.
+Rows per config and capacity mode (cf=1 and dropless):
+  layer : adaptmoe.MoELayer.forward as users call it.
+  fused : the same layer's parameters through adaptmoe.ops.route_topk (fused gating + top-k +
+          slot assignment) -> ops.dispatch -> experts -> ops.combine; what the layer reaches once
+          its routing uses the fused op.
+Timing: CUDA events around each call, warmup, median of --iters (>= 50 unless --quick).
+fwd is timed under no_grad; fwd+bwd with grads for x and all parameters. TFLOP/s counts
+4*T*K*D*H per forward (x3 for fwd+bwd). Ratio = time / floor (fwd floor; 3x it for fwd+bwd).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CONFIGS = {
+    "mixtral": dict(T=8192, D=4096, H=14336, E=8, K=2, dtype="bf16"),
+    "fine64": dict(T=8192, D=2048, H=1024, E=64, K=8, dtype="bf16"),
+    "dsv3": dict(T=16384, D=7168, H=2048, E=256, K=8, dtype="bf16"),
+    "readme_fp32": dict(T=8192, D=2048, H=2048, E=2, K=2, dtype="fp32"),
+    "readme_bf16": dict(T=8192, D=2048, H=2048, E=2, K=2, dtype="bf16"),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Row:
+    config: str
+    mode: str
+    path: str
+    fwd_ms: float
+    fwdbwd_ms: float
+    peak_gib: float
+
+
+def _median_ms(fn, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return (out.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def build_layer(cfg: dict, device: str):
+    from adaptmoe import ExpertConfig, GateConfig, MoEConfig, MoELayer
+    config = MoEConfig(model_dim=cfg["D"], num_experts=cfg["E"],
+                       gate=GateConfig(kind="softmax", top_k=cfg["K"], capacity_factor=1.0, losses=("gshard",)),
+                       experts=ExpertConfig(kind="ffn", hidden_size=cfg["H"], activation="relu",
+                                            has_fc1_bias=False, has_fc2_bias=False))
+    return MoELayer(config).to(device=device, dtype=DTYPES[cfg["dtype"]])
+
+
+def fused_forward(layer, x_TD: torch.Tensor, k: int, cf: float) -> torch.Tensor:
+    """The layer's parameters through the fused native path (see the module docstring)."""
+    from adaptmoe import ops
+    from adaptmoe.routing import capacity_for
+    T, D = x_TD.shape
+    E = layer.config.num_experts
+    logits_TE = layer.gates[0](x_TD)
+    capacity = capacity_for(cf, T, E, k)
+    idx_TK, w_TK, scores_TE, _, counts_E, slots_TK = ops.route_topk(logits_TE, k, "softmax", True, capacity)
+    num_rows = T * k if capacity is None else E * capacity
+    x_RD = ops.dispatch(x_TD, slots_TK, num_rows)
+    if capacity is None:
+        y_RD = layer.experts.forward_grouped(x_RD, counts_E)
+    else:
+        y_RD = layer.experts(x_RD.view(E, capacity, D)).reshape(num_rows, -1)
+    y_TD = ops.combine(y_RD, slots_TK, w_TK)
+    top1_E = torch.zeros(E, device=x_TD.device).scatter_add_(0, idx_TK[:, 0], torch.ones(T, device=x_TD.device))
+    y_TD.l_aux = E * torch.sum(scores_TE.float().mean(0) * top1_E / max(T, 1))
+    return y_TD
+
+
+def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], profile: bool) -> tuple[float, list[Row]]:
+    device = "cuda"
+    dtype = DTYPES[cfg["dtype"]]
+    T, D, H, E, K = cfg["T"], cfg["D"], cfg["H"], cfg["E"], cfg["K"]
+    torch.manual_seed(0)
+    layer = build_layer(cfg, device)
+    x = torch.randn(T, D, device=device, dtype=dtype)
+    w1_EHD, w2_EHD = layer.experts.batched_fc1_w, layer.experts.batched_fc2_w
+    C = T * K // E
+    xf = torch.randn(E, C, D, device=device, dtype=dtype)
+
+    def floor():
+        with torch.no_grad():
+            torch.bmm(torch.relu(torch.bmm(xf, w1_EHD.transpose(1, 2))), w2_EHD)
+
+    floor_ms = _median_ms(floor, iters, warmup)
+    rows = []
+    for path in paths:
+        for mode, cf in (("cf=1", 1.0), ("dropless", 0.0)):
+            def fwd(path=path, cf=cf):
+                if path == "layer":
+                    return layer(x_in, capacity_factor=cf)
+                return fused_forward(layer, x_in, K, cf)
+
+            x_in = x
+            with torch.no_grad():
+                fwd_ms = _median_ms(fwd, iters, warmup)
+            x_in = x.clone().requires_grad_(True)
+            g = torch.randn(T, D, device=device, dtype=dtype)
+
+            def step():
+                y = fwd()
+                torch.autograd.backward([y, y.l_aux], [g, torch.ones_like(y.l_aux)])
+                for p in layer.parameters():
+                    p.grad = None
+                x_in.grad = None
+
+            step()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            fb_ms = _median_ms(step, iters, warmup)
+            rows.append(Row(name, mode, path, fwd_ms, fb_ms, peak))
+            if profile:
+                _profile(step, f"{name} {mode} {path} fwd+bwd")
+    del layer, x, xf
+    torch.cuda.empty_cache()
+    return floor_ms, rows
+
+
+def _profile(step, title: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(f"\n--- profile: {title} (3 steps) ---")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
+    ap.add_argument("--quick", action="store_true", help="10 timed iterations, 3 warmup (not for reporting)")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--paths", default="layer,fused", help="comma list of layer,fused")
+    ap.add_argument("--profile", default="", help="comma list of configs to profile (torch.profiler)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_layer needs a CUDA GPU")
+        return 1
+    from adaptmoe import ops
+    iters, warmup = (10, 3) if args.quick else (max(args.iters, 50), 10)
+    names = [n for n in args.configs.split(",") if n]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown configs {unknown}; known: {list(CONFIGS)}")
+    paths = [p for p in args.paths.split(",") if p]
+    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
+          f"commit {_git_commit()} | native: {ops.native_status()} | median of {iters} after {warmup} warmup")
+    results = []
+    for name in names:
+        cfg = CONFIGS[name]
+        floor_ms, rows = measure(name, cfg, iters, warmup, paths, name in args.profile.split(","))
+        results.append((name, cfg, floor_ms, rows))
+        _print_table([(name, cfg, floor_ms, rows)])
+    print("\n=== summary ===")
+    _print_table(results)
+    return 0
+
+
+def _print_table(results) -> None:
+    hdr = (f"{'config':<12} {'dtype':<5} {'mode':<9} {'path':<6} {'fwd ms':>8} {'x floor':>8} {'fwd TF/s':>9} "
+           f"{'f+b ms':>8} {'x 3floor':>8} {'f+b TF/s':>9} {'peak GiB':>9} {'floor ms':>9}")
+    print(hdr)
+    for name, cfg, floor_ms, rows in results:
+        flops = 4 * cfg["T"] * cfg["K"] * cfg["D"] * cfg["H"]
+        for r in rows:
+            print(f"{name:<12} {cfg['dtype']:<5} {r.mode:<9} {r.path:<6} {r.fwd_ms:8.3f} {r.fwd_ms / floor_ms:8.2f} "
+                  f"{flops / r.fwd_ms / 1e9:9.1f} {r.fwdbwd_ms:8.3f} {r.fwdbwd_ms / (3 * floor_ms):8.2f} "
+                  f"{3 * flops / r.fwdbwd_ms / 1e9:9.1f} {r.peak_gib:9.2f} {floor_ms:9.3f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

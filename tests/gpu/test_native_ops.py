@@ -1,0 +1,237 @@
+"""Native CUDA ops against the PyTorch reference (run on the device machine: `pytest -m gpu tests/gpu`).
+
+Legend: T tokens, E experts, K top-k, D model dim, R rows of the expert-major buffer.
+Outputs are poisoned before each native run (the caching allocator's free blocks are filled
+with NaN / garbage bytes, which the next allocation reuses), so unwritten elements show up.
+Tolerances come from adaptmoe.ops.TOLERANCES, declared next to the ops.
+"""
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():  # pragma: no cover - CPU CI
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+import adaptmoe.ops as ops  # noqa: E402
+from adaptmoe.dispatch import combine_reference, dispatch_reference  # noqa: E402
+from adaptmoe.expert_compute import FFNWeights, ffn_grouped, ffn_grouped_loop  # noqa: E402
+from adaptmoe.ops._ops import _assign_ref  # noqa: E402
+from adaptmoe.routing import build_routing  # noqa: E402
+
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def tol(op, dtype):
+    rtol, atol = ops.TOLERANCES[op][dtype]
+    return dict(rtol=rtol, atol=atol)
+
+
+def poison(nbytes, byte=0xFF):
+    """Fill free cached memory with a byte pattern (0xFF: NaN for every float dtype)."""
+    torch.cuda.synchronize()
+    junk = torch.empty(max(int(nbytes), 1 << 20) * 2, dtype=torch.uint8, device=DEV)
+    junk.fill_(byte)
+    del junk
+
+
+def test_native_loaded():
+    assert ops.native_available(), ops.native_status()
+    print("native:", ops.native_status())
+
+
+def make_routing(T, E, K, cf, skew=False, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    scores = torch.rand(T, E, generator=g, device=DEV)
+    if skew and E > 2:  # only the first half of the experts get tokens
+        scores[:, E // 2:] -= 2.0
+    indices_TK = scores.topk(K, dim=1).indices
+    weights_TK = torch.rand(T, K, generator=g, device=DEV)
+    return build_routing(indices_TK, weights_TK, E, cf)
+
+
+SHAPES = [  # T, E, K, D, cf, skew
+    (1, 1, 1, 8, 0.0, False),
+    (1, 4, 2, 7, 1.0, False),
+    (37, 5, 5, 33, 1.0, False),      # k = E, odd D
+    (64, 8, 2, 128, 0.5, False),     # drops
+    (100, 16, 4, 256, 0.0, True),    # dropless, experts with zero tokens
+    (50, 8, 2, 64, 1.0, True),       # capacity, experts with zero tokens
+    (513, 64, 8, 2048, 1.0, False),
+    (300, 7, 3, 1001, 0.0, False),   # odd D, scalar path
+    (12, 4, 2, 16, 0.1, False),      # capacity 0: every choice dropped
+]
+
+
+def up(t):
+    return None if t is None else t.detach().float()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,E,K,D,cf,skew", SHAPES)
+def test_dispatch_combine_fwd_bwd(T, E, K, D, cf, skew, dtype):
+    """Native op (inputs in ``dtype``) vs the reference on the same values upcast to fp32."""
+    r = make_routing(T, E, K, cf, skew, seed=T + D)
+    R = r.num_rows
+    x = torch.randn(T, D, device=DEV, dtype=dtype)
+    scale = torch.rand(T, K, device=DEV, dtype=dtype)
+    y = torch.randn(R, D, device=DEV, dtype=dtype)
+    w = r.weights_TK.to(torch.float32)
+    nbytes = (R + T) * D * 4 + (1 << 20)
+    for sc in (None, scale):
+        ref = dispatch_reference(up(x), r.slots_TK, R, up(sc))
+        poison(nbytes)
+        out = ops.dispatch(x, r.slots_TK, R, sc)
+        assert out.dtype == dtype and out.shape == (R, D)
+        torch.testing.assert_close(out.float(), ref, **tol("dispatch", dtype))
+    ref = combine_reference(up(y), r.slots_TK, w) if R else torch.zeros(T, D, device=DEV)
+    poison(nbytes)
+    out = ops.combine(y, r.slots_TK, w)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, **tol("combine", dtype))
+
+    # gradients against the reference's own autograd (fp32 on the same values)
+    g_RD = torch.randn(R, D, device=DEV, dtype=dtype)
+    g_TD = torch.randn(T, D, device=DEV, dtype=dtype)
+    xa, sa = x.clone().requires_grad_(), scale.clone().requires_grad_()
+    xb, sb = up(x).requires_grad_(), up(scale).requires_grad_()
+    poison(nbytes)
+    torch.autograd.backward(ops.dispatch(xa, r.slots_TK, R, sa), g_RD)
+    torch.autograd.backward(dispatch_reference(xb, r.slots_TK, R, sb), up(g_RD))
+    torch.testing.assert_close(xa.grad.float(), xb.grad, **tol("dispatch_backward", dtype))
+    torch.testing.assert_close(sa.grad.float(), sb.grad, **tol("dispatch_backward", dtype))
+    if R == 0:
+        return
+    ya, wa = y.clone().requires_grad_(), w.clone().requires_grad_()
+    yb, wb = up(y).requires_grad_(), w.clone().requires_grad_()
+    poison(nbytes)
+    torch.autograd.backward(ops.combine(ya, r.slots_TK, wa), g_TD)
+    torch.autograd.backward(combine_reference(yb, r.slots_TK, wb), up(g_TD))
+    torch.testing.assert_close(ya.grad.float(), yb.grad, **tol("combine_backward", dtype))
+    torch.testing.assert_close(wa.grad, wb.grad, **tol("combine_backward", dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,E,K", [(1, 1, 1), (1, 8, 8), (37, 5, 2), (4096, 64, 8), (2000, 256, 8),
+                                   (300, 1000, 4), (129, 33, 33)])
+@pytest.mark.parametrize("score_fn", ["softmax", "sigmoid"])
+def test_route_topk(T, E, K, dtype, score_fn):
+    logits = torch.randn(T, E, device=DEV, dtype=torch.float32).to(dtype)
+    for normalize, capacity in ((True, None), (False, max(1, T * K // E)), (True, 0)):
+        poison(T * E * 8 + T * K * 64, byte=0x7F)
+        idx, w, scores, loc, counts, slots = ops.route_topk(logits, K, score_fn, normalize, capacity)
+        p = torch.softmax(logits.float(), 1) if score_fn == "softmax" else torch.sigmoid(logits.float())
+        torch.testing.assert_close(scores.float(), p, **tol("route_topk", dtype))
+        # the chosen scores are the top-k scores (tie-insensitive), in descending order
+        ref_top = p.topk(K, dim=1).values
+        torch.testing.assert_close(p.gather(1, idx), ref_top, rtol=0, atol=0)
+        assert ((idx >= 0) & (idx < E)).all() and (idx.sort(1).values.diff(dim=1) != 0).all()
+        exp_w = p.gather(1, idx)
+        if normalize:
+            exp_w = exp_w / exp_w.sum(1, keepdim=True)
+        torch.testing.assert_close(w.float(), exp_w, **tol("route_topk", dtype))
+        rl, rc, rs = _assign_ref(idx, E, -1 if capacity is None else capacity)
+        assert torch.equal(loc, rl) and torch.equal(counts, rc) and torch.equal(slots, rs)
+
+
+@pytest.mark.parametrize("T,E,K,cap", [(1, 1, 1, None), (20000, 64, 8, None), (20000, 64, 8, 1000),
+                                       (5000, 2048, 4, 3), (777, 9, 9, None), (3000, 16, 2, 0)])
+def test_assign_slots_exact(T, E, K, cap):
+    g = torch.Generator(device=DEV).manual_seed(T)
+    s = torch.rand(T, E, generator=g, device=DEV)
+    s[:, : E // 3] += 0.5  # skewed: some experts overflow, some get nothing
+    s[:, E - 1:] -= 5
+    idx = s.topk(K, dim=1).indices if K < E or E > 1 else torch.zeros(T, 1, dtype=torch.long, device=DEV)
+    poison(T * K * 32, byte=0x7F)
+    loc, counts, slots = ops.assign_slots(idx, E, cap)
+    rl, rc, rs = _assign_ref(idx, E, -1 if cap is None else cap)
+    assert torch.equal(loc, rl) and torch.equal(counts, rc) and torch.equal(slots, rs)
+
+
+def test_cuda_graph_capture_and_replay():
+    T, E, K, D = 256, 8, 2, 512
+    r = make_routing(T, E, K, 0.0)
+    x = torch.randn(T, D, device=DEV, dtype=torch.bfloat16)
+    logits = torch.randn(T, E, device=DEV)
+
+    def step():
+        idx, w, _, _, counts, slots = ops.route_topk(logits, K, "softmax", True, None)
+        x_RD = ops.dispatch(x, slots, T * K)
+        return ops.combine(x_RD * 2, slots, w), counts
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, counts = step()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        logits.copy_(torch.randn_like(logits))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, ref_counts = step()
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        assert torch.equal(counts, ref_counts)
+    assert r.num_rows == T * K
+
+
+def test_compile_fullgraph_cuda():
+    T, E, K, D = 128, 8, 2, 256
+    x = torch.randn(T, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    logits = torch.randn(T, E, device=DEV, requires_grad=True)
+
+    def f(x, logits):
+        idx, w, scores, _, counts, slots = ops.route_topk(logits, K, "softmax", True, 40)
+        x_RD = ops.dispatch(x, slots, E * 40)
+        y = ops.combine(torch.relu(x_RD), slots, w)
+        return y.float().square().mean() + scores.float().mean(0).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    a = compiled(x, logits)
+    ga = torch.autograd.grad(a, (x, logits))
+    b = f(x, logits)
+    gb = torch.autograd.grad(b, (x, logits))
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("gated,bias", [(False, False), (True, False), (False, True)])
+def test_ffn_grouped_vs_loop(dtype, gated, bias):
+    e, D, H = 4, 128, 96
+    counts = torch.tensor([37, 0, 100, 3], device=DEV)
+    R = int(counts.sum())
+    x = torch.randn(R, D, device=DEV, dtype=dtype, requires_grad=True)
+    mk = lambda *s: (torch.randn(*s, device=DEV, dtype=dtype) * 0.1).requires_grad_()  # noqa: E731
+    w = FFNWeights(mk(e, H, D), mk(e, H, D), mk(e, H) if bias else None, mk(e, D) if bias else None,
+                   mk(e, H, D) if gated else None)
+    g = torch.randn(R, D, device=DEV, dtype=dtype)
+    ffn_grouped(x, counts, w, torch.relu)  # warm
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = ffn_grouped(x, counts, w, torch.relu)
+        grads = torch.autograd.grad(y, (x, *[t for t in w if t is not None]), g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    y2 = ffn_grouped_loop(x, counts, w, torch.relu)
+    grads2 = torch.autograd.grad(y2, (x, *[t for t in w if t is not None]), g)
+    rt = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y, y2, rtol=rt, atol=rt)
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b, rtol=rt, atol=rt * 4)
+
+
+def test_ops_are_sync_free():
+    T, E, K, D = 512, 16, 4, 256
+    x = torch.randn(T, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    logits = torch.randn(T, E, device=DEV, requires_grad=True)
+    ops.route_topk(logits, K)  # warm: loads the extension
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        idx, w, scores, _, counts, slots = ops.route_topk(logits, K, "softmax", True, None)
+        y = ops.combine(ops.dispatch(x, slots, T * K), slots, w)
+        (y.float().sum() + scores.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -13,6 +13,7 @@ GATE_KINDS = ("softmax", "sigmoid", "cosine", "sinkmoid", "custom")
 EXPERT_KINDS = ("ffn", "gated_ffn", "custom")
 LOSS_KINDS = ("gshard", "load_importance", "entropy", "z_loss", "none")
 A2A_ALGOS = ("flat", "2d")
+PLAN_MODES = ("fixed", "auto")
 ACTIVATIONS = ("relu", "gelu", "silu", "swish", "identity", "tanh", "sigmoid", "gelu_tanh")
 
 
@@ -117,6 +118,7 @@ class MoEConfig:
     overlap_degree: int = 1            # a2a/expert pipelining chunks; per-call override
     a2a_algo: str = "flat"             # 'flat' or '2d' hierarchical; per-call override
     megablocks_size: int = 0           # accepted for Tutel parity; dropless uses grouped GEMM
+    plan: str = "fixed"                # 'fixed': the knobs above; 'auto': the planner picks r/d/algo
 
     @property
     def gates(self) -> tuple[GateConfig, ...]:
@@ -132,5 +134,6 @@ class MoEConfig:
             raise ValueError(f"adaptive_r must be an integer >= 0, got {self.adaptive_r!r}")
         check_positive_int("a2a_ffn_overlap_degree", self.overlap_degree)
         _check_choice("a2a_algo", self.a2a_algo, A2A_ALGOS)
+        _check_choice("plan", self.plan, PLAN_MODES)
         if isinstance(self.megablocks_size, bool) or not isinstance(self.megablocks_size, int) or self.megablocks_size < 0:
             raise ValueError(f"megablocks_size must be an integer >= 0, got {self.megablocks_size!r}")

@@ -26,6 +26,7 @@ class CallKnobs:
     adaptive_r: int
     overlap_degree: int
     a2a_algo: str
+    expert_kernel: str = "auto"    # 'bmm' | 'grouped' | 'decode'; 'auto' follows the capacity mode
 
 
 def gate_scales(routing: Routing, is_postscore: bool) -> tuple[Tensor | None, Tensor]:

@@ -9,6 +9,7 @@ validated before anything runs, so a bad call changes no state.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any, Callable
@@ -17,19 +18,23 @@ import torch
 from torch import Tensor, nn
 
 from . import executor
-from .config import A2A_ALGOS, MoEConfig, check_capacity_factor
+from .config import A2A_ALGOS, PLAN_MODES, MoEConfig, check_capacity_factor
 from .experts import build_experts
 from .gates import add_noise, build_gate, select_experts
 from .losses import compute_losses
+from .planning import LayerPlanner, PlanningOptions
 from .routing import Routing, build_routing, confidence_rank
 from .topology import GroupLayout, layout_for_group
 
 
 class MoELayer(nn.Module):
     def __init__(self, config: MoEConfig, *, group: Any = None, scan_expert_func: Callable | None = None,
-                 result_func: Callable | None = None, seeds: tuple | None = None):
+                 result_func: Callable | None = None, seeds: tuple | None = None,
+                 planning: PlanningOptions | None = None):
         super().__init__()
         config.validate()
+        self.planning_options = planning or PlanningOptions()
+        self._planner: LayerPlanner | None = None
         self.config = config
         self.group = group
         self.layout: GroupLayout = layout_for_group(group, config.num_experts)
@@ -101,18 +106,45 @@ class MoELayer(nn.Module):
     def forward(self, x: Tensor, *, gate_index: int = 0, capacity_factor: float | None = None,
                 top_k: int | None = None, adaptive_r: int | None = None, a2a_ffn_overlap_degree: int | None = None,
                 a2a_algo: str | None = None, megablocks_size: int | None = None, reserve_dims: int = 1,
-                inequivalent_tokens: bool = False) -> Any:
+                inequivalent_tokens: bool = False, plan: str | None = None) -> Any:
         knobs = self.resolve_knobs(gate_index=gate_index, top_k=top_k, capacity_factor=capacity_factor,
                                    adaptive_r=adaptive_r, a2a_ffn_overlap_degree=a2a_ffn_overlap_degree,
                                    a2a_algo=a2a_algo, megablocks_size=megablocks_size)
+        mode = self.config.plan if plan is None else plan
+        if mode not in PLAN_MODES:
+            raise ValueError(f"plan must be one of {list(PLAN_MODES)}, got {plan!r}")
         x_TD, lead_shape = self._flatten_input(x, reserve_dims)
+        timer = None
+        if mode == "auto":
+            explicit = {"adaptive_r": adaptive_r, "overlap_degree": a2a_ffn_overlap_degree, "a2a_algo": a2a_algo}
+            knobs, timer = self._planned_knobs(knobs, x_TD, explicit)
+            if timer is not None:
+                timer.start()
         routing, losses = self._route(x_TD, knobs)
         y_TO = self._run(x_TD, routing, knobs)
+        if timer is not None:
+            timer.stop_forward(x_TD, y_TO)
         y = y_TO.reshape(*lead_shape, *self._output_tail(y_TO, x, reserve_dims)).to(x.dtype)
         l_aux = sum(losses.values()) if losses else x_TD.new_zeros((), dtype=torch.float32)
         self.l_aux, self.losses, self.last_routing = l_aux, losses, routing
         y.l_aux = l_aux
         return self.result_func(y) if self.result_func is not None else y
+
+    @property
+    def planner(self) -> LayerPlanner:
+        if self._planner is None:
+            self._planner = LayerPlanner(self, self.planning_options)
+        return self._planner
+
+    def _planned_knobs(self, knobs: executor.CallKnobs, x_TD: Tensor, explicit: dict):
+        """The planner fills the knobs the caller left as None; explicit knobs always win."""
+        planner = self.planner
+        planner.after_call()
+        sig = planner.signature(knobs.top_k, knobs.capacity_factor, x_TD.dtype, self.training and torch.is_grad_enabled())
+        chosen, timer = planner.plan_for(x_TD.shape[0], sig, x_TD.device)
+        merged = {name: getattr(chosen, name) if explicit[name] is None else getattr(knobs, name)
+                  for name in explicit}
+        return dataclasses.replace(knobs, expert_kernel=chosen.expert_kernel, **merged), timer
 
     def _flatten_input(self, x: Tensor, reserve_dims: int) -> tuple[Tensor, tuple[int, ...]]:
         if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -152,7 +184,7 @@ class MoELayer(nn.Module):
                                       is_postscore=self.config.is_postscore)
         from . import parallel  # imported lazily: single-process users never need torch.distributed
         return parallel.run_parallel(x_TD, routing, self.experts, knobs, self.layout,
-                                     is_postscore=self.config.is_postscore)
+                                     is_postscore=self.config.is_postscore, group=self.group)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

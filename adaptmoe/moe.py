@@ -190,11 +190,12 @@ class TutelMoELayer(MoELayer):
 
     def forward(self, input: Tensor, gate_index: int = 0, capacity_factor: float | None = None,
                 top_k: int | None = None, a2a_ffn_overlap_degree: int | None = None, reserve_dims: int = 1,
-                inequivalent_tokens: bool = False, adaptive_r: int | None = None, megablocks_size: int | None = None):
+                inequivalent_tokens: bool = False, adaptive_r: int | None = None, megablocks_size: int | None = None,
+                plan: str | None = None):
         return super().forward(input, gate_index=gate_index, capacity_factor=capacity_factor, top_k=top_k,
                                adaptive_r=adaptive_r, a2a_ffn_overlap_degree=a2a_ffn_overlap_degree,
                                megablocks_size=megablocks_size, reserve_dims=reserve_dims,
-                               inequivalent_tokens=inequivalent_tokens)
+                               inequivalent_tokens=inequivalent_tokens, plan=plan)
 
 
 def _check_deprecated_kwargs(kwargs: dict) -> None:
@@ -229,7 +230,8 @@ def _config_from_tutel(gate_type, model_dim, experts, group, *, a2a_ffn_overlap_
     config = MoEConfig(model_dim=model_dim, num_experts=num_experts, gate=gate_configs[0],
                        extra_gates=tuple(gate_configs[1:]), experts=expert_config, is_postscore=is_postscore,
                        adaptive_r=adaptive_r,
-                       overlap_degree=a2a_ffn_overlap_degree, a2a_algo="2d" if use_2dh else "flat")
+                       overlap_degree=a2a_ffn_overlap_degree, a2a_algo="2d" if use_2dh else "flat",
+                       plan="auto" if requested == "auto" else "fixed")
     return config
 
 

@@ -1,0 +1,230 @@
+"""Runtime side of the planner: which Plan a call runs, tuned during warmup, remembered on disk.
+
+Per (layer signature, token bucket) key: a plan from the in-memory table (hot path, a dict
+lookup), else from the plan cache file, else from the cost model (``planner.rank_plans``).
+With ``tune=True`` the top few candidates are then measured on the real calls (switching plans
+moves no weights and gives the same outputs, so warmup steps are ordinary steps), the slowest
+rank's time decides, every rank picks the same winner, and rank 0 persists it: the next run with
+the same signature starts with the measured plan and no tuning.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from planner import LayerSignature, Plan, PlanCache, rank_plans, token_bucket
+from planner.cache import fingerprint_key, hardware_fingerprint
+
+from . import probe
+
+log = logging.getLogger("adaptmoe.planning")
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+               torch.float64: "float64"}
+
+
+@dataclass(frozen=True)
+class PlanningOptions:
+    tune: bool = True            # measure the top candidates on real calls before locking one
+    candidates: int = 3          # how many of the model's best plans to measure
+    trials: int = 2              # timed calls per candidate (each after one untimed call)
+    cache_path: str | None = None
+    use_cache: bool = True
+
+
+@dataclass
+class _Tuning:
+    candidates: list             # planner Candidates under measurement
+    tokens: int
+    signature: LayerSignature
+    ranked: list                 # every candidate, for the explanation logged at the decision
+    times_ms: list = field(default_factory=list)   # per candidate, its timings
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.times_ms = [[] for _ in self.candidates]
+
+    def current(self, trials: int) -> tuple[int, bool]:
+        """(candidate index, whether this call is timed) for the next call."""
+        per_candidate = trials + 1
+        return self.calls // per_candidate, self.calls % per_candidate != 0
+
+
+class CallTimer:
+    """Times one call's forward (and backward, when it runs) of the layer."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.forward_ms, self.backward_ms = device, None, None
+        self._cuda = device.type == "cuda"
+
+    def _mark(self):
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _elapsed_ms(self, start, end) -> float:
+        if self._cuda:
+            end.synchronize()
+            return start.elapsed_time(end)
+        return (end - start) * 1e3
+
+    def start(self) -> None:
+        self._t0 = self._mark()
+
+    def stop_forward(self, x_TD: torch.Tensor, y_TO: torch.Tensor) -> None:
+        self.forward_ms = self._elapsed_ms(self._t0, self._mark())
+        if torch.is_grad_enabled() and y_TO.requires_grad and x_TD.requires_grad:
+            y_TO.register_hook(lambda g: self._set_backward_start())
+            x_TD.register_hook(lambda g: self._set_backward_end())
+
+    def _set_backward_start(self) -> None:
+        self._b0 = self._mark()
+
+    def _set_backward_end(self) -> None:
+        self.backward_ms = self._elapsed_ms(self._b0, self._mark())
+
+    def total_ms(self) -> float:
+        return self.forward_ms + (self.backward_ms or 0.0)
+
+
+class LayerPlanner:
+    def __init__(self, layer, options: PlanningOptions | None = None):
+        self.layer, self.options = layer, options or PlanningOptions()
+        self.chosen: dict[str, Plan] = {}
+        self.tuning: dict[str, _Tuning] = {}
+        self.pending: list[tuple[str, CallTimer, int]] = []
+        self.tuning_calls = 0
+        self._signatures: dict[tuple, LayerSignature] = {}
+        self._fingerprint: str | None = None
+        self._cache: PlanCache | None = None
+
+    # -- setup (first call) ------------------------------------------------------------------
+    def _ensure_hardware(self, device: torch.device) -> None:
+        if self._fingerprint is not None:
+            return
+        layout = self.layer.layout
+        self.topology = probe.probe_topology(self.layer.group, layout.world_size, layout.local_size, device)
+        self.device_model = probe.device_model_for(device)
+        fp = hardware_fingerprint(device=probe.device_name(device), world_size=layout.world_size,
+                                  local_size=layout.local_size, links=self.topology.fingerprint_bucket(),
+                                  torch_version=torch.__version__, cuda_version=torch.version.cuda)
+        self._fingerprint = fingerprint_key(fp)
+        self._fingerprint_dict = fp
+        if self.options.use_cache:
+            self._cache = PlanCache(self.options.cache_path)
+
+    def signature(self, top_k: int, capacity_factor: float, dtype: torch.dtype, training: bool) -> LayerSignature:
+        key = (top_k, capacity_factor, dtype, training)
+        sig = self._signatures.get(key)
+        if sig is None:
+            cfg = self.layer.config
+            expert_type = cfg.experts.kind
+            hidden = cfg.experts.hidden_size if expert_type != "custom" else cfg.model_dim
+            sig = LayerSignature(model_dim=cfg.model_dim, hidden=hidden, num_experts=cfg.num_experts, top_k=top_k,
+                                 dtype=DTYPE_NAMES.get(dtype, "float32"), expert_type=expert_type,
+                                 training=training, capacity_factor=capacity_factor)
+            self._signatures[key] = sig
+        return sig
+
+    # -- per call ----------------------------------------------------------------------------
+    def plan_for(self, tokens: int, sig: LayerSignature, device: torch.device) -> tuple[Plan, CallTimer | None]:
+        """The plan this call runs, and a timer when the call is a timed warmup trial."""
+        self._ensure_hardware(device)
+        key = f"{self._fingerprint}#{sig.key()}#T{token_bucket(tokens)}"
+        plan = self.chosen.get(key)
+        if plan is not None:
+            return plan, None
+        tuning = self.tuning.get(key)
+        if tuning is None:
+            plan = self._start(key, tokens, sig)
+            if plan is not None:
+                return plan, None
+            tuning = self.tuning[key]
+        return self._tuning_step(key, tuning, device)
+
+    def _start(self, key: str, tokens: int, sig: LayerSignature) -> Plan | None:
+        """Cache hit or model-only choice returns a plan; otherwise tuning starts (None)."""
+        entry = self._cache.get_by_key(key) if self._cache is not None else None
+        if entry is not None and (entry.source == "measured" or not self.options.tune):
+            log.info("plan cache hit for %s: %s (%s)", key, entry.plan.label(), entry.source)
+            self.chosen[key] = entry.plan
+            return entry.plan
+        ranked = self._rank(tokens, sig)
+        feasible = [c for c in ranked if c.feasible]
+        if not feasible:
+            raise RuntimeError("the planner found no feasible plan: " +
+                               "; ".join(sorted({r for c in ranked for r in c.rejected})))
+        if not self.options.tune or len(feasible) == 1:
+            self._lock(key, sig, tokens, feasible[0], None, ranked)
+            return feasible[0].plan
+        self.tuning[key] = _Tuning(feasible[: self.options.candidates], tokens, sig, ranked)
+        return None
+
+    def _rank(self, tokens: int, sig: LayerSignature):
+        kernels = ("bmm",) if sig.capacity_factor > 0 else ("grouped",)
+        algos = ("flat", "2d") if self.topology.num_nodes > 1 else ("flat",)
+        degrees = (1,) if self.layer.layout.world_size == 1 else (1, 2, 4)
+        return rank_plans(sig, tokens, self.topology, self.device_model, overlap_degrees=degrees, algos=algos,
+                          kernels=kernels)
+
+    def _tuning_step(self, key: str, tuning: _Tuning, device: torch.device) -> tuple[Plan, CallTimer | None]:
+        index, timed = tuning.current(self.options.trials)
+        tuning.calls += 1
+        self.tuning_calls += 1
+        timer = CallTimer(device) if timed else None
+        if timer is not None:
+            self.pending.append((key, timer, index))
+        return tuning.candidates[index].plan, timer
+
+    def after_call(self) -> None:
+        """Collects finished timings; decides once every candidate has its trials."""
+        still = []
+        for key, timer, index in self.pending:
+            if timer.forward_ms is None or (timer.backward_ms is None and getattr(timer, "_b0", None) is not None):
+                still.append((key, timer, index))
+                continue
+            self.tuning[key].times_ms[index].append(timer.total_ms())
+        self.pending = still
+        for key, tuning in list(self.tuning.items()):
+            if all(len(t) >= self.options.trials for t in tuning.times_ms):
+                self._decide(key, tuning)
+
+    def _decide(self, key: str, tuning: _Tuning) -> None:
+        medians = torch.tensor([sorted(t)[len(t) // 2] for t in tuning.times_ms], dtype=torch.float64)
+        group = self.layer.group
+        if self.layer.layout.world_size > 1:
+            # The slowest rank bounds the step; reducing with MAX makes every rank pick the same plan.
+            backend_device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+            reduced = medians.to(backend_device)
+            dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group)
+            medians = reduced.cpu()
+        best = int(torch.argmin(medians))
+        del self.tuning[key]
+        self._lock(key, tuning.signature, tuning.tokens, tuning.candidates[best], float(medians[best]), tuning.ranked,
+                   measured={c.plan.label(): float(m) for c, m in zip(tuning.candidates, medians)})
+
+    def _lock(self, key, sig, tokens, candidate, measured_ms, ranked, measured=None) -> None:
+        self.chosen[key] = candidate.plan
+        log.info("%s", explain(candidate, measured_ms, ranked, measured))
+        if self._cache is not None and self.layer.layout.rank == 0:
+            self._cache.put(self._fingerprint_dict, sig, tokens, candidate.plan, candidate.predicted_ms,
+                            measured_ms=measured_ms, source="measured" if measured_ms is not None else "model")
+
+
+def explain(chosen, measured_ms, ranked, measured=None, runners_up: int = 3) -> str:
+    """One log paragraph: the plan, its predicted/measured time, and why the next ones lost."""
+    lines = [f"plan {chosen.plan.label()}: predicted {chosen.predicted_ms:.3f} ms"
+             + (f", measured {measured_ms:.3f} ms" if measured_ms is not None else " (not measured)")]
+    others = [c for c in ranked if c.feasible and c.plan != chosen.plan][:runners_up]
+    for c in others:
+        why = f"measured {measured[c.plan.label()]:.3f} ms" if measured and c.plan.label() in measured else \
+            f"predicted {c.predicted_ms:.3f} ms"
+        lines.append(f"  lost: {c.plan.label()} ({why})")
+    for c in [c for c in ranked if not c.feasible][:runners_up]:
+        lines.append(f"  rejected: {c.plan.label()}: {'; '.join(c.rejected)}")
+    return "\n".join(lines)

@@ -57,8 +57,27 @@ def split_experts(num_experts: int, world_size: int) -> tuple[int, int]:
     return 1, world_size // num_experts
 
 
+def group_local_size(group: Any, world_size: int) -> int:
+    """Ranks of ``group`` per node: members are placed by their global rank (node = global rank //
+    LOCAL_WORLD_SIZE). A group that is not node-major with equal members per node gets
+    ``world_size`` (one "node": the 2D all-to-all then degenerates to the flat one)."""
+    import torch.distributed as dist
+    per_node = os.environ.get("LOCAL_WORLD_SIZE")
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return local_size_for(world_size)
+    if per_node is None or not per_node.isdigit() or int(per_node) < 1:
+        return world_size
+    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    nodes = [r // int(per_node) for r in ranks]
+    size = nodes.count(nodes[0])
+    blocks = [nodes[i:i + size] for i in range(0, len(nodes), size)]
+    node_major = all(len(set(b)) == 1 and b.count(b[0]) == size for b in blocks) and \
+        len({b[0] for b in blocks}) == len(blocks)
+    return size if node_major and world_size % size == 0 else world_size
+
+
 def layout_for_group(group: Any, num_experts: int, local_size: int | None = None) -> GroupLayout:
     world_size, rank = group_size_and_rank(group)
     local, shards = split_experts(num_experts, world_size)
     return GroupLayout(world_size, rank, num_experts, local, shards,
-                       local_size if local_size is not None else local_size_for(world_size))
+                       local_size if local_size is not None else group_local_size(group, world_size))

@@ -25,23 +25,41 @@ class FFNWeights(NamedTuple):
 
 def ffn_padded(x_eCD: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor:
     """Batched FFN over a capacity-padded buffer [e, C, D] -> [e, C, O]."""
-    def bmm(a, b, transpose):
-        return torch.bmm(a, b.transpose(1, 2) if transpose else b)
-    h_eCH = _hidden_padded(x_eCD, w, act, bmm)
+    h_eCH = _bmm_nt(x_eCD, w.w1_eHD)
+    if w.b1_eH is not None:
+        h_eCH = h_eCH + w.b1_eH.unsqueeze(1)
+    h_eCH = act(h_eCH)
+    if w.w3_eHD is not None:
+        h_eCH = h_eCH * _bmm_nt(x_eCD, w.w3_eHD)
     y_eCO = torch.bmm(h_eCH, w.w2_eHO)
     if w.b2_eO is not None:
         y_eCO = y_eCO + w.b2_eO.unsqueeze(1)
     return y_eCO
 
 
-def _hidden_padded(x_eCD, w: FFNWeights, act, bmm):
-    h = bmm(x_eCD, w.w1_eHD, True)
-    if w.b1_eH is not None:
-        h = h + w.b1_eH.unsqueeze(1)
-    h = act(h)
-    if w.w3_eHD is not None:
-        h = h * bmm(x_eCD, w.w3_eHD, True)
-    return h
+class _BmmNT(torch.autograd.Function):
+    """x_eCD @ w_eHD^T whose weight gradient comes out contiguous in w's own [e, H, D] layout
+    (plain ``bmm(x, w.transpose(1, 2))`` yields a transposed gradient that AccumulateGrad then
+    copies: a full strided pass over the weights every backward)."""
+
+    @staticmethod
+    def forward(ctx, x_eCD: Tensor, w_eHD: Tensor) -> Tensor:
+        ctx.save_for_backward(x_eCD, w_eHD)
+        return torch.bmm(x_eCD, w_eHD.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, g_eCH: Tensor):
+        x_eCD, w_eHD = ctx.saved_tensors
+        gx = torch.bmm(g_eCH, w_eHD) if ctx.needs_input_grad[0] else None
+        gw = torch.bmm(g_eCH.transpose(1, 2), x_eCD) if ctx.needs_input_grad[1] else None
+        return gx, gw
+
+
+def _bmm_nt(x_eCD: Tensor, w_eHD: Tensor) -> Tensor:
+    if (torch.is_autocast_enabled(x_eCD.device.type) or x_eCD.dtype != w_eHD.dtype
+            or not torch.is_grad_enabled() or not (x_eCD.requires_grad or w_eHD.requires_grad)):
+        return torch.bmm(x_eCD, w_eHD.transpose(1, 2))
+    return _BmmNT.apply(x_eCD, w_eHD)
 
 
 def ffn_grouped(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor:
@@ -95,14 +113,15 @@ def _ffn_grouped_mm(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable
         h_RH = torch._grouped_mm(x_RD, w.w1_eHD.transpose(1, 2), offs=offs_e)
         if w.b1_eH is not None:
             rows_e = _row_experts(offs_e, x_RD.shape[0])
-            h_RH = h_RH + w.b1_eH.index_select(0, rows_e)
+            # fp32 bias rows: their gradient (an index_add over R rows) accumulates in fp32
+            h_RH = (h_RH + w.b1_eH.float().index_select(0, rows_e)).to(bf16)
         h_RH = act(h_RH)
         if w.w3_eHD is not None:
             h_RH = h_RH * torch._grouped_mm(x_RD, w.w3_eHD.transpose(1, 2), offs=offs_e)
         y_RO = torch._grouped_mm(h_RH, w.w2_eHO, offs=offs_e)
         if w.b2_eO is not None:
             rows_e = _row_experts(offs_e, x_RD.shape[0]) if rows_e is None else rows_e
-            y_RO = y_RO + w.b2_eO.index_select(0, rows_e)
+            y_RO = (y_RO + w.b2_eO.float().index_select(0, rows_e)).to(bf16)
     return y_RO
 
 

@@ -113,6 +113,7 @@ std::vector<Tensor> scatter_rows(const Tensor& src_TD, const Tensor& slots_TK, i
   const Tensor src = src_TD.contiguous();
   const Tensor slots = checked_slots(slots_TK, src);
   TORCH_CHECK(slots.size(0) == src.size(0), "adaptmoe: slots_TK and rows disagree on T");
+  TORCH_CHECK(slots.numel() < INT32_MAX, "adaptmoe: T*k must fit in int32");
   const auto w = checked_tk(w_TK, slots, src, "scale/weights");
   std::optional<Tensor> dot;
   if (dot_RD.has_value()) {
@@ -126,12 +127,12 @@ std::vector<Tensor> scatter_rows(const Tensor& src_TD, const Tensor& slots_TK, i
   Tensor out = at::empty({num_rows, D}, src.options());
   const auto dot_dtype = w.has_value() ? w->scalar_type() : at::kFloat;
   Tensor dot_out = dot.has_value() ? at::empty({T, K}, src.options().dtype(dot_dtype)) : at::empty({0}, src.options().dtype(dot_dtype));
-  Tensor filled = at::empty({std::max<int64_t>(1, num_rows)}, src.options().dtype(at::kByte));
+  Tensor ws = at::empty({std::max<int64_t>(1, num_rows)}, src.options().dtype(at::kInt));
   check_launch(adaptmoe::launch_scatter_rows(src.data_ptr(), dt, slots.data_ptr<int64_t>(),
                                              w.has_value() ? w->data_ptr() : nullptr,
                                              w.has_value() ? dtype_of(*w) : adaptmoe::kFloat32,
                                              dot.has_value() ? dot->data_ptr() : nullptr, T, static_cast<int>(K), D,
-                                             num_rows, filled.data_ptr<uint8_t>(), out.data_ptr(),
+                                             num_rows, ws.data_ptr<int>(), out.data_ptr(),
                                              dot.has_value() ? dot_out.data_ptr() : nullptr, dtype_of(dot_out), stream),
                "scatter");
   return {out, dot_out};

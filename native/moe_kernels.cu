@@ -12,6 +12,8 @@
 
 #include <climits>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 namespace adaptmoe {
 namespace {
@@ -353,6 +355,63 @@ __global__ void scatter_rows_kernel(const T* __restrict__ src, const int64_t* __
   }
 }
 
+// Row-major form of the scatter: one block per output row, reading its (token, choice) through
+// the inverse map inv[r] = t*K + k (-1: the row stays 0). Writes stream in row order.
+__global__ void inverse_slots_kernel(const int64_t* __restrict__ slots, int64_t n, int64_t R,
+                                     int* __restrict__ inv) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) {
+    const int64_t s = slots[i];
+    if (s >= 0 && s < R) inv[s] = static_cast<int>(i);
+  }
+}
+
+template <typename T, int N>
+__global__ void scatter_by_rows_kernel(const T* __restrict__ src, const int* __restrict__ inv,
+                                       const void* __restrict__ w, int w_dt, const T* __restrict__ dot_src,
+                                       int K, int64_t D, T* __restrict__ out, void* __restrict__ dot_out,
+                                       int dot_dt) {
+  __shared__ float s_part[32];
+  const int64_t r = blockIdx.x;
+  const int64_t nv = D / N;
+  const int i = inv[r];
+  T* orow = out + r * D;
+  if (i < 0) {
+    float z[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) z[j] = 0.f;
+    for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) store_pack<T, N>(orow + v * N, z);
+    return;
+  }
+  const T* srow = src + static_cast<int64_t>(i / K) * D;
+  const float wk = w != nullptr ? load_any(w, w_dt, i) : 1.f;
+  float acc = 0.f;
+  for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+    float f[N];
+    load_pack<T, N>(srow + v * N, f);
+    if (dot_out != nullptr) {
+      float d[N];
+      load_pack<T, N>(dot_src + r * D + v * N, d);
+#pragma unroll
+      for (int j = 0; j < N; ++j) acc = fmaf(f[j], d[j], acc);
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) f[j] *= wk;
+    store_pack<T, N>(orow + v * N, f);
+  }
+  if (dot_out != nullptr) {
+    acc = warp_sum(acc);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) s_part[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+      acc = lane < static_cast<int>(blockDim.x >> 5) ? s_part[lane] : 0.f;
+      acc = warp_sum(acc);
+      if (lane == 0) store_any(dot_out, dot_dt, i, acc);
+    }
+  }
+}
+
 template <typename T, int N>
 __global__ void gather_rows_kernel(const T* __restrict__ src, const int64_t* __restrict__ slots,
                                    const void* __restrict__ w, int w_dt, const T* __restrict__ dot_src,
@@ -440,14 +499,50 @@ cudaError_t topk_dispatch_vpl(const void* logits, int64_t T_, int E, int K, Scor
   return topk_t<T, 32>(logits, T_, E, K, fn, normalize, indices, weights, scores, stream);
 }
 
+inline bool token_major_scatter() {
+  static const bool token = [] {
+    const char* mode = std::getenv("ADAPTMOE_SCATTER");
+    return mode != nullptr && std::strcmp(mode, "token") == 0;
+  }();
+  return token;
+}
+
 template <typename T>
 cudaError_t scatter_t(const void* src, const int64_t* slots, const void* w, DType w_dt, const void* dot_src,
-                      int64_t T_, int K, int64_t D, int64_t R, uint8_t* filled, void* out, void* dot_out,
+                      int64_t T_, int K, int64_t D, int64_t R, int* workspace, void* out, void* dot_out,
                       DType dot_dt, cudaStream_t stream) {
-  if (R > 0) {
-    cudaError_t err = cudaMemsetAsync(filled, 0, static_cast<size_t>(R), stream);
+  constexpr int NV = 16 / static_cast<int>(sizeof(T));
+  const bool vec = D % NV == 0 && aligned16(src) && aligned16(out) && aligned16(dot_src);
+  const int64_t n = T_ * K;
+  cudaError_t err;
+  if (!token_major_scatter()) {
+    if (dot_out != nullptr && n > 0) {
+      err = cudaMemsetAsync(dot_out, 0, static_cast<size_t>(n) * (dot_dt == kFloat32 ? 4 : 2), stream);
+      if (err != cudaSuccess) return err;
+    }
+    if (R == 0 || D == 0) return cudaSuccess;
+    err = cudaMemsetAsync(workspace, 0xFF, static_cast<size_t>(R) * sizeof(int), stream);
     if (err != cudaSuccess) return err;
-    const int64_t n = T_ * K;
+    if (n > 0) {
+      inverse_slots_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(slots, n, R, workspace);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    if (vec) {
+      scatter_by_rows_kernel<T, NV><<<static_cast<unsigned>(R), row_threads(D / NV), 0, stream>>>(
+          static_cast<const T*>(src), workspace, w, w_dt, static_cast<const T*>(dot_src), K, D,
+          static_cast<T*>(out), dot_out, dot_dt);
+    } else {
+      scatter_by_rows_kernel<T, 1><<<static_cast<unsigned>(R), row_threads(D), 0, stream>>>(
+          static_cast<const T*>(src), workspace, w, w_dt, static_cast<const T*>(dot_src), K, D,
+          static_cast<T*>(out), dot_out, dot_dt);
+    }
+    return cudaGetLastError();
+  }
+  uint8_t* filled = reinterpret_cast<uint8_t*>(workspace);
+  if (R > 0) {
+    err = cudaMemsetAsync(filled, 0, static_cast<size_t>(R), stream);
+    if (err != cudaSuccess) return err;
     if (n > 0) {
       mark_filled_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(slots, n, R, filled);
       err = cudaGetLastError();
@@ -457,8 +552,6 @@ cudaError_t scatter_t(const void* src, const int64_t* slots, const void* w, DTyp
   const int64_t blocks = T_ + (R + kZeroRows - 1) / kZeroRows;
   if (blocks == 0 || D == 0) return cudaSuccess;
   const size_t smem = static_cast<size_t>(K) * (sizeof(int64_t) + sizeof(float));
-  constexpr int NV = 16 / static_cast<int>(sizeof(T));
-  const bool vec = D % NV == 0 && aligned16(src) && aligned16(out) && aligned16(dot_src);
   if (vec) {
     scatter_rows_kernel<T, NV><<<static_cast<unsigned>(blocks), row_threads(D / NV), smem, stream>>>(
         static_cast<const T*>(src), slots, w, w_dt, static_cast<const T*>(dot_src), T_, K, D, R, filled,
@@ -531,12 +624,12 @@ cudaError_t launch_locate(const int64_t* indices_TK, int64_t T, int E, int K, in
 
 cudaError_t launch_scatter_rows(const void* src_TD, DType dt, const int64_t* slots_TK,
                                 const void* w_TK, DType w_dt, const void* dot_RD, int64_t T, int K,
-                                int64_t D, int64_t R, uint8_t* filled, void* out_RD,
+                                int64_t D, int64_t R, int* workspace, void* out_RD,
                                 void* dot_out_TK, DType dot_dt, cudaStream_t stream) {
   switch (dt) {
-    case kFloat16: return scatter_t<__half>(src_TD, slots_TK, w_TK, w_dt, dot_RD, T, K, D, R, filled, out_RD, dot_out_TK, dot_dt, stream);
-    case kBFloat16: return scatter_t<__nv_bfloat16>(src_TD, slots_TK, w_TK, w_dt, dot_RD, T, K, D, R, filled, out_RD, dot_out_TK, dot_dt, stream);
-    default: return scatter_t<float>(src_TD, slots_TK, w_TK, w_dt, dot_RD, T, K, D, R, filled, out_RD, dot_out_TK, dot_dt, stream);
+    case kFloat16: return scatter_t<__half>(src_TD, slots_TK, w_TK, w_dt, dot_RD, T, K, D, R, workspace, out_RD, dot_out_TK, dot_dt, stream);
+    case kBFloat16: return scatter_t<__nv_bfloat16>(src_TD, slots_TK, w_TK, w_dt, dot_RD, T, K, D, R, workspace, out_RD, dot_out_TK, dot_dt, stream);
+    default: return scatter_t<float>(src_TD, slots_TK, w_TK, w_dt, dot_RD, T, K, D, R, workspace, out_RD, dot_out_TK, dot_dt, stream);
   }
 }
 

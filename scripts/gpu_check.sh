@@ -29,6 +29,11 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   timeout ${TEST_TIMEOUT:-240} python3 -m pytest -m gpu tests/gpu -q --maxfail=15 -p no:cacheprovider ${TEST_ARGS:-} 2>&1 | tail -n 60 | tee "$OUT/gpu_tests.log"
 fi
 
+if [ -z "${SKIP_OPS:-}" ]; then
+  echo "=== op micro-benchmark ==="
+  { python3 scripts/bench_ops.py; ADAPTMOE_SCATTER=token python3 scripts/bench_ops.py; } 2>&1 | tee "$OUT/bench_ops.log"
+fi
+
 if [ -z "${SKIP_BENCH:-}" ]; then
   echo "=== bench ==="
   timeout ${BENCH_TIMEOUT:-300} python3 -m adaptmoe.examples.bench_layer ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^ " | tail -n 400

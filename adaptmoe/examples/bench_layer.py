@@ -149,6 +149,10 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
             fb_ms = _median_ms(step, iters, warmup)
             rows.append(Row(name, mode, path, fwd_ms, fb_ms, peak))
             if profile:
+                def fwd_nograd():
+                    with torch.no_grad():
+                        fwd()
+                _profile(fwd_nograd, f"{name} {mode} {path} fwd")
                 _profile(step, f"{name} {mode} {path} fwd+bwd")
     del layer, x, xf
     torch.cuda.empty_cache()

@@ -215,12 +215,15 @@ def test_ffn_grouped_vs_loop(dtype, gated, bias):
         grads = torch.autograd.grad(y, (x, *[t for t in w if t is not None]), g)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    y2 = ffn_grouped_loop(x, counts, w, torch.relu)
-    grads2 = torch.autograd.grad(y2, (x, *[t for t in w if t is not None]), g)
+    # reference: the per-expert loop in fp32 on the same values
+    x32 = x.detach().float().requires_grad_()
+    w32 = FFNWeights(*[None if t is None else t.detach().float().requires_grad_() for t in w])
+    y2 = ffn_grouped_loop(x32, counts, w32, torch.relu)
+    grads2 = torch.autograd.grad(y2, (x32, *[t for t in w32 if t is not None]), g.float())
     rt = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(y, y2, rtol=rt, atol=rt)
+    torch.testing.assert_close(y.float(), y2, rtol=rt, atol=rt)
     for a, b in zip(grads, grads2):
-        torch.testing.assert_close(a, b, rtol=rt, atol=rt * 4)
+        torch.testing.assert_close(a.float(), b, rtol=rt, atol=rt * 4)
 
 
 def test_ops_are_sync_free():

@@ -1,0 +1,56 @@
+"""Micro-benchmark of the native row movers (device machine): achieved bandwidth per op.
+
+    python3 scripts/bench_ops.py      (ADAPTMOE_SCATTER=token selects the token-major scatter)
+Bytes counted: each input row read once, each output row written once (the floor).
+"""
+import os
+import statistics
+
+import torch
+
+import adaptmoe.ops as ops
+
+
+def ms(fn, iters=30):
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b))
+    return statistics.median(out)
+
+
+def main():
+    mode = os.environ.get("ADAPTMOE_SCATTER", "row")
+    print(f"scatter mode: {mode}; native: {ops.native_status()}")
+    for name, T, D, E, K in (("fine64", 8192, 2048, 64, 8), ("mixtral", 8192, 4096, 8, 2), ("dsv3", 16384, 7168, 256, 8)):
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        idx = torch.rand(T, E, device="cuda").topk(K, 1).indices
+        w = torch.rand(T, K, device="cuda")
+        loc, counts, slots = ops.assign_slots(idx, E, None)
+        R = T * K
+        y = torch.randn(R, D, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        from adaptmoe.ops._ops import combine_backward_op, dispatch_backward_op
+        rows = {
+            "dispatch": (lambda: ops.dispatch(x, slots, R), (T + R) * D * 2),
+            "combine": (lambda: ops.combine(y, slots, w), (T + R) * D * 2),
+            "combine_bwd(+dot)": (lambda: combine_backward_op(g, y, slots, w, True), (T + 2 * R) * D * 2),
+            "dispatch_bwd": (lambda: dispatch_backward_op(y, x, slots, None, False), (T + R) * D * 2),
+            "route_topk": (lambda: ops.route_topk(torch.randn(T, E, device="cuda"), K), T * E * 4 * 2),
+            "assign_slots": (lambda: ops.assign_slots(idx, E, None), T * K * 8 * 4),
+            "copy(ref)": (lambda: y.clone(), 2 * R * D * 2),
+        }
+        for op, (fn, nbytes) in rows.items():
+            t = ms(fn)
+            print(f"{name:8s} {op:18s} {t * 1e3:9.1f} us  {nbytes / t / 1e6:8.1f} GB/s")
+
+
+if __name__ == "__main__":
+    main()

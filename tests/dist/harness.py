@@ -1,0 +1,54 @@
+"""Runs a worker function in W real processes over gloo (file:// rendezvous), with a deadline.
+
+Each world is spawned once and the worker loops over many configurations inside it (process
+start-up dominates on a 2-core CI machine). A worker returns normally or raises; a rank that
+fails mid-collective makes its peers time out (gloo timeout below), never hang forever.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def _entry(rank, world_size, init_file, env, fn, args):
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=90))
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_world(world_size: int, fn, *args, env: dict | None = None, deadline_s: float = 600) -> None:
+    for path in (HERE, ROOT):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    fd, init_file = tempfile.mkstemp(prefix="adaptmoe_dist_")
+    os.close(fd)
+    os.unlink(init_file)
+    env = {"LOCAL_WORLD_SIZE": str(world_size), **(env or {})}
+    ctx = mp.start_processes(_entry, args=(world_size, init_file, env, fn, args), nprocs=world_size,
+                             join=False, start_method="spawn")
+    end = time.monotonic() + deadline_s
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > end:
+                raise TimeoutError(f"world of {world_size} ranks did not finish in {deadline_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+        if os.path.exists(init_file):
+            os.unlink(init_file)

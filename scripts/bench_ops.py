@@ -5,10 +5,13 @@ Bytes counted: each input row read once, each output row written once (the floor
 """
 import os
 import statistics
+import sys
 
 import torch
 
-import adaptmoe.ops as ops
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import adaptmoe.ops as ops  # noqa: E402
 
 
 def ms(fn, iters=30):

@@ -63,6 +63,9 @@ def _median_ms(fn, iters: int, warmup: int) -> float:
 
 
 def _git_commit() -> str:
+    import os
+    if os.environ.get("ADAPTMOE_COMMIT"):  # the device machine gets the tree without .git
+        return os.environ["ADAPTMOE_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)

@@ -1,0 +1,261 @@
+"""Small-batch (decode) expert path: touch only the experts the tokens selected, never sync the host.
+
+Legend: T tokens, D model dim, H expert hidden, O output dim, E experts, K top-k,
+N = T*K (token, choice) pairs, c a chunk of pairs.
+
+When few tokens arrive, a layer call costs what it reads: the weights of the experts that were
+selected. This path routes with the layer's own gate and then computes each (token, choice) pair
+against its expert without building the capacity/dispatch buffers of the general path. Every
+shape depends only on T (never on routing), nothing is copied to the host, so a call can be
+captured in a CUDA graph and traced by ``torch.compile`` without graph breaks.
+
+Methods (``method=``):
+- ``grouped_mm``: sort the pairs by expert, one ``torch._grouped_mm`` per weight matrix with
+  device-side offsets. An expert with no rows has an empty group and is never read, so the weight
+  bytes read are exactly the distinct selected experts'. CPU fp32/bf16, CUDA bf16 on sm90+.
+- ``gather``: index the weights per pair (``w1[e_N]``) and run batched matrix-vector products.
+  Reads N expert copies and writes them once: good only when N is tiny (T=1) or as the fallback
+  for dtypes grouped_mm lacks (fp64, fp16 on CUDA). Chunked so the copies stay under a budget.
+- ``dense``: each of the E experts over all N pairs, keeping the pairs routed to it. Reads every
+  expert once; the fallback when N is too large to gather.
+
+``decode_beats_grouped`` is the rule the serving layer uses when the planner is unavailable.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .expert_compute import FFNWeights
+from .gates import select_experts
+
+METHODS = ("auto", "grouped_mm", "gather", "dense")
+DECODE_MAX_TOKENS = 64          # same cap as planner.cost: beyond it every expert is hit anyway
+RIDGE_ROWS = 64                 # rows per expert below which an expert GEMM is weight-read bound
+GATHER_BUDGET_BYTES = 256 << 20  # transient weight copies of the gather method, per chunk
+
+_verified: set[tuple] = set()   # (device, dtype) where grouped_mm ran once
+_broken: set[tuple] = set()     # (device, dtype) where grouped_mm raised: use the fallbacks
+
+
+# -- the rule ---------------------------------------------------------------------------------
+def expected_distinct_experts(tokens: int, num_experts: int, top_k: int) -> float:
+    """Experts hit at least once when ``tokens`` each pick ``top_k`` of ``num_experts`` uniformly."""
+    if tokens <= 0:
+        return 0.0
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+def decode_beats_grouped(tokens: int, num_experts: int, top_k: int, *,
+                         max_tokens: int = DECODE_MAX_TOKENS, ridge_rows: float = RIDGE_ROWS) -> bool:
+    """True when the decode path should run: at most ``max_tokens`` tokens, and the rows each
+    selected expert sees (T*K over the expected distinct experts) stay below the ridge where an
+    expert GEMM stops being bound by reading its weights. Both paths then read the same weights,
+    and decode saves the dispatch/combine buffers, the per-expert launches and the host sync."""
+    if tokens <= 0 or tokens > max_tokens:
+        return False
+    distinct = expected_distinct_experts(tokens, num_experts, top_k)
+    return tokens * top_k <= ridge_rows * distinct
+
+
+# -- method choice ----------------------------------------------------------------------------
+_capability: dict[int, tuple[int, int]] = {}
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability, cached by an eager call (a trace reads the cache only; None if empty)."""
+    index = device.index or 0
+    if index not in _capability:
+        if torch.compiler.is_compiling():
+            return None
+        _capability[index] = torch.cuda.get_device_capability(index)
+    return _capability[index]
+
+
+def _device_key(x: Tensor) -> tuple:
+    return (x.device.type, x.device.index, x.dtype)
+
+
+def grouped_mm_supported(x_TD: Tensor, hidden: int, out_dim: int) -> bool:
+    """Whether ``torch._grouped_mm`` runs for this device, dtype and shape (no device work)."""
+    if not hasattr(torch, "_grouped_mm") or _device_key(x_TD) in _broken:
+        return False
+    if x_TD.device.type == "cpu":
+        # torch's fake (meta) implementation only admits bf16, so traced calls use bf16 only.
+        allowed = (torch.bfloat16,) if torch.compiler.is_compiling() else (torch.float32, torch.bfloat16)
+        return x_TD.dtype in allowed
+    if x_TD.device.type != "cuda" or x_TD.dtype != torch.bfloat16:
+        return False
+    aligned = all(n % 8 == 0 for n in (x_TD.shape[1], hidden, out_dim))   # 16-byte row strides
+    capability = cuda_capability(x_TD.device) if aligned else None
+    return capability is not None and capability >= (9, 0)
+
+
+def resolve_method(method: str, x_TD: Tensor, num_pairs: int, weights: FFNWeights) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if method != "auto":
+        return method
+    E, H = weights.w1_eHD.shape[0], weights.w1_eHD.shape[1]
+    if grouped_mm_supported(x_TD, H, weights.w2_eHO.shape[2]):
+        return "grouped_mm"
+    # gather reads, writes and re-reads each pair's expert: ~3N expert passes against E.
+    return "gather" if 3 * num_pairs <= E else "dense"
+
+
+# -- the three methods ------------------------------------------------------------------------
+def _sorted_pairs(e_N: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """(order_N, ends_E): pairs in expert order (masked pairs, e == E, last) and each expert's
+    end offset in that order, int32 on the device (no host sync)."""
+    order_N = torch.argsort(e_N, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=e_N.device)
+    counts.scatter_add_(0, e_N, torch.ones_like(e_N))
+    ends_E = torch.cumsum(counts[:num_experts], 0).to(torch.int32)
+    return order_N, ends_E
+
+
+def _grouped_mm_ffn(x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable) -> Tensor:
+    E = w.w1_eHD.shape[0]
+    if any(t is not None and t.dtype != x_ND.dtype for t in w):   # autocast: fp32 weights, bf16 x
+        w = FFNWeights(*[None if t is None else t.to(x_ND.dtype) for t in w])
+    order_N, ends_E = _sorted_pairs(e_N, E)
+    xs_ND = x_ND.index_select(0, order_N)
+    es_N = e_N.index_select(0, order_N).clamp(max=E - 1)    # masked pairs: any valid expert
+    h_NH = torch._grouped_mm(xs_ND, w.w1_eHD.transpose(1, 2), offs=ends_E)
+    if w.b1_eH is not None:
+        h_NH = h_NH + w.b1_eH.index_select(0, es_N)
+    h_NH = act(h_NH)
+    if w.w3_eHD is not None:
+        h_NH = h_NH * torch._grouped_mm(xs_ND, w.w3_eHD.transpose(1, 2), offs=ends_E)
+    ys_NO = torch._grouped_mm(h_NH, w.w2_eHO, offs=ends_E)
+    if w.b2_eO is not None:
+        ys_NO = ys_NO + w.b2_eO.index_select(0, es_N)
+    # Rows past the last offset (masked pairs) are left uninitialised; the caller masks them.
+    return torch.empty_like(ys_NO).index_copy_(0, order_N, ys_NO)
+
+
+def _gather_ffn(x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable) -> Tensor:
+    E, H, D = w.w1_eHD.shape
+    matrices = 3 if w.w3_eHD is not None else 2
+    per_pair = matrices * H * D * w.w1_eHD.element_size()
+    chunk = max(1, GATHER_BUDGET_BYTES // per_pair)
+    e_N = e_N.clamp(max=E - 1)
+    outputs = []
+    for start in range(0, x_ND.shape[0], chunk):    # N is static: a fixed, sync-free loop
+        e_c, x_c1D = e_N[start:start + chunk], x_ND[start:start + chunk].unsqueeze(1)
+        h_c1H = torch.bmm(x_c1D, w.w1_eHD.index_select(0, e_c).transpose(1, 2))
+        if w.b1_eH is not None:
+            h_c1H = h_c1H + w.b1_eH.index_select(0, e_c).unsqueeze(1)
+        h_c1H = act(h_c1H)
+        if w.w3_eHD is not None:
+            h_c1H = h_c1H * torch.bmm(x_c1D, w.w3_eHD.index_select(0, e_c).transpose(1, 2))
+        y_c1O = torch.bmm(h_c1H, w.w2_eHO.index_select(0, e_c))
+        if w.b2_eO is not None:
+            y_c1O = y_c1O + w.b2_eO.index_select(0, e_c).unsqueeze(1)
+        outputs.append(y_c1O.squeeze(1))
+    return torch.cat(outputs, 0) if outputs else x_ND.new_zeros(0, w.w2_eHO.shape[2])
+
+
+def _dense_ffn(x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable) -> Tensor:
+    y_NO = x_ND.new_zeros(x_ND.shape[0], w.w2_eHO.shape[2])
+    for e in range(w.w1_eHD.shape[0]):
+        h_NH = x_ND @ w.w1_eHD[e].t()
+        if w.b1_eH is not None:
+            h_NH = h_NH + w.b1_eH[e]
+        h_NH = act(h_NH)
+        if w.w3_eHD is not None:
+            h_NH = h_NH * (x_ND @ w.w3_eHD[e].t())
+        y_eNO = h_NH @ w.w2_eHO[e]
+        if w.b2_eO is not None:
+            y_eNO = y_eNO + w.b2_eO[e]
+        y_NO = torch.where((e_N == e).unsqueeze(1), y_eNO, y_NO)
+    return y_NO
+
+
+_METHOD_FNS = {"grouped_mm": _grouped_mm_ffn, "gather": _gather_ffn, "dense": _dense_ffn}
+
+
+def _may_probe(x: Tensor) -> bool:
+    """Eager CUDA call not yet known to work: try grouped_mm once and fall back if it raises."""
+    if torch.compiler.is_compiling() or x.device.type != "cuda" or _device_key(x) in _verified:
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def _run_method(method: str, x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable) -> Tensor:
+    if method != "grouped_mm" or not _may_probe(x_ND):
+        return _METHOD_FNS[method](x_ND, e_N, w, act)
+    key = _device_key(x_ND)
+    try:
+        y_NO = _grouped_mm_ffn(x_ND, e_N, w, act)
+    except RuntimeError as exc:
+        _broken.add(key)
+        warnings.warn(f"torch._grouped_mm failed on {key} ({exc}); the decode path falls back to "
+                      f"gather/dense for this device and dtype", RuntimeWarning, stacklevel=3)
+        return _METHOD_FNS["gather" if 3 * x_ND.shape[0] <= w.w1_eHD.shape[0] else "dense"](x_ND, e_N, w, act)
+    _verified.add(key)
+    return y_NO
+
+
+# -- public entry points ----------------------------------------------------------------------
+def valid_mask(num_tokens: int, num_valid_tokens: Tensor | int | None, device: torch.device) -> Tensor | None:
+    """Bool mask of the first ``num_valid_tokens`` tokens (a device scalar keeps it graph-safe)."""
+    if num_valid_tokens is None:
+        return None
+    return torch.arange(num_tokens, device=device) < num_valid_tokens
+
+
+def selected_expert_ffn(x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, weights: FFNWeights,
+                        act: Callable[[Tensor], Tensor], *, is_postscore: bool = True,
+                        valid_T: Tensor | None = None, method: str = "auto") -> Tensor:
+    """y_TO[t] = sum_k weights_TK[t, k] * expert_{indices_TK[t, k]}(x_TD[t]) (post-score), or the
+    expert of the scaled input (pre-score). Tokens where ``valid_T`` is False (padding of a CUDA
+    graph bucket) touch no expert and come back as zeros."""
+    T, K = indices_TK.shape
+    E = weights.w1_eHD.shape[0]
+    resolved = resolve_method(method, x_TD, T * K, weights)
+    e_TK = indices_TK if valid_T is None else torch.where(valid_T.unsqueeze(1), indices_TK, E)
+    x_ND = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[1]).reshape(T * K, x_TD.shape[1])
+    if not is_postscore:
+        x_ND = x_ND * weights_TK.reshape(-1, 1).to(x_ND.dtype)
+    y_TKO = _run_method(resolved, x_ND, e_TK.reshape(-1), weights, act).view(T, K, weights.w2_eHO.shape[2])
+    if is_postscore:
+        acc = torch.promote_types(y_TKO.dtype, weights_TK.dtype)
+        y_TO = (y_TKO.to(acc) * weights_TK.to(acc).unsqueeze(2)).sum(1)
+    else:
+        y_TO = y_TKO.sum(1)
+    if valid_T is not None:
+        y_TO = torch.where(valid_T.unsqueeze(1), y_TO, torch.zeros((), dtype=y_TO.dtype, device=y_TO.device))
+    return y_TO
+
+
+def route_tokens(layer, x_TD: Tensor, *, top_k: int, gate_index: int = 0) -> tuple[Tensor, Tensor]:
+    """(indices_TK, weights_TK) from the layer's gate with inference semantics (no noise, no
+    expert dropout); routing stays out of autocast like the layer's own."""
+    gate_cfg = layer.config.gates[gate_index]
+    with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        logits_TE = layer.gates[gate_index](x_TD)
+        indices_TK, weights_TK, _ = select_experts(logits_TE, gate_cfg, top_k, False)
+    return indices_TK, weights_TK
+
+
+def decode_supported(layer) -> str | None:
+    """None when ``layer`` can run the decode path, else the reason it cannot."""
+    if layer.layout.world_size != 1:
+        return f"decode runs in one process; this layer spans {layer.layout.world_size} ranks"
+    if not hasattr(layer.experts, "stored_weights"):
+        return "decode needs built-in experts (ffn or gated_ffn), got custom experts"
+    return None
+
+
+def decode_forward(layer, x_TD: Tensor, *, top_k: int, gate_index: int = 0,
+                   valid_T: Tensor | None = None, method: str = "auto") -> Tensor:
+    """One dropless inference call of ``layer`` on ``x_TD`` ([T, D] in the compute dtype) through
+    the decode path; returns y_TO in the compute dtype."""
+    indices_TK, weights_TK = route_tokens(layer, x_TD, top_k=top_k, gate_index=gate_index)
+    experts = layer.experts
+    return selected_expert_ffn(x_TD, indices_TK, weights_TK, experts.stored_weights(), experts.activation,
+                               is_postscore=layer.config.is_postscore, valid_T=valid_T, method=method)

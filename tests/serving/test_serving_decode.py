@@ -1,0 +1,112 @@
+"""The decode path: every method equals the reference, touches only the selected experts, masks
+padding, and traces without graph breaks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adaptmoe import ExpertConfig, GateConfig, MoEConfig, MoELayer, decode
+from adaptmoe.serving import ServingMoE
+from reference import reference_forward
+
+
+def make_layer(kind="gated_ffn", dtype=torch.float64, postscore=True, E=8, k=2, seed=0) -> MoELayer:
+    torch.manual_seed(seed)
+    act = "silu" if kind == "gated_ffn" else "relu"
+    config = MoEConfig(model_dim=16, num_experts=E, gate=GateConfig(top_k=k, capacity_factor=0.0),
+                       experts=ExpertConfig(kind=kind, hidden_size=24, activation=act), is_postscore=postscore)
+    return MoELayer(config).to(dtype).eval()
+
+
+def methods_for(dtype):
+    return ["gather", "dense", "auto"] + (["grouped_mm"] if dtype != torch.float64 else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind, postscore", [("gated_ffn", True), ("ffn", False), ("ffn", True)])
+def test_methods_equal_reference(dtype, kind, postscore):
+    layer = make_layer(kind, dtype, postscore)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for T in (0, 1, 2, 5, 33):
+        x = torch.randn(T, 16, dtype=dtype)
+        expected = reference_forward(layer, x, capacity_factor=0.0).to(dtype)
+        for method in methods_for(dtype):
+            with torch.no_grad():
+                y = decode.decode_forward(layer, x, top_k=2, method=method)
+            torch.testing.assert_close(y, expected, rtol=tol, atol=tol, msg=f"T={T} method={method}")
+
+
+@pytest.mark.parametrize("method", ["gather", "grouped_mm"])
+def test_unselected_experts_are_never_read(method):
+    """Poison every expert the tokens did not select: the output stays finite and exact."""
+    layer = make_layer(dtype=torch.float32)
+    x = torch.randn(3, 16)
+    expected = reference_forward(layer, x, capacity_factor=0.0).float()
+    with torch.no_grad():
+        indices_TK, _ = decode.route_tokens(layer, x, top_k=2)
+        unused = sorted(set(range(8)) - set(indices_TK.flatten().tolist()))
+        assert unused, "test needs at least one unselected expert"
+        for w in (layer.experts.batched_fc1_w, layer.experts.batched_fc2_w, layer.experts.batched_fc3_w):
+            w[unused] = float("nan")
+        y = decode.decode_forward(layer, x, top_k=2, method=method)
+    torch.testing.assert_close(y, expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_padding_tokens_are_masked(dtype):
+    layer = make_layer(dtype=dtype)
+    x = torch.randn(8, 16, dtype=dtype)
+    x[5:] = float("nan")   # padding content must not leak anywhere
+    expected = reference_forward(layer, x[:5], capacity_factor=0.0).to(dtype)
+    valid_T = decode.valid_mask(8, torch.tensor(5), x.device)
+    for method in methods_for(dtype):
+        with torch.no_grad():
+            y = decode.decode_forward(layer, x, top_k=2, method=method, valid_T=valid_T)
+        assert torch.equal(y[5:], torch.zeros_like(y[5:])), method
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(y[:5], expected, rtol=tol, atol=tol)
+    serving = ServingMoE(layer)
+    with torch.no_grad():
+        y = serving(x, num_valid_tokens=torch.tensor(5))
+    assert torch.equal(y[5:], torch.zeros_like(y[5:]))
+
+
+def test_expected_distinct_and_rule():
+    assert decode.expected_distinct_experts(0, 8, 2) == 0.0
+    assert decode.expected_distinct_experts(1, 8, 2) == pytest.approx(2.0)
+    assert decode.expected_distinct_experts(4, 8, 2) == pytest.approx(8 * (1 - 0.75 ** 4))
+    assert decode.expected_distinct_experts(10_000, 8, 2) == pytest.approx(8.0)
+    assert [decode.decode_beats_grouped(t, 8, 2) for t in (0, 1, 16, 64, 65, 4096)] == \
+        [False, True, True, True, False, False]
+    # Many small experts: 64 tokens x k=8 over 256 experts still reads fewer weights than it computes.
+    assert decode.decode_beats_grouped(64, 256, 8)
+    assert not decode.decode_beats_grouped(64, 8, 2, ridge_rows=8)   # 16 rows/expert above the ridge
+
+
+def test_bad_method_names_allowed_values():
+    layer = make_layer()
+    with pytest.raises(ValueError, match=r"method must be one of \['auto', 'grouped_mm', 'gather', 'dense'\]"):
+        decode.decode_forward(layer, torch.randn(2, 16, dtype=torch.float64), top_k=2, method="cutlass")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_serving_traces_without_graph_breaks(dtype):
+    """fullgraph=True fails on any graph break inside ServingMoE's decode call (dynamo, eager backend)."""
+    torch._dynamo.reset()
+    layer = make_layer(dtype=dtype)
+    serving = ServingMoE(layer)
+    serving.prepare(64)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    compiled = torch.compile(serving, fullgraph=True, backend="eager", dynamic=False)
+    for T in (1, 5):
+        x = torch.randn(T, 16, dtype=dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), serving(x), rtol=tol, atol=tol)
+    padded = torch.compile(lambda x, n: serving(x, num_valid_tokens=n), fullgraph=True, backend="eager")
+    x = torch.randn(8, 16, dtype=dtype)
+    with torch.no_grad():
+        y = padded(x, torch.tensor(3))
+        torch.testing.assert_close(y[:3], serving(x[:3]), rtol=tol, atol=tol)
+    assert math.isclose(float(y[3:].abs().sum()), 0.0)

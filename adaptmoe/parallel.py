@@ -27,11 +27,9 @@ r and d (parameters never move; gathers are transient and their backward reduce-
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from . import comm
@@ -311,7 +309,7 @@ def _run_dropless(x_TD, routing, experts, weights, knobs, layout, group, is_post
             h = recv.index_select(0, order)
         else:
             h = recv
-        y = _run_grouped(experts, h, counts_We.sum(0), weights)
+        y = _run_grouped(experts, h, counts_We.sum(0).to(device), weights)
         if e > 1:
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(order.numel(), device=device)

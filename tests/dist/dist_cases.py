@@ -44,7 +44,7 @@ def shard_of(full, name: str, layout, output_dim: int):
     ex, j = divmod(rank, s)
     if name == "batched_fc2_bias":
         width = -(-output_dim // s)
-        padded = torch.zeros(full.shape[0], width * s, dtype=full.dtype)
+        padded = full.new_zeros(full.shape[0], width * s)
         padded[:, :output_dim] = full
         return padded[ex:ex + 1, j * width:(j + 1) * width]
     h = full.shape[1] // s
@@ -86,7 +86,10 @@ def storage(layer):
     return [(n, p.data_ptr(), tuple(p.shape)) for n, p in layer.named_parameters()]
 
 
-def parity_worker(rank, world_size, layer_specs, token_profiles, degrees, algos, cfs):
+def parity_worker(rank, world_size, layer_specs, token_profiles, degrees, algos, cfs, device="cpu", tol=None):
+    global RTOL, ATOL
+    if tol is not None:
+        RTOL, ATOL = tol
     failures = []
     cases = 0
     for spec in layer_specs:
@@ -98,6 +101,8 @@ def parity_worker(rank, world_size, layer_specs, token_profiles, degrees, algos,
         ref = reference_layer(config)
         layer = MoELayer(config, seeds=(1, 2, 3))
         load_from_reference(layer, ref)
+        ref.to(device)
+        layer.to(device)
         before = storage(layer)
         k = config.gate.top_k
         for cf, r, d, algo, profile in itertools.product(cfs, layer.valid_adaptive_rs, degrees, algos,
@@ -105,9 +110,9 @@ def parity_worker(rank, world_size, layer_specs, token_profiles, degrees, algos,
             counts = profile[:world_size]
             tag = f"W={world_size} {spec} cf={cf} r={r} d={d} {algo} T={counts}"
             gen = torch.Generator().manual_seed(zlib.crc32(repr((counts, cf, r, d, algo)).encode()))
-            xs = [torch.randn(t, config.model_dim, generator=gen) for t in counts]
+            xs = [torch.randn(t, config.model_dim, generator=gen).to(device) for t in counts]
             out_dim = ref.experts.output_dim
-            dys = [torch.randn(t, out_dim, generator=gen) for t in counts]
+            dys = [torch.randn(t, out_dim, generator=gen).to(device) for t in counts]
             # parallel
             x = xs[rank].clone().requires_grad_(True)
             y = layer(x, capacity_factor=cf, adaptive_r=r, a2a_ffn_overlap_degree=d, a2a_algo=algo)

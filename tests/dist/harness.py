@@ -20,10 +20,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-def _entry(rank, world_size, init_file, env, fn, args):
+def _entry(rank, world_size, init_file, env, fn, args, backend="gloo"):
     os.environ.update(env)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=90))
     try:
         fn(rank, world_size, *args)
@@ -31,7 +33,8 @@ def _entry(rank, world_size, init_file, env, fn, args):
         dist.destroy_process_group()
 
 
-def run_world(world_size: int, fn, *args, env: dict | None = None, deadline_s: float = 600) -> None:
+def run_world(world_size: int, fn, *args, env: dict | None = None, deadline_s: float = 600,
+              backend: str = "gloo") -> None:
     for path in (HERE, ROOT):
         if path not in sys.path:
             sys.path.insert(0, path)
@@ -39,7 +42,7 @@ def run_world(world_size: int, fn, *args, env: dict | None = None, deadline_s: f
     os.close(fd)
     os.unlink(init_file)
     env = {"LOCAL_WORLD_SIZE": str(world_size), **(env or {})}
-    ctx = mp.start_processes(_entry, args=(world_size, init_file, env, fn, args), nprocs=world_size,
+    ctx = mp.start_processes(_entry, args=(world_size, init_file, env, fn, args, backend), nprocs=world_size,
                              join=False, start_method="spawn")
     end = time.monotonic() + deadline_s
     try:

@@ -23,6 +23,7 @@ Methods (``method=``):
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable
 
@@ -36,9 +37,12 @@ METHODS = ("auto", "grouped_mm", "gather", "dense")
 DECODE_MAX_TOKENS = 64          # same cap as planner.cost: beyond it every expert is hit anyway
 RIDGE_ROWS = 64                 # rows per expert below which an expert GEMM is weight-read bound
 GATHER_BUDGET_BYTES = 256 << 20  # transient weight copies of the gather method, per chunk
+DOWN_SPLIT_K = int(os.environ.get("ADAPTMOE_DECODE_SPLIT_K", "1"))   # see split_k_for
+SPLIT_MAX_ROWS = 64
 
 _verified: set[tuple] = set()   # (device, dtype) where grouped_mm ran once
 _broken: set[tuple] = set()     # (device, dtype) where grouped_mm raised: use the fallbacks
+_split_broken: set[tuple] = set()  # (device, dtype) where the split-K down projection raised
 
 
 # -- the rule ---------------------------------------------------------------------------------
@@ -117,7 +121,7 @@ def _sorted_pairs(e_N: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     return order_N, ends_E
 
 
-def _grouped_mm_ffn(x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable) -> Tensor:
+def _grouped_mm_ffn(x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable, split_k: int = 1) -> Tensor:
     E = w.w1_eHD.shape[0]
     if any(t is not None and t.dtype != x_ND.dtype for t in w):   # autocast: fp32 weights, bf16 x
         w = FFNWeights(*[None if t is None else t.to(x_ND.dtype) for t in w])
@@ -130,14 +134,61 @@ def _grouped_mm_ffn(x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable) -> 
     h_NH = act(h_NH)
     if w.w3_eHD is not None:
         h_NH = h_NH * torch._grouped_mm(xs_ND, w.w3_eHD.transpose(1, 2), offs=ends_E)
-    ys_NO = torch._grouped_mm(h_NH, w.w2_eHO, offs=ends_E)
+    ys_NO = _down_projection(h_NH, w.w2_eHO, ends_E, split_k)
     if w.b2_eO is not None:
         ys_NO = ys_NO + w.b2_eO.index_select(0, es_N)
     # Rows past the last offset (masked pairs) are left uninitialised; the caller masks them.
     return torch.empty_like(ys_NO).index_copy_(0, order_N, ys_NO)
 
 
-def _gather_ffn(x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable) -> Tensor:
+def _split_destinations(ends_E: Tensor, rows: int, split_k: int) -> Tensor:
+    """dest_NS: where K-slice j of sorted row r goes so that the rows of group (e, j) are
+    contiguous (groups in e-major order); masked rows (past the last end) go past every group."""
+    ends = ends_E.long()
+    counts_E = torch.diff(ends, prepend=ends.new_zeros(1))
+    r_N = torch.arange(rows, device=ends.device)
+    e_N = torch.searchsorted(ends, r_N, right=True).clamp(max=ends.numel() - 1)
+    start_N, count_N = (ends - counts_E).index_select(0, e_N), counts_E.index_select(0, e_N)
+    j_S = torch.arange(split_k, device=ends.device)
+    dest_NS = (start_N * split_k).unsqueeze(1) + j_S * count_N.unsqueeze(1) + (r_N - start_N).unsqueeze(1)
+    beyond_NS = r_N.unsqueeze(1) * split_k + j_S
+    return torch.where((r_N < ends[-1]).unsqueeze(1), dest_NS, beyond_NS)
+
+
+def _down_projection(h_NH: Tensor, w2_eHO: Tensor, ends_E: Tensor, split_k: int) -> Tensor:
+    """y = h @ w2[e] per sorted row. With split_k > 1 the hidden (reduction) dim is cut into
+    split_k slices run as E*split_k groups, so a few rows still spread over many thread blocks
+    (each reads 1/split_k of an expert); the slices' partial sums are added in float32."""
+    if split_k <= 1:
+        return torch._grouped_mm(h_NH, w2_eHO, offs=ends_E)
+    N, H = h_NH.shape
+    E, O = w2_eHO.shape[0], w2_eHO.shape[2]
+    dest = _split_destinations(ends_E, N, split_k).reshape(-1)
+    a_MS = torch.empty(N * split_k, H // split_k, dtype=h_NH.dtype, device=h_NH.device)
+    a_MS.index_copy_(0, dest, h_NH.reshape(N * split_k, H // split_k))
+    counts_E = torch.diff(ends_E.long(), prepend=ends_E.new_zeros(1, dtype=torch.int64))
+    offs_G = torch.cumsum(counts_E.repeat_interleave(split_k), 0).to(torch.int32)
+    p_MO = torch._grouped_mm(a_MS, w2_eHO.reshape(E * split_k, H // split_k, O), offs=offs_G)
+    return p_MO.index_select(0, dest).view(N, split_k, O).float().sum(1).to(h_NH.dtype)
+
+
+def split_k_for(rows: int, hidden: int, x: Tensor, split_k: int | None = None) -> int:
+    """The down projection's split for ``rows`` sorted rows. An explicit ``split_k`` is used as
+    given; None means ``DOWN_SPLIT_K`` (env ADAPTMOE_DECODE_SPLIT_K, default 1 = off) on CUDA while
+    rows <= SPLIT_MAX_ROWS and each slice keeps 16-byte aligned rows, else 1."""
+    if split_k is not None:
+        bad = isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1 or hidden % split_k
+        if bad or (hidden // split_k * x.element_size()) % 16:
+            raise ValueError(f"split_k must divide hidden={hidden} into slices of a multiple of 16 bytes "
+                             f"({x.element_size()}-byte {x.dtype}), got {split_k!r}")
+        return split_k
+    s = DOWN_SPLIT_K
+    if s <= 1 or x.device.type != "cuda" or rows > SPLIT_MAX_ROWS or hidden % (8 * s):
+        return 1
+    return 1 if _device_key(x) in _split_broken else s
+
+
+def _gather_ffn(x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable, split_k: int = 1) -> Tensor:
     E, H, D = w.w1_eHD.shape
     matrices = 3 if w.w3_eHD is not None else 2
     per_pair = matrices * H * D * w.w1_eHD.element_size()
@@ -159,7 +210,7 @@ def _gather_ffn(x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable) -> Tens
     return torch.cat(outputs, 0) if outputs else x_ND.new_zeros(0, w.w2_eHO.shape[2])
 
 
-def _dense_ffn(x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable) -> Tensor:
+def _dense_ffn(x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable, split_k: int = 1) -> Tensor:
     y_NO = x_ND.new_zeros(x_ND.shape[0], w.w2_eHO.shape[2])
     for e in range(w.w1_eHD.shape[0]):
         h_NH = x_ND @ w.w1_eHD[e].t()
@@ -178,24 +229,33 @@ def _dense_ffn(x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable) -> Tenso
 _METHOD_FNS = {"grouped_mm": _grouped_mm_ffn, "gather": _gather_ffn, "dense": _dense_ffn}
 
 
-def _may_probe(x: Tensor) -> bool:
+def _may_probe(x: Tensor, split_k: int) -> bool:
     """Eager CUDA call not yet known to work: try grouped_mm once and fall back if it raises."""
-    if torch.compiler.is_compiling() or x.device.type != "cuda" or _device_key(x) in _verified:
+    if torch.compiler.is_compiling() or x.device.type != "cuda" or _device_key(x) + (split_k,) in _verified:
         return False
     return not torch.cuda.is_current_stream_capturing()
 
 
-def _run_method(method: str, x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable) -> Tensor:
-    if method != "grouped_mm" or not _may_probe(x_ND):
-        return _METHOD_FNS[method](x_ND, e_N, w, act)
-    key = _device_key(x_ND)
+def _fallback(x_ND: Tensor, w: FFNWeights) -> Callable:
+    return _METHOD_FNS["gather" if 3 * x_ND.shape[0] <= w.w1_eHD.shape[0] else "dense"]
+
+
+def _run_method(method: str, x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable, split_k: int) -> Tensor:
+    if method != "grouped_mm" or not _may_probe(x_ND, split_k):
+        return _METHOD_FNS[method](x_ND, e_N, w, act, split_k)
+    key = _device_key(x_ND) + (split_k,)
     try:
-        y_NO = _grouped_mm_ffn(x_ND, e_N, w, act)
+        y_NO = _grouped_mm_ffn(x_ND, e_N, w, act, split_k)
     except RuntimeError as exc:
-        _broken.add(key)
+        if split_k > 1:   # keep grouped_mm, drop the split
+            _split_broken.add(_device_key(x_ND))
+            warnings.warn(f"split-K down projection failed on {key} ({exc}); decode runs it unsplit",
+                          RuntimeWarning, stacklevel=3)
+            return _run_method(method, x_ND, e_N, w, act, 1)
+        _broken.add(_device_key(x_ND))
         warnings.warn(f"torch._grouped_mm failed on {key} ({exc}); the decode path falls back to "
                       f"gather/dense for this device and dtype", RuntimeWarning, stacklevel=3)
-        return _METHOD_FNS["gather" if 3 * x_ND.shape[0] <= w.w1_eHD.shape[0] else "dense"](x_ND, e_N, w, act)
+        return _fallback(x_ND, w)(x_ND, e_N, w, act)
     _verified.add(key)
     return y_NO
 
@@ -210,18 +270,21 @@ def valid_mask(num_tokens: int, num_valid_tokens: Tensor | int | None, device: t
 
 def selected_expert_ffn(x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, weights: FFNWeights,
                         act: Callable[[Tensor], Tensor], *, is_postscore: bool = True,
-                        valid_T: Tensor | None = None, method: str = "auto") -> Tensor:
+                        valid_T: Tensor | None = None, method: str = "auto",
+                        split_k: int | None = None) -> Tensor:
     """y_TO[t] = sum_k weights_TK[t, k] * expert_{indices_TK[t, k]}(x_TD[t]) (post-score), or the
     expert of the scaled input (pre-score). Tokens where ``valid_T`` is False (padding of a CUDA
-    graph bucket) touch no expert and come back as zeros."""
+    graph bucket) touch no expert and come back as zeros. ``split_k``: see ``split_k_for``."""
     T, K = indices_TK.shape
-    E = weights.w1_eHD.shape[0]
+    E, H = weights.w1_eHD.shape[0], weights.w1_eHD.shape[1]
     resolved = resolve_method(method, x_TD, T * K, weights)
+    split = split_k_for(T * K, H, x_TD, split_k)
     e_TK = indices_TK if valid_T is None else torch.where(valid_T.unsqueeze(1), indices_TK, E)
     x_ND = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[1]).reshape(T * K, x_TD.shape[1])
     if not is_postscore:
         x_ND = x_ND * weights_TK.reshape(-1, 1).to(x_ND.dtype)
-    y_TKO = _run_method(resolved, x_ND, e_TK.reshape(-1), weights, act).view(T, K, weights.w2_eHO.shape[2])
+    y_NO = _run_method(resolved, x_ND, e_TK.reshape(-1), weights, act, split)
+    y_TKO = y_NO.view(T, K, weights.w2_eHO.shape[2])
     if is_postscore:
         acc = torch.promote_types(y_TKO.dtype, weights_TK.dtype)
         y_TO = (y_TKO.to(acc) * weights_TK.to(acc).unsqueeze(2)).sum(1)
@@ -251,11 +314,12 @@ def decode_supported(layer) -> str | None:
     return None
 
 
-def decode_forward(layer, x_TD: Tensor, *, top_k: int, gate_index: int = 0,
-                   valid_T: Tensor | None = None, method: str = "auto") -> Tensor:
+def decode_forward(layer, x_TD: Tensor, *, top_k: int, gate_index: int = 0, valid_T: Tensor | None = None,
+                   method: str = "auto", split_k: int | None = None) -> Tensor:
     """One dropless inference call of ``layer`` on ``x_TD`` ([T, D] in the compute dtype) through
     the decode path; returns y_TO in the compute dtype."""
     indices_TK, weights_TK = route_tokens(layer, x_TD, top_k=top_k, gate_index=gate_index)
     experts = layer.experts
     return selected_expert_ffn(x_TD, indices_TK, weights_TK, experts.stored_weights(), experts.activation,
-                               is_postscore=layer.config.is_postscore, valid_T=valid_T, method=method)
+                               is_postscore=layer.config.is_postscore, valid_T=valid_T, method=method,
+                               split_k=split_k)

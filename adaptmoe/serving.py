@@ -169,10 +169,12 @@ class ServingMoE(nn.Module):
 
     ``capacity_factor`` is the serving default (0.0 = dropless); ``kernel`` forces one kernel for
     every call ('auto' asks the planner per bucket); ``decode_method`` picks the decode path's
-    implementation (``adaptmoe.decode.METHODS``)."""
+    implementation (``adaptmoe.decode.METHODS``); ``decode_split_k`` its down-projection split
+    (None: ``adaptmoe.decode.split_k_for``'s default)."""
 
     def __init__(self, layer: nn.Module, *, capacity_factor: float = 0.0, kernel: str = "auto",
-                 planner: BucketPlanner | None = None, decode_method: str = "auto"):
+                 planner: BucketPlanner | None = None, decode_method: str = "auto",
+                 decode_split_k: int | None = None):
         super().__init__()
         _check_kernel("kernel", kernel)
         if decode_method not in decode.METHODS:
@@ -180,6 +182,7 @@ class ServingMoE(nn.Module):
         layer.resolve_knobs(capacity_factor=capacity_factor)   # validates the default now
         self.layer = layer
         self.capacity_factor, self.kernel, self.decode_method = float(capacity_factor), kernel, decode_method
+        self.decode_split_k = decode_split_k
         self.planner = planner if planner is not None else BucketPlanner()
         self._decode_blocker = decode.decode_supported(layer)
         self._keys: dict[tuple, PlanKey] = {}
@@ -245,7 +248,8 @@ class ServingMoE(nn.Module):
         if choice.kernel == "decode":
             valid_T = decode.valid_mask(x_TD.shape[0], num_valid_tokens, x_TD.device)
             y_TO = decode.decode_forward(self.layer, x_TD, top_k=knobs.top_k, gate_index=gate_index,
-                                         valid_T=valid_T, method=self.decode_method)
+                                         valid_T=valid_T, method=self.decode_method,
+                                         split_k=self.decode_split_k)
             return y_TO.reshape(*lead, *self._tail(x, reserve_dims)).to(x.dtype)
         parallel = self.layer.layout.world_size > 1
         return self.layer(x, gate_index=gate_index, top_k=knobs.top_k, capacity_factor=knobs.capacity_factor,

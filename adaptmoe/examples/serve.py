@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--floor-tokens", dest="floor_tokens", default="1,4,16,64")
     p.add_argument("--prefill-floor-tokens", dest="prefill_floor_tokens", default=None,
                    help="comma list (default: 4096,8192 on cuda, 256 on cpu)")
+    p.add_argument("--split-k", dest="split_k", default=None,
+                   help="comma list of decode down-projection splits to add to the decode floor table "
+                        "(default: 4 on cuda, none on cpu)")
     p.add_argument("--strategies", default="all", help="comma list of strategy names, or all")
     p.add_argument("--skip-stream", dest="skip_stream", action="store_true", help="floors only")
     p.add_argument("--seed", type=int, default=0)
@@ -63,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in (GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.split_k is None:
+        args.split_k = "4" if args.device == "cuda" else ""
     if args.prefill_floor_tokens is None:
         args.prefill_floor_tokens = "4096,8192" if args.device == "cuda" else "256"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -275,6 +280,18 @@ def print_floors(title: str, rows: list[dict], names: list[str], extra: tuple[st
         print(f"  {r['T']:>6} " + " ".join(f"{r[e]:9.2f}" for e in extra) + f" {r['floor_ms']:9.3f} " + cells)
 
 
+def split_variants(layer: MoELayer, args: argparse.Namespace) -> dict[str, Callable]:
+    """Decode with the split-K down projection (eager, and graphs on CUDA) for the floor table."""
+    out: dict[str, Callable] = {}
+    for s in [int(v) for v in args.split_k.split(",") if v and int(v) > 1]:
+        out[f"split{s}"] = ServingMoE(layer, decode_split_k=s)
+        if args.device == "cuda":
+            runner = CudaGraphRunner(ServingMoE(layer, decode_split_k=s), max_graph_tokens=max(args.max_decode, 64))
+            _capture_graphs(runner, [], args)
+            out[f"split{s}+graphs"] = runner
+    return out
+
+
 def _capture_graphs(fn: Callable, sizes: list[int], args: argparse.Namespace) -> float:
     """Capture every bucket the stream and the floors use, before timing (a server does this at
     start-up); returns the seconds it took."""
@@ -314,6 +331,7 @@ def main(argv=None) -> dict:
         results["streams"] = {k: {str(b): v for b, v in t.items()} for k, t in tables.items()}
     bw = copy_bandwidth(args.device, args.iters)
     timed = {k: v for k, v in fns.items() if k in ("adaptive", "adaptive+graphs", "fixed grouped")}
+    timed.update(split_variants(layer, args))
     results["copy_bw_GBps"] = bw / 1e9
     results["decode"] = decode_floors(layer, timed, x_TD, bw, args)
     print(f"\ncopy bandwidth (read+write): {bw / 1e9:,.1f} GB/s; one expert = {expert_bytes(layer) / 2**20:,.1f} MiB")

@@ -110,3 +110,28 @@ def test_decode_serving_traces_without_graph_breaks(dtype):
         y = padded(x, torch.tensor(3))
         torch.testing.assert_close(y[:3], serving(x[:3]), rtol=tol, atol=tol)
     assert math.isclose(float(y[3:].abs().sum()), 0.0)
+
+
+@pytest.mark.parametrize("dtype, splits", [(torch.float32, (2, 4, 8)), (torch.bfloat16, (2, 4))])
+def test_split_k_down_projection_equals_unsplit(dtype, splits):
+    """The split-K down projection (more thread blocks for few rows) gives the unsplit result,
+    with empty experts, masked rows and an output bias."""
+    torch.manual_seed(0)
+    config = MoEConfig(model_dim=16, num_experts=8, gate=GateConfig(top_k=2, capacity_factor=0.0),
+                       experts=ExpertConfig(kind="gated_ffn", hidden_size=32, activation="silu", has_fc2_bias=True))
+    layer = MoELayer(config).to(dtype).eval()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for T in (1, 3, 20):
+        x = torch.randn(T, 16, dtype=dtype)
+        valid_T = decode.valid_mask(T, torch.tensor(max(T - 1, 1)), x.device)
+        with torch.no_grad():
+            base = decode.decode_forward(layer, x, top_k=2, method="grouped_mm", split_k=1)
+            for s in splits:
+                y = decode.decode_forward(layer, x, top_k=2, method="grouped_mm", split_k=s)
+                torch.testing.assert_close(y, base, rtol=tol, atol=tol)
+                masked = decode.decode_forward(layer, x, top_k=2, method="grouped_mm", split_k=s, valid_T=valid_T)
+                n = max(T - 1, 1)
+                torch.testing.assert_close(masked[:n], base[:n], rtol=tol, atol=tol)
+                assert torch.equal(masked[n:], torch.zeros_like(masked[n:]))
+    with pytest.raises(ValueError, match="split_k must divide hidden=32 into slices of a multiple of 16 bytes"):
+        decode.decode_forward(layer, torch.randn(2, 16, dtype=dtype), top_k=2, split_k=3)

@@ -10,7 +10,7 @@ def test_serve_example_small_stream(tmp_path, capsys):
     out_json = tmp_path / "serve.json"
     results = serve.main(["--device", "cpu", "--requests", "10", "--iters", "2", "--model-dim", "16",
                           "--hidden", "32", "--max-prefill", "96", "--floor-tokens", "1,4",
-                          "--prefill-floor-tokens", "96", "--json", str(out_json)])
+                          "--prefill-floor-tokens", "96", "--split-k", "2", "--json", str(out_json)])
     text = capsys.readouterr().out
     for expected in ("[adaptive]", "[fixed grouped]", "[fixed bmm cf=1]", "[fixed decode]", "p50 ms", "p99 ms",
                      "tok/s", "decode: latency vs weight-read floor", "copy bandwidth", "prefill: latency"):
@@ -18,6 +18,7 @@ def test_serve_example_small_stream(tmp_path, capsys):
     assert [row["T"] for row in results["decode"]] == [1, 4]
     assert results["decode"][0]["distinct"] == 2 and results["decode"][0]["floor_ms"] > 0
     assert results["plans_computed"]["adaptive"] == len(results["streams"]["adaptive"])
+    assert results["decode"][0]["split2"] > 0
     assert json.loads(out_json.read_text())["device"] == "cpu"
 
 

@@ -66,6 +66,18 @@ def test_cuda_graph_replay_equals_eager(dtype):
     assert runner.eager_calls == 1
 
 
+def test_split_k_decode_graph_equals_unsplit_eager():
+    layer = make_layer(torch.bfloat16)
+    plain, split = ServingMoE(layer), ServingMoE(layer, decode_split_k=4)
+    runner = CudaGraphRunner(split, max_graph_tokens=64)
+    for T in (1, 4, 16, 64):
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            expected = plain(x, kernel="decode")
+            assert_rel_close(split(x, kernel="decode"), expected, 2e-2)
+        assert_rel_close(runner(x), expected, 2e-2)
+
+
 def test_graph_runner_without_capture_on_miss_runs_eagerly():
     serving = ServingMoE(make_layer(torch.bfloat16))
     runner = CudaGraphRunner(serving, capture_on_miss=False)

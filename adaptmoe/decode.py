@@ -167,7 +167,8 @@ def _down_projection(h_NH: Tensor, w2_eHO: Tensor, ends_E: Tensor, split_k: int)
     a_MS = torch.empty(N * split_k, H // split_k, dtype=h_NH.dtype, device=h_NH.device)
     a_MS.index_copy_(0, dest, h_NH.reshape(N * split_k, H // split_k))
     counts_E = torch.diff(ends_E.long(), prepend=ends_E.new_zeros(1, dtype=torch.int64))
-    offs_G = torch.cumsum(counts_E.repeat_interleave(split_k), 0).to(torch.int32)
+    # expand, not repeat_interleave: a static shape with no chance of a host sync
+    offs_G = torch.cumsum(counts_E.unsqueeze(1).expand(E, split_k).reshape(-1), 0).to(torch.int32)
     p_MO = torch._grouped_mm(a_MS, w2_eHO.reshape(E * split_k, H // split_k, O), offs=offs_G)
     return p_MO.index_select(0, dest).view(N, split_k, O).float().sum(1).to(h_NH.dtype)
 

@@ -23,7 +23,7 @@ from .experts import build_experts
 from .gates import add_noise, build_gate, select_experts
 from .losses import compute_losses
 from .planning import LayerPlanner, PlanningOptions
-from .routing import Routing, build_routing, confidence_rank
+from .routing import Routing, build_routing, confidence_rank, fusable_gate, fused_routing
 from .topology import GroupLayout, layout_for_group
 
 
@@ -171,11 +171,15 @@ class MoELayer(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = self.gates[knobs.gate_index](x_TD)
             noisy_TE = add_noise(logits_TE, gate_cfg.noise_std, self.training)
-            indices_TK, weights_TK, probs_TE = select_experts(noisy_TE, gate_cfg, knobs.top_k, self.training)
+            if fusable_gate(gate_cfg, self.training):
+                routing, probs_TE = fused_routing(noisy_TE, gate_cfg, knobs.top_k, knobs.capacity_factor)
+            else:
+                indices_TK, weights_TK, probs_TE = select_experts(noisy_TE, gate_cfg, knobs.top_k, self.training)
+                priority_T = confidence_rank(probs_TE.detach()) if gate_cfg.batch_prioritized else None
+                routing = build_routing(indices_TK, weights_TK, self.config.num_experts, knobs.capacity_factor,
+                                        priority_T)
             losses = compute_losses(gate_cfg.losses, clean_logits_TE=logits_TE, noisy_logits_TE=noisy_TE,
-                                    scores_TE=probs_TE, indices_TK=indices_TK, noise_std=gate_cfg.noise_std)
-        priority_T = confidence_rank(probs_TE.detach()) if gate_cfg.batch_prioritized else None
-        routing = build_routing(indices_TK, weights_TK, self.config.num_experts, knobs.capacity_factor, priority_T)
+                                    scores_TE=probs_TE, indices_TK=routing.indices_TK, noise_std=gate_cfg.noise_std)
         return routing, losses
 
     def _run(self, x_TD: Tensor, routing: Routing, knobs: executor.CallKnobs) -> Tensor:

@@ -78,10 +78,39 @@ def confidence_rank(scores_TE: Tensor) -> Tensor:
 def build_routing(indices_TK: Tensor, weights_TK: Tensor, num_experts: int, capacity_factor: float,
                   priority_T: Tensor | None = None) -> Routing:
     T, K = indices_TK.shape
-    locations_TK, counts_E, position_TK = assign_locations(indices_TK, num_experts, priority_T)
     capacity = capacity_for(capacity_factor, T, num_experts, K)
+    num_rows = T * K if capacity is None else num_experts * capacity
+    if priority_T is None:
+        # Token-order priority is what the native slot kernel computes (no sort, no host sync).
+        from . import ops
+        locations_TK, counts_E, slots_TK = ops.assign_slots(indices_TK, num_experts, capacity)
+        return Routing(indices_TK, weights_TK, locations_TK, counts_E, capacity, slots_TK, num_rows)
+    locations_TK, counts_E, position_TK = assign_locations(indices_TK, num_experts, priority_T)
     if capacity is None:
-        return Routing(indices_TK, weights_TK, locations_TK, counts_E, None, position_TK, T * K)
+        return Routing(indices_TK, weights_TK, locations_TK, counts_E, None, position_TK, num_rows)
     kept_TK = locations_TK < capacity
     slots_TK = torch.where(kept_TK, indices_TK * capacity + locations_TK, torch.full_like(indices_TK, -1))
-    return Routing(indices_TK, weights_TK, locations_TK, counts_E, capacity, slots_TK, num_experts * capacity)
+    return Routing(indices_TK, weights_TK, locations_TK, counts_E, capacity, slots_TK, num_rows)
+
+
+def fusable_gate(config, training: bool) -> bool:
+    """Whether one fused op (scores + top-k + slots) computes exactly what this gate asks for."""
+    if config.batch_prioritized or config.activation_after_topk:
+        return False
+    if training and (config.expert_dropout > 0 or config.kind == "sinkmoid"):
+        return False
+    return True
+
+
+def fused_routing(logits_TE: Tensor, config, top_k: int, capacity_factor: float) -> tuple[Routing, Tensor]:
+    """Routing through ``ops.route_topk`` (native kernel on CUDA); returns it and the per-token
+    probabilities the balance losses read (see ``gates.select_experts``)."""
+    from . import ops
+    T, E = logits_TE.shape
+    sigmoid = config.kind in ("sigmoid", "sinkmoid")
+    capacity = capacity_for(capacity_factor, T, E, top_k)
+    indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK = ops.route_topk(
+        logits_TE, top_k, "sigmoid" if sigmoid else "softmax", config.normalize_topk and top_k > 1, capacity)
+    probs_TE = scores_TE / scores_TE.sum(dim=1, keepdim=True).clamp(min=1e-9) if sigmoid else scores_TE
+    num_rows = T * top_k if capacity is None else E * capacity
+    return Routing(indices_TK, weights_TK, locations_TK, counts_E, capacity, slots_TK, num_rows), probs_TE

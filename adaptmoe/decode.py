@@ -23,7 +23,6 @@ Methods (``method=``):
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Callable
 
@@ -37,7 +36,7 @@ METHODS = ("auto", "grouped_mm", "gather", "dense")
 DECODE_MAX_TOKENS = 64          # same cap as planner.cost: beyond it every expert is hit anyway
 RIDGE_ROWS = 64                 # rows per expert below which an expert GEMM is weight-read bound
 GATHER_BUDGET_BYTES = 256 << 20  # transient weight copies of the gather method, per chunk
-DOWN_SPLIT_K = int(os.environ.get("ADAPTMOE_DECODE_SPLIT_K", "1"))   # see split_k_for
+DOWN_SPLIT_K = 1   # default split of the down projection (1 = off); callers pass split_k to change it
 SPLIT_MAX_ROWS = 64
 
 _verified: set[tuple] = set()   # (device, dtype) where grouped_mm ran once
@@ -175,7 +174,7 @@ def _down_projection(h_NH: Tensor, w2_eHO: Tensor, ends_E: Tensor, split_k: int)
 
 def split_k_for(rows: int, hidden: int, x: Tensor, split_k: int | None = None) -> int:
     """The down projection's split for ``rows`` sorted rows. An explicit ``split_k`` is used as
-    given; None means ``DOWN_SPLIT_K`` (env ADAPTMOE_DECODE_SPLIT_K, default 1 = off) on CUDA while
+    given; None means ``DOWN_SPLIT_K`` (1 = off) on CUDA while
     rows <= SPLIT_MAX_ROWS and each slice keeps 16-byte aligned rows, else 1."""
     if split_k is not None:
         bad = isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1 or hidden % split_k

@@ -9,6 +9,7 @@ reference uses the capacity the ranks agree on, from the largest count).
 from __future__ import annotations
 
 import itertools
+import os
 import zlib
 
 import torch
@@ -19,6 +20,7 @@ from adaptmoe.parallel import with_capacity
 from adaptmoe.routing import capacity_for
 
 RTOL, ATOL = 1e-5, 1e-6
+VERBOSE = os.environ.get("ADAPTMOE_TEST_VERBOSE") == "1"
 
 
 def solo_group():
@@ -109,6 +111,8 @@ def parity_worker(rank, world_size, layer_specs, token_profiles, degrees, algos,
                                                          token_profiles):
             counts = profile[:world_size]
             tag = f"W={world_size} {spec} cf={cf} r={r} d={d} {algo} T={counts}"
+            if VERBOSE:
+                print(f"rank {rank} case {cases}: {tag}", flush=True)
             gen = torch.Generator().manual_seed(zlib.crc32(repr((counts, cf, r, d, algo)).encode()))
             xs = [torch.randn(t, config.model_dim, generator=gen).to(device) for t in counts]
             out_dim = ref.experts.output_dim

@@ -22,6 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 def _entry(rank, world_size, init_file, env, fn, args, backend="gloo"):
     os.environ.update(env)
+    if os.environ.get("ADAPTMOE_TEST_STACKS_AFTER"):   # debugging hangs: dump every thread's stack
+        import faulthandler
+        faulthandler.dump_traceback_later(float(os.environ["ADAPTMOE_TEST_STACKS_AFTER"]), exit=True)
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)

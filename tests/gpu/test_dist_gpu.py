@@ -20,4 +20,5 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2,
 def test_parity_two_gpus_nccl():
     specs = [dict(E=4, D=16, H=32), dict(E=2, D=16, H=32, kind="gated_ffn"), dict(E=1, D=16, H=32, O=15)]
     run_world(2, dist_cases.parity_worker, specs, [[12, 12], [0, 10]], [1, 2, 4], ["flat", "2d"], [1.0, 0.0],
-              "cuda", (1e-4, 1e-5), backend="nccl", env={"NCCL_NVLS_ENABLE": "0"})
+              "cuda", (1e-4, 1e-5), backend="nccl", env={"NCCL_NVLS_ENABLE": "0"},
+              deadline_s=float(os.environ.get("ADAPTMOE_TEST_DEADLINE", 600)))

@@ -127,8 +127,24 @@ def _run_padded(experts, x_eCD: Tensor, weights: FFNWeights | None) -> Tensor:
 
 
 def _run_grouped(experts, x_RD: Tensor, counts_e: Tensor, weights: FFNWeights | None) -> Tensor:
+    if x_RD.shape[0] == 0:
+        # No rows here (e.g. a rank without tokens). The inputs and the gathered weights must
+        # still reach the loss: their backward runs collectives that every rank has to join.
+        anchor = x_RD.sum() * 0
+        if weights is not None:
+            anchor = anchor + sum(t.sum() for t in weights if t is not None) * 0
+        return x_RD.new_zeros(0, _output_dim(experts, x_RD)) + anchor
     return experts.forward_grouped(x_RD, counts_e) if weights is None else \
         experts.forward_grouped(x_RD, counts_e, weights)
+
+
+def _combine(y_RO: Tensor, routing: Routing, combine_TK: Tensor) -> Tensor:
+    y_TO = dispatch_ops.combine(y_RO, routing.slots_TK, combine_TK)
+    if routing.slots_TK.shape[0] == 0:
+        # No tokens: a combine kernel may return no gradient for y_RO, which would skip this
+        # rank's part of the exchanges' backward; keep y_RO in the graph.
+        y_TO = y_TO + y_RO.sum() * 0
+    return y_TO
 
 
 def _exchange_for(knobs: CallKnobs, layout: GroupLayout, group: Any) -> comm.Exchange:
@@ -177,7 +193,7 @@ def _run_capacity(x_TD, routing, experts, weights, knobs, layout, group, is_post
     else:
         y_ECO = _pipeline_capacity(x_ECD, experts, weights, layout, r, d, _exchange_for(knobs, layout, group))
     y_RO = y_ECO.reshape(E * Cp, y_ECO.shape[-1])
-    return dispatch_ops.combine(y_RO, routing.slots_TK, combine_TK)
+    return _combine(y_RO, routing, combine_TK)
 
 
 def _pipeline_capacity(x_ECD: Tensor, experts, weights, layout: GroupLayout, r: int, d: int,
@@ -279,7 +295,7 @@ def _run_dropless(x_TD, routing, experts, weights, knobs, layout, group, is_post
     x_RD = dispatch_ops.dispatch(x_TD, routing.slots_TK, routing.num_rows, scale_TK)
     if r == 0:
         y_RO = _run_grouped(experts, x_RD, routing.counts_E, weights)
-        return dispatch_ops.combine(y_RO, routing.slots_TK, combine_TK)
+        return _combine(y_RO, routing, combine_TK)
     e = layout.num_local_experts if s == 1 else 1
     counts = routing.counts_E.tolist()                     # host sync: split sizes must be known
     plans = _send_plan(counts, layout, r, d)
@@ -322,4 +338,4 @@ def _run_dropless(x_TD, routing, experts, weights, knobs, layout, group, is_post
         y_sent = ys[0] if d == 1 else torch.cat(ys, 0)
         index = _ranges_index(starts_all, lengths_all, device)
         y_RO = y_sent.new_zeros(routing.num_rows, y_sent.shape[1]).index_add(0, index, y_sent)
-    return dispatch_ops.combine(y_RO, routing.slots_TK, combine_TK)
+    return _combine(y_RO, routing, combine_TK)

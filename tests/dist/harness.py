@@ -30,10 +30,10 @@ def _entry(rank, world_size, init_file, env, fn, args, backend="gloo"):
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=90))
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world_size, *args)
+    # Only on success: after a failure, peers may sit in a collective and NCCL's destroy would
+    # wait for them; exiting with the exception lets the parent report it and end the world.
+    dist.destroy_process_group()
 
 
 def run_world(world_size: int, fn, *args, env: dict | None = None, deadline_s: float = 600,

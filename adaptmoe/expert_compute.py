@@ -70,6 +70,8 @@ def ffn_grouped(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable[[Te
     offsets, no host synchronization. Other CUDA dtypes (``_grouped_mm`` is bf16-only): a padded
     batched matmul with R rows per expert (sync-free) when the experts are few (e <= 4), else one
     matmul per expert (reads counts on the host). CPU: one matmul per expert."""
+    if x_RD.shape[0] == 0:   # a rank or call with no routed rows: nothing to compute (shape is static)
+        return x_RD.new_zeros(0, w.w2_eHO.shape[2])
     if x_RD.is_cuda:
         if _grouped_mm_usable(x_RD, w):
             return _ffn_grouped_mm(x_RD, counts_e, w, act)

@@ -155,13 +155,14 @@ def sync_seconds(plan: Plan, signature: LayerSignature, topology: Topology,
 def a2a_seconds(plan: Plan, bytes_per_rank: float, topology: Topology,
                 device: DeviceModel) -> float:
     """One all-to-all of `bytes_per_rank` with the plan's algorithm."""
+    call = device.collective_call_us * 1e-6
     if plan.a2a_algo == "flat":
-        return topology.collective_time("all_to_all", bytes_per_rank, "world")
+        return topology.collective_time("all_to_all", bytes_per_rank, "world") + call
     # 2D: intra-node exchange, then inter-node exchange of L-times larger messages, with a
     # stride-copy layout transform (read + write) before each stage.
     layout = 2 * (device.memory_seconds(2 * bytes_per_rank) + _launches(device, 1))
     return (topology.collective_time("all_to_all", bytes_per_rank, "intra")
-            + topology.collective_time("all_to_all", bytes_per_rank, "inter") + layout)
+            + topology.collective_time("all_to_all", bytes_per_rank, "inter") + layout + call)
 
 
 def expert_seconds(plan: Plan, shape: CallShape, signature: LayerSignature,

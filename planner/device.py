@@ -21,6 +21,9 @@ class DeviceModel:
     gemm_stream_fraction: float = 0.8  # bandwidth GEMM kernels reach streaming weights at few
                                     # rows; a dedicated decode (GEMV) kernel reaches the copy rate
     launch_us: float = 5.0          # host + launch cost of one eager kernel
+    collective_call_us: float = 150.0  # runtime cost of one collective call beyond the link's
+                                    # alpha-beta (Python, splits, permutes): measured on 4 x H200,
+                                    # where overlap chunks lost to d=1 though links alone predict gains
     overlap_contention: float = 0.10  # compute slowdown while NCCL kernels share the SMs
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ from planner.shapes import call_shape, capacity_slots, expected_distinct
 US = 1e-6
 # 1 GFLOP/s, 1 TB/s, no launch cost: small shapes give round hand-computed numbers
 SLOW = DeviceModel(name="slow", gemm_tflops=1e-3, mem_bw_gbps=1000, memory_gib=16, rows_half=64,
-                   expert_fraction=1.0, grouped_fraction=0.5, launch_us=0.0,
+                   expert_fraction=1.0, grouped_fraction=0.5, launch_us=0.0, collective_call_us=0.0,
                    overlap_contention=0.0)
 ONE_GPU = Topology.from_cluster(1, 1, 300, 25)
 H100 = DeviceModel.preset("H100")
@@ -50,7 +50,7 @@ def test_pipeline_makespan_by_hand():
 def test_flat_and_2d_all_to_all_by_hand():
     topo = Topology.from_cluster(2, 2, 100, 10, intra_latency_us=1, inter_latency_us=2,
                                  launch_latency_us=10)
-    dev = DeviceModel(name="t", gemm_tflops=1, mem_bw_gbps=1000, memory_gib=1, launch_us=5)
+    dev = DeviceModel(name="t", gemm_tflops=1, mem_bw_gbps=1000, memory_gib=1, launch_us=5, collective_call_us=0.0)
     assert a2a_seconds(Plan(1, 1, "flat"), 4e6, topo, dev) == pytest.approx(214 * US)
     # intra stage: 10 + 1 + 4e6/2/100e9 s = 31 us; inter stage: 10 + 2 + 4e6/2/10e9 s = 212 us;
     # two layout passes, each reads + writes 4e6 B at 1 TB/s (8 us) plus a 5 us launch
@@ -95,8 +95,9 @@ def test_data_parallel_gathers_all_weights_over_the_world():
 def test_overlap_hides_communication_when_comm_and_compute_are_comparable():
     topo = Topology.from_cluster(4, 1, 50, 50)
     sig = LayerSignature(1024, 4096, 4, 2, training=False)
-    d1_ms, d1 = estimate(Plan(1, 1), sig, 4096, topo, H100)
-    d2_ms, d2 = estimate(Plan(1, 2), sig, 4096, topo, H100)
+    # Enough tokens that the hidden communication outweighs the extra per-chunk collective calls.
+    d1_ms, d1 = estimate(Plan(1, 1), sig, 16384, topo, H100)
+    d2_ms, d2 = estimate(Plan(1, 2), sig, 16384, topo, H100)
     assert d1["overlap_hidden"] == 0.0
     assert d2["overlap_hidden"] > 0.5 * d2["experts"]
     assert d2_ms < d1_ms

@@ -1,6 +1,6 @@
 """Compatibility surfaces: code written for FastMoE, sigma-MoE or ColossalAI's MoE runs on adaptmoe
 with only the import changed. Each module is a thin adapter that builds the typed
-``MoEConfig`` / ``MoELayer``; see docs/migration.md for what maps how.
+``MoEConfig`` / ``MoELayer``; the README section "Migrating from FastMoE, sigma-MoE, ColossalAI" says what maps how.
 
 - ``adaptmoe.compat.fastmoe``: FMoE, FMoETransformerMLP, NaiveGate/NoisyGate/GShardGate/SwitchGate,
   DistributedGroupedDataParallel, fmoefy

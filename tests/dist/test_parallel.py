@@ -2,6 +2,7 @@
 
 One world per test; each worker loops over all its configurations (see dist_cases.py).
 World 2: whole experts (E=4, E=2) and one expert sharded over both ranks (E=1, s=2).
+World 8 as 2 nodes x 4 ranks: E in {4, 8, 64}.
 World 4 as 2 nodes x 2 ranks (LOCAL_WORLD_SIZE=2, so '2d' is truly hierarchical): E=8,
 E=2 (s=2), E=1 (s=4, odd output dim), plus pre-score and gated experts.
 Every r in valid_rs, d in {1, 2, 4}, flat and 2d, cf in {1, 0}, even and uneven token counts
@@ -42,3 +43,10 @@ def test_grad_sync_ep_in_node_dp_across():
 
 def test_net_helpers():
     run_world(4, dist_cases.net_worker, env={"LOCAL_WORLD_SIZE": "2"})
+
+
+def test_parity_world8_two_nodes_of_four():
+    # Issue 7's layout on CPU: 2 nodes x 4 ranks, E < W (s = 2), E = W, and E = 8 W.
+    specs = [dict(E=4), dict(E=8), dict(E=64, k=8)]
+    run_world(8, dist_cases.parity_worker, specs, [[6] * 8, [5, 0, 7, 3, 9, 2, 6, 4]], ALL["degrees"], ALL["algos"],
+              ALL["cfs"], env={"LOCAL_WORLD_SIZE": "4"})

@@ -1,4 +1,4 @@
-"""Worker bodies of the multi-process compat tests (run in each rank by tests/dist/harness.run_world)."""
+"""Worker bodies of the multi-process compat tests (run in each rank by tests/multiproc/harness.run_world)."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,6 @@
 """2-GPU (NCCL) parity of the parallel layouts with the single-process layer (fp32).
 
-Same cases as tests/dist (dist_cases.parity_worker), run on cuda:0 and cuda:1. Launched by
+Same cases as tests/multiproc (dist_cases.parity_worker), run on cuda:0 and cuda:1. Launched by
 scripts/gpu_dist.sh on the device machine; skipped without 2 GPUs.
 """
 import os
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dist"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "multiproc"))
 
 from harness import run_world  # noqa: E402
 import dist_cases  # noqa: E402

@@ -9,6 +9,7 @@ the same signature starts with the measured plan and no tuning.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from planner import LayerSignature, Plan, PlanCache, rank_plans, token_bucket
+from planner import DeviceModel, LayerSignature, Plan, PlanCache, estimate, rank_plans, token_bucket
 from planner.cache import fingerprint_key, hardware_fingerprint
 
 from . import probe
@@ -60,33 +61,33 @@ class CallTimer:
         self.device, self.forward_ms, self.backward_ms = device, None, None
         self._cuda = device.type == "cuda"
 
-    def _mark(self):
+    def mark(self):
         if self._cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
         return time.perf_counter()
 
-    def _elapsed_ms(self, start, end) -> float:
+    def elapsed_ms(self, start, end) -> float:
         if self._cuda:
             end.synchronize()
             return start.elapsed_time(end)
         return (end - start) * 1e3
 
     def start(self) -> None:
-        self._t0 = self._mark()
+        self._t0 = self.mark()
 
     def stop_forward(self, x_TD: torch.Tensor, y_TO: torch.Tensor) -> None:
-        self.forward_ms = self._elapsed_ms(self._t0, self._mark())
+        self.forward_ms = self.elapsed_ms(self._t0, self.mark())
         if torch.is_grad_enabled() and y_TO.requires_grad and x_TD.requires_grad:
             y_TO.register_hook(lambda g: self._set_backward_start())
             x_TD.register_hook(lambda g: self._set_backward_end())
 
     def _set_backward_start(self) -> None:
-        self._b0 = self._mark()
+        self._b0 = self.mark()
 
     def _set_backward_end(self) -> None:
-        self.backward_ms = self._elapsed_ms(self._b0, self._mark())
+        self.backward_ms = self.elapsed_ms(self._b0, self.mark())
 
     def total_ms(self) -> float:
         return self.forward_ms + (self.backward_ms or 0.0)
@@ -102,11 +103,13 @@ class LayerPlanner:
         self._signatures: dict[tuple, LayerSignature] = {}
         self._fingerprint: str | None = None
         self._cache: PlanCache | None = None
+        self._calibrated_modes: set[bool] = set()
 
     # -- setup (first call) ------------------------------------------------------------------
     def _ensure_hardware(self, device: torch.device) -> None:
         if self._fingerprint is not None:
             return
+        self._device = device
         layout = self.layer.layout
         self.topology = probe.probe_topology(self.layer.group, layout.world_size, layout.local_size, device)
         self.device_model = probe.device_model_for(device)
@@ -169,8 +172,27 @@ class LayerPlanner:
         kernels = ("bmm",) if sig.capacity_factor > 0 else ("grouped",)
         algos = ("flat", "2d") if self.topology.num_nodes > 1 else ("flat",)
         degrees = (1,) if self.layer.layout.world_size == 1 else (1, 2, 4)
-        return rank_plans(sig, tokens, self.topology, self.device_model, overlap_degrees=degrees, algos=algos,
+        return rank_plans(sig, tokens, self.topology, self.calibrated(sig), overlap_degrees=degrees, algos=algos,
                           kernels=kernels)
+
+    def calibrated(self, sig: LayerSignature) -> DeviceModel:
+        """The device model plus this layer's fixed per-call cost, measured once per mode (forward,
+        or forward + backward) on a tiny call: what the measured call takes beyond the model."""
+        field_name = "train_call_overhead_us" if sig.training else "call_overhead_us"
+        if getattr(self.device_model, field_name) == 0.0 and sig.training not in self._calibrated_modes:
+            self._calibrated_modes.add(sig.training)
+            tokens = max(self.layer.config.num_experts, 8)
+            measured_ms = measure_call_ms(self.layer, tokens, sig, self._device)
+            predicted_ms, _ = estimate(self.layer_default_plan(sig), sig, tokens, self.topology, self.device_model)
+            overhead_us = max(measured_ms - predicted_ms, 0.0) * 1e3
+            self.device_model = dataclasses.replace(self.device_model, **{field_name: overhead_us})
+            log.info("per-call overhead (%s): %.0f us", "train" if sig.training else "forward", overhead_us)
+        return self.device_model
+
+    def layer_default_plan(self, sig: LayerSignature) -> Plan:
+        cfg = self.layer.config
+        return Plan(adaptive_r=cfg.adaptive_r, overlap_degree=1, a2a_algo="flat",
+                    expert_kernel="bmm" if sig.capacity_factor > 0 else "grouped")
 
     def _tuning_step(self, key: str, tuning: _Tuning, device: torch.device) -> tuple[Plan, CallTimer | None]:
         index, timed = tuning.current(self.options.trials)
@@ -214,6 +236,35 @@ class LayerPlanner:
         if self._cache is not None and self.layer.layout.rank == 0:
             self._cache.put(self._fingerprint_dict, sig, tokens, candidate.plan, candidate.predicted_ms,
                             measured_ms=measured_ms, source="measured" if measured_ms is not None else "model")
+
+
+def measure_call_ms(layer, tokens: int, sig: LayerSignature, device: torch.device, reps: int = 5) -> float:
+    """Median ms of one tiny call of ``layer`` with its default knobs (forward, plus backward when
+    training), the slowest rank's. Leaves no trace: gradients are returned, not accumulated, and
+    the layer's last-call attributes are restored."""
+    saved = (layer.l_aux, layer.losses, layer.last_routing)
+    dtype = next(layer.parameters()).dtype
+    x = torch.randn(tokens, layer.config.model_dim, device=device, dtype=dtype, requires_grad=sig.training)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def call():
+        with torch.set_grad_enabled(sig.training):
+            y = layer(x, plan="fixed", top_k=sig.top_k, capacity_factor=sig.capacity_factor)
+            if sig.training:
+                torch.autograd.grad(y.float().sum(), [x, *params], allow_unused=True)
+
+    clock, samples = CallTimer(device), []
+    for _ in range(reps + 2):
+        start = clock.mark()
+        call()
+        samples.append(clock.elapsed_ms(start, clock.mark()))
+    layer.l_aux, layer.losses, layer.last_routing = saved
+    ms = torch.tensor([sorted(samples[2:])[reps // 2]], dtype=torch.float64)
+    if layer.layout.world_size > 1:
+        backend_device = "cuda" if dist.get_backend(layer.group) == "nccl" else "cpu"
+        ms = ms.to(backend_device)
+        dist.all_reduce(ms, op=dist.ReduceOp.MAX, group=layer.group)
+    return float(ms.cpu())
 
 
 def explain(chosen, measured_ms, ranked, measured=None, runners_up: int = 3) -> str:

@@ -253,6 +253,7 @@ def estimate(plan: Plan, signature: LayerSignature, tokens_per_rank: int,
         "dispatch": passes * dispatch_seconds(shape, signature, tokens_per_rank, device),
         "combine": passes * combine_seconds(shape, signature, tokens_per_rank, device),
         "sync": sync_seconds(plan, signature, topology, device),
+        "overhead": 1e-6 * (device.train_call_overhead_us if signature.training else device.call_overhead_us),
     }
     middle = _pipelined_parts(plan, shape, signature, topology, device)
     seconds.update(a2a=middle["a2a"], experts=middle["experts"],

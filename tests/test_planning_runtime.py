@@ -58,6 +58,7 @@ def test_explicit_knobs_win_over_the_plan(tmp_path):
         seen.append(knobs)
         return original(x_TD, routing, knobs)
 
+    layer(torch.randn(8, 16))          # plans (and calibrates) this bucket
     layer._run = recording_run
     layer(torch.randn(8, 16))
     chosen = next(iter(layer.planner.chosen.values()))
@@ -74,6 +75,17 @@ def test_tutel_parallel_type_auto_uses_the_planner(tmp_path, monkeypatch):
     assert layer.config.plan == "auto"
     layer(torch.randn(4, 8))
     assert layer.planner.chosen or layer.planner.tuning
+
+
+def test_calibration_measures_overhead_without_touching_gradients(tmp_path):
+    layer = build(tmp_path, tune=False)
+    y = layer(torch.randn(24, 16))        # first call: plans, calibrating with a tiny fwd + bwd
+    assert layer.planner._calibrated_modes == {True}
+    assert layer.planner.device_model.train_call_overhead_us >= 0.0
+    assert all(p.grad is None for p in layer.parameters())     # calibration accumulated nothing
+    assert layer.last_routing.indices_TK.shape[0] == 24         # ... and left the call's own record
+    y.sum().backward()
+    assert all(p.grad is not None for p in layer.experts.parameters())
 
 
 def test_corrupt_cache_file_warns_and_runs(tmp_path):

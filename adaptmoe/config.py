@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 GATE_KINDS = ("softmax", "sigmoid", "cosine", "sinkmoid", "custom")
 EXPERT_KINDS = ("ffn", "gated_ffn", "custom")

@@ -113,7 +113,7 @@ class MoELayer(nn.Module):
         mode = self.config.plan if plan is None else plan
         if mode not in PLAN_MODES:
             raise ValueError(f"plan must be one of {list(PLAN_MODES)}, got {plan!r}")
-        x_TD, lead_shape = self._flatten_input(x, reserve_dims)
+        x_TD, lead_shape = self.flatten_input(x, reserve_dims)
         timer = None
         if mode == "auto":
             explicit = {"adaptive_r": adaptive_r, "overlap_degree": a2a_ffn_overlap_degree, "a2a_algo": a2a_algo}
@@ -146,7 +146,8 @@ class MoELayer(nn.Module):
                   for name in explicit}
         return dataclasses.replace(knobs, expert_kernel=chosen.expert_kernel, **merged), timer
 
-    def _flatten_input(self, x: Tensor, reserve_dims: int) -> tuple[Tensor, tuple[int, ...]]:
+    def flatten_input(self, x: Tensor, reserve_dims: int = 1) -> tuple[Tensor, tuple[int, ...]]:
+        """Validated tokens ``x_TD`` in the compute dtype, and the leading dims to restore."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             got = type(x).__name__ if not isinstance(x, Tensor) else x.dtype
             raise TypeError(f"input must be a floating-point tensor (float32, float64, bfloat16, float16), got {got}")

@@ -8,7 +8,6 @@ instead of a silent clamp; no environment variable changes behaviour.
 """
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from typing import Any, Callable
@@ -18,7 +17,7 @@ from torch import Tensor
 
 from .config import ExpertConfig, GateConfig, MoEConfig
 from .layer import MoELayer
-from .routing import assign_locations, build_routing
+from .routing import build_routing
 from .topology import group_size_and_rank
 
 GATE_TYPES = {"top": "softmax", "cosine_top": "cosine", "sigmoid_top": "sigmoid", "sinkmoid": "sinkmoid",

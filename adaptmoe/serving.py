@@ -17,7 +17,6 @@ O output dim, E experts, K top-k.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -156,14 +155,6 @@ def serving_call(module: nn.Module) -> bool:
     return not (module.training and torch.is_grad_enabled())
 
 
-def _compute_dtype(x: Tensor, experts: nn.Module) -> torch.dtype:
-    """Same rule as the layer: autocast's dtype, else the experts' parameter dtype, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    param = next(experts.parameters(), None)
-    return param.dtype if param is not None else x.dtype
-
-
 class ServingMoE(nn.Module):
     """Serves an ``MoELayer`` for inference; see the module docstring.
 
@@ -240,7 +231,7 @@ class ServingMoE(nn.Module):
                               reserve_dims=reserve_dims)
         cf = self.capacity_factor if capacity_factor is None else capacity_factor
         knobs = self.layer.resolve_knobs(gate_index=gate_index, top_k=top_k, capacity_factor=cf)
-        x_TD, lead = self._flatten(x, reserve_dims)
+        x_TD, lead = self.layer.flatten_input(x, reserve_dims)
         chosen = self.kernel if kernel is None else _check_kernel("kernel", kernel)
         choice = self._resolve(chosen, x_TD, knobs, num_valid_tokens)
         if x_TD.shape[0] == 0:   # no tokens, no kernels
@@ -274,19 +265,6 @@ class ServingMoE(nn.Module):
         if kernel == "bmm" and cf == 0:
             raise ValueError("kernel 'bmm' pads to a capacity: needs capacity_factor != 0, got 0")
         return BucketChoice(token_bucket(T), kernel, source="forced")
-
-    def _flatten(self, x: Tensor, reserve_dims: int) -> tuple[Tensor, tuple[int, ...]]:
-        D = self.layer.config.model_dim
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            got = x.dtype if isinstance(x, Tensor) else type(x).__name__
-            raise TypeError(f"input must be a floating-point tensor (float32, float64, bfloat16, float16), got {got}")
-        if isinstance(reserve_dims, bool) or not isinstance(reserve_dims, int) or not 1 <= reserve_dims <= x.dim():
-            raise ValueError(f"reserve_dims must be an integer in [1, {x.dim()}] (input dims), got {reserve_dims!r}")
-        if math.prod(x.shape[x.dim() - reserve_dims:]) != D:
-            raise ValueError(f"input's last {reserve_dims} dim(s) {tuple(x.shape[x.dim() - reserve_dims:])} must hold "
-                             f"model_dim={D} values")
-        x_TD = x.reshape(-1, D).to(_compute_dtype(x, self.layer.experts))
-        return x_TD, tuple(x.shape[: x.dim() - reserve_dims])
 
     def _tail(self, x: Tensor, reserve_dims: int) -> tuple[int, ...]:
         """Output dims per token: the input's reserved dims, or (O,) when O != D (like the layer)."""

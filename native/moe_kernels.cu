@@ -19,7 +19,6 @@ namespace adaptmoe {
 namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
-constexpr int kZeroRows = 8;  // rows per zero-filling block of the scatter kernel
 
 // ---------------------------------------------------------------------------------------------
 // dtype helpers
@@ -282,79 +281,7 @@ __global__ void locate_kernel(const int64_t* __restrict__ idx, int64_t num_token
 }
 
 // ---------------------------------------------------------------------------------------------
-// Row movers. One block per token; thread v handles packs v, v + blockDim, ... of the row.
-__global__ void mark_filled_kernel(const int64_t* __restrict__ slots, int64_t n, int64_t R,
-                                   uint8_t* __restrict__ filled) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) {
-    const int64_t s = slots[i];
-    if (s >= 0 && s < R) filled[s] = 1;
-  }
-}
-
-template <typename T, int N>
-__global__ void scatter_rows_kernel(const T* __restrict__ src, const int64_t* __restrict__ slots,
-                                    const void* __restrict__ w, int w_dt, const T* __restrict__ dot_src,
-                                    int64_t num_tokens, int K, int64_t D, int64_t R,
-                                    const uint8_t* __restrict__ filled, T* __restrict__ out,
-                                    void* __restrict__ dot_out, int dot_dt) {
-  extern __shared__ unsigned char smem_raw[];
-  int64_t* s_slot = reinterpret_cast<int64_t*>(smem_raw);
-  float* s_w = reinterpret_cast<float*>(s_slot + K);
-  const int64_t nv = D / N;
-  const int64_t b = blockIdx.x;
-  if (b >= num_tokens) {  // zero rows that no (token, choice) writes: disjoint from the scatter
-    const int64_t r0 = (b - num_tokens) * kZeroRows;
-    const int64_t r1 = r0 + kZeroRows < R ? r0 + kZeroRows : R;
-    float z[N];
-#pragma unroll
-    for (int i = 0; i < N; ++i) z[i] = 0.f;
-    for (int64_t r = r0; r < r1; ++r) {
-      if (filled[r]) continue;
-      for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) store_pack<T, N>(out + r * D + v * N, z);
-    }
-    return;
-  }
-  for (int k = threadIdx.x; k < K; k += blockDim.x) {
-    const int64_t s = slots[b * K + k];
-    s_slot[k] = (s >= 0 && s < R) ? s : -1;
-    s_w[k] = w != nullptr ? load_any(w, w_dt, b * K + k) : 1.f;
-  }
-  __syncthreads();
-  const T* row = src + b * D;
-  for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
-    float f[N];
-    load_pack<T, N>(row + v * N, f);
-    for (int k = 0; k < K; ++k) {
-      const int64_t s = s_slot[k];
-      if (s < 0) continue;
-      const float wk = s_w[k];
-      float g[N];
-#pragma unroll
-      for (int i = 0; i < N; ++i) g[i] = f[i] * wk;
-      store_pack<T, N>(out + s * D + v * N, g);
-    }
-  }
-  if (dot_out != nullptr) {  // warp per choice: <src[t], dot_src[slot]>
-    const int lane = threadIdx.x & 31;
-    for (int k = threadIdx.x >> 5; k < K; k += blockDim.x >> 5) {
-      const int64_t s = s_slot[k];
-      float acc = 0.f;
-      if (s >= 0) {
-        for (int64_t v = lane; v < nv; v += 32) {
-          float a[N], d[N];
-          load_pack<T, N>(row + v * N, a);
-          load_pack<T, N>(dot_src + s * D + v * N, d);
-#pragma unroll
-          for (int i = 0; i < N; ++i) acc = fmaf(a[i], d[i], acc);
-        }
-      }
-      acc = warp_sum(acc);
-      if (lane == 0) store_any(dot_out, dot_dt, b * K + k, acc);
-    }
-  }
-}
-
+// Row movers.
 // Row-major form of the scatter: one block per output row, reading its (token, choice) through
 // the inverse map inv[r] = t*K + k (-1: the row stays 0). Writes stream in row order.
 __global__ void inverse_slots_kernel(const int64_t* __restrict__ slots, int64_t n, int64_t R,
@@ -499,14 +426,6 @@ cudaError_t topk_dispatch_vpl(const void* logits, int64_t T_, int E, int K, Scor
   return topk_t<T, 32>(logits, T_, E, K, fn, normalize, indices, weights, scores, stream);
 }
 
-inline bool token_major_scatter() {
-  static const bool token = [] {
-    const char* mode = std::getenv("ADAPTMOE_SCATTER");
-    return mode != nullptr && std::strcmp(mode, "token") == 0;
-  }();
-  return token;
-}
-
 template <typename T>
 cudaError_t scatter_t(const void* src, const int64_t* slots, const void* w, DType w_dt, const void* dot_src,
                       int64_t T_, int K, int64_t D, int64_t R, int* workspace, void* out, void* dot_out,
@@ -515,50 +434,25 @@ cudaError_t scatter_t(const void* src, const int64_t* slots, const void* w, DTyp
   const bool vec = D % NV == 0 && aligned16(src) && aligned16(out) && aligned16(dot_src);
   const int64_t n = T_ * K;
   cudaError_t err;
-  if (!token_major_scatter()) {
-    if (dot_out != nullptr && n > 0) {
-      err = cudaMemsetAsync(dot_out, 0, static_cast<size_t>(n) * (dot_dt == kFloat32 ? 4 : 2), stream);
-      if (err != cudaSuccess) return err;
-    }
-    if (R == 0 || D == 0) return cudaSuccess;
-    err = cudaMemsetAsync(workspace, 0xFF, static_cast<size_t>(R) * sizeof(int), stream);
+  if (dot_out != nullptr && n > 0) {
+    err = cudaMemsetAsync(dot_out, 0, static_cast<size_t>(n) * (dot_dt == kFloat32 ? 4 : 2), stream);
     if (err != cudaSuccess) return err;
-    if (n > 0) {
-      inverse_slots_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(slots, n, R, workspace);
-      err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-    }
-    if (vec) {
-      scatter_by_rows_kernel<T, NV><<<static_cast<unsigned>(R), row_threads(D / NV), 0, stream>>>(
-          static_cast<const T*>(src), workspace, w, w_dt, static_cast<const T*>(dot_src), K, D,
-          static_cast<T*>(out), dot_out, dot_dt);
-    } else {
-      scatter_by_rows_kernel<T, 1><<<static_cast<unsigned>(R), row_threads(D), 0, stream>>>(
-          static_cast<const T*>(src), workspace, w, w_dt, static_cast<const T*>(dot_src), K, D,
-          static_cast<T*>(out), dot_out, dot_dt);
-    }
-    return cudaGetLastError();
   }
-  uint8_t* filled = reinterpret_cast<uint8_t*>(workspace);
-  if (R > 0) {
-    err = cudaMemsetAsync(filled, 0, static_cast<size_t>(R), stream);
+  if (R == 0 || D == 0) return cudaSuccess;
+  err = cudaMemsetAsync(workspace, 0xFF, static_cast<size_t>(R) * sizeof(int), stream);
+  if (err != cudaSuccess) return err;
+  if (n > 0) {
+    inverse_slots_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(slots, n, R, workspace);
+    err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    if (n > 0) {
-      mark_filled_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(slots, n, R, filled);
-      err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-    }
   }
-  const int64_t blocks = T_ + (R + kZeroRows - 1) / kZeroRows;
-  if (blocks == 0 || D == 0) return cudaSuccess;
-  const size_t smem = static_cast<size_t>(K) * (sizeof(int64_t) + sizeof(float));
   if (vec) {
-    scatter_rows_kernel<T, NV><<<static_cast<unsigned>(blocks), row_threads(D / NV), smem, stream>>>(
-        static_cast<const T*>(src), slots, w, w_dt, static_cast<const T*>(dot_src), T_, K, D, R, filled,
+    scatter_by_rows_kernel<T, NV><<<static_cast<unsigned>(R), row_threads(D / NV), 0, stream>>>(
+        static_cast<const T*>(src), workspace, w, w_dt, static_cast<const T*>(dot_src), K, D,
         static_cast<T*>(out), dot_out, dot_dt);
   } else {
-    scatter_rows_kernel<T, 1><<<static_cast<unsigned>(blocks), row_threads(D), smem, stream>>>(
-        static_cast<const T*>(src), slots, w, w_dt, static_cast<const T*>(dot_src), T_, K, D, R, filled,
+    scatter_by_rows_kernel<T, 1><<<static_cast<unsigned>(R), row_threads(D), 0, stream>>>(
+        static_cast<const T*>(src), workspace, w, w_dt, static_cast<const T*>(dot_src), K, D,
         static_cast<T*>(out), dot_out, dot_dt);
   }
   return cudaGetLastError();

@@ -1,6 +1,6 @@
 """Micro-benchmark of the native row movers (device machine): achieved bandwidth per op.
 
-    python3 scripts/bench_ops.py      (ADAPTMOE_SCATTER=token selects the token-major scatter)
+    python3 scripts/bench_ops.py
 Bytes counted: each input row read once, each output row written once (the floor).
 """
 import os
@@ -30,8 +30,7 @@ def ms(fn, iters=30):
 
 
 def main():
-    mode = os.environ.get("ADAPTMOE_SCATTER", "row")
-    print(f"scatter mode: {mode}; native: {ops.native_status()}")
+    print(f"native: {ops.native_status()}")
     for name, T, D, E, K in (("fine64", 8192, 2048, 64, 8), ("mixtral", 8192, 4096, 8, 2), ("dsv3", 16384, 7168, 256, 8)):
         x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
         idx = torch.rand(T, E, device="cuda").topk(K, 1).indices

@@ -31,7 +31,7 @@ fi
 
 if [ -z "${SKIP_OPS:-}" ]; then
   echo "=== op micro-benchmark ==="
-  { python3 scripts/bench_ops.py; ADAPTMOE_SCATTER=token python3 scripts/bench_ops.py; } 2>&1 | tee "$OUT/bench_ops.log"
+  python3 scripts/bench_ops.py 2>&1 | tee "$OUT/bench_ops.log"
 fi
 
 if [ -z "${SKIP_BENCH:-}" ]; then

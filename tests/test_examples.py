@@ -15,3 +15,18 @@ def test_helloworld_eval_and_dropless():
                               "--model_dim", "16", "--hidden_size", "16", "--eval", "--capacity_factor", "0",
                               "--expert_type", "llama_ffn", "--dtype", "float64"])
     assert len(losses) == 2 and losses[0] == losses[1]
+
+
+def test_helloworld_under_torchrun_with_sharded_expert():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "adaptmoe.examples.helloworld", "--device", "cpu", "--num_steps", "2", "--batch_size", "1",
+           "--num_tokens", "16", "--model_dim", "16", "--hidden_size", "32", "--num_local_experts", "-2",
+           "--parallel_type", "adaptive:2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "world_size = 2" in done.stdout and "STEP-1: loss" in done.stdout

@@ -66,14 +66,17 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
 
 
 class ExampleModel(torch.nn.Module):
-    def __init__(self, args, rank: int):
+    def __init__(self, args, rank: int, world: int):
         super().__init__()
+        # Tutel's helloworld clamps --top to the expert count (e.g. --num_local_experts=-2 with the
+        # default --top=2 gives one expert); the layer itself rejects k > E, so clamp here.
+        top = min(args.top, tutel_moe.global_expert_count(args.num_local_experts, world))
         experts = {"type": args.expert_type, "num_experts_per_device": args.num_local_experts,
                    "hidden_size_per_expert": args.hidden_size}
         if args.expert_type == "ffn":
             experts["activation_fn"] = torch.nn.functional.relu
         self.moe = tutel_moe.moe_layer(
-            gate_type={"type": "top", "k": args.top, "fp32_gate": args.fp32_gate, "capacity_factor": args.capacity_factor},
+            gate_type={"type": "top", "k": top, "fp32_gate": args.fp32_gate, "capacity_factor": args.capacity_factor},
             model_dim=args.model_dim, experts=experts, seeds=(1, rank + 1, 1),
             a2a_ffn_overlap_degree=args.a2a_ffn_overlap_degree, parallel_type=args.parallel_type, use_2dh=args.use_2dh,
             scan_expert_func=lambda name, param: setattr(param, "skip_allreduce", True))
@@ -98,7 +101,7 @@ def run(args) -> list[float]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.use_tensorcore
     dtype = getattr(torch, args.dtype)
-    model = ExampleModel(args, rank).to(device=device, dtype=dtype)
+    model = ExampleModel(args, rank, world).to(device=device, dtype=dtype)
     if args.checkpoint_path and os.path.exists(args.checkpoint_path.format(rank=rank, size=world)):
         model.load_state_dict(torch.load(args.checkpoint_path.format(rank=rank, size=world), map_location=device))
     torch.manual_seed(0)

@@ -25,9 +25,9 @@ class DeviceModel:
                                     # alpha-beta (Python, splits, permutes): measured on 4 x H200,
                                     # where overlap chunks lost to d=1 though links alone predict gains
     overlap_contention: float = 0.10  # compute slowdown while NCCL kernels share the SMs
-    call_overhead_us: float = 0.0   # fixed cost of one layer call the terms above miss (host code,
-    train_call_overhead_us: float = 0.0  # small collectives); the runtime measures both (forward,
-                                    # forward + backward) on a tiny call and sets them
+    call_overhead_us: float = 0.0   # the shortest a layer call can take however little work it
+    train_call_overhead_us: float = 0.0  # has (host code, launches, small collectives); the runtime
+                                    # times a tiny call, forward and forward + backward, to set them
 
     def __post_init__(self) -> None:
         for name in ("gemm_tflops", "mem_bw_gbps", "memory_gib", "rows_half"):

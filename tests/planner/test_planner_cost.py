@@ -198,3 +198,18 @@ def test_every_breakdown_adds_up(sig, tokens, cluster):
         assert cand.predicted_ms == pytest.approx(added)
         if cand.plan.overlap_degree == 1:
             assert parts["overlap_hidden"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_call_takes_the_longer_of_host_time_and_device_work():
+    import dataclasses
+    topo = Topology.from_cluster(1, 1, 300, 25)
+    sig = LayerSignature(1024, 4096, 8, 2, training=True)
+    device_ms, parts = estimate(Plan(1, 1), sig, 4096, topo, H100)
+    assert parts["host"] == 0.0
+    slow_host = dataclasses.replace(H100, train_call_overhead_us=(device_ms + 2.0) * 1e3)
+    ms, parts = estimate(Plan(1, 1), sig, 4096, topo, slow_host)
+    assert ms == pytest.approx(device_ms + 2.0) and parts["host"] == pytest.approx(2.0)
+    fast_host = dataclasses.replace(H100, train_call_overhead_us=0.5 * device_ms * 1e3)
+    assert estimate(Plan(1, 1), sig, 4096, topo, fast_host)[0] == pytest.approx(device_ms)
+    inference = dataclasses.replace(sig, training=False)
+    assert estimate(Plan(1, 1), inference, 4096, topo, slow_host)[1]["host"] == 0.0   # forward has its own

@@ -62,8 +62,11 @@ def rank_plans(signature: LayerSignature, tokens_per_rank: int, topology: Topolo
     plans = enumerate_plans(shards, adaptive_rs=adaptive_rs, overlap_degrees=overlap_degrees,
                             algos=algos, kernels=kernels)
     candidates = [evaluate(p, signature, tokens_per_rank, topology, device) for p in plans]
-    # sorted() is stable: equal predictions keep the enumeration (tie-break) order.
-    feasible = sorted((c for c in candidates if c.feasible), key=lambda c: c.predicted_ms)
+    # Host-bound calls all predict the same (measured) shortest call time; among those, less
+    # device work still wins on real hardware, so device time breaks the tie. sorted() is stable:
+    # exact ties keep the enumeration (tie-break) order.
+    feasible = sorted((c for c in candidates if c.feasible),
+                      key=lambda c: (c.predicted_ms, c.predicted_ms - c.breakdown.get("host", 0.0)))
     return feasible + [c for c in candidates if not c.feasible]
 
 

@@ -124,3 +124,14 @@ def test_whatif_for_2048_gpus_ranks_every_candidate():
     ranked = rank_plans(sig, 4096, topo, H100)
     assert len(ranked) == 7 * 4 * 2 * 3          # R in {1,2,4,8,16,32,0} x d x algo x kernel
     assert ranked[0].feasible and ranked[0].plan.a2a_algo == "2d"
+
+
+def test_host_bound_plans_are_ranked_by_their_device_work():
+    import dataclasses
+    topo = Topology.from_cluster(1, 4, 300, 25)
+    sig = LayerSignature(1024, 2048, 2, 2, training=True)
+    plain = rank_plans(sig, 1024, topo, DeviceModel.preset("H100"))
+    host_bound = dataclasses.replace(DeviceModel.preset("H100"), train_call_overhead_us=1e6)   # 1 s per call
+    ranked = rank_plans(sig, 1024, topo, host_bound)
+    assert all(c.predicted_ms == pytest.approx(1000.0) for c in ranked if c.feasible)
+    assert [c.plan for c in ranked] == [c.plan for c in plain]     # same order as by device time

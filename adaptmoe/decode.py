@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .expert_compute import FFNWeights
+from .expert_compute import FFNWeights, ffn_one_expert
 from .gates import select_experts
 
 METHODS = ("auto", "grouped_mm", "gather", "dense")
@@ -213,16 +213,7 @@ def _gather_ffn(x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable, split_k
 def _dense_ffn(x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable, split_k: int = 1) -> Tensor:
     y_NO = x_ND.new_zeros(x_ND.shape[0], w.w2_eHO.shape[2])
     for e in range(w.w1_eHD.shape[0]):
-        h_NH = x_ND @ w.w1_eHD[e].t()
-        if w.b1_eH is not None:
-            h_NH = h_NH + w.b1_eH[e]
-        h_NH = act(h_NH)
-        if w.w3_eHD is not None:
-            h_NH = h_NH * (x_ND @ w.w3_eHD[e].t())
-        y_eNO = h_NH @ w.w2_eHO[e]
-        if w.b2_eO is not None:
-            y_eNO = y_eNO + w.b2_eO[e]
-        y_NO = torch.where((e_N == e).unsqueeze(1), y_eNO, y_NO)
+        y_NO = torch.where((e_N == e).unsqueeze(1), ffn_one_expert(x_ND, w, e, act), y_NO)
     return y_NO
 
 

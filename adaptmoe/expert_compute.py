@@ -141,23 +141,27 @@ def _ffn_grouped_padded(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Call
     return y_eCO.reshape(e * R, -1).index_select(0, padded_R)
 
 
+def ffn_one_expert(x_nD: Tensor, w: FFNWeights, e: int, act: Callable[[Tensor], Tensor]) -> Tensor:
+    """Expert ``e`` of the batched weights on rows ``x_nD`` -> ``y_nO``."""
+    h_nH = x_nD @ w.w1_eHD[e].t()
+    if w.b1_eH is not None:
+        h_nH = h_nH + w.b1_eH[e]
+    h_nH = act(h_nH)
+    if w.w3_eHD is not None:
+        h_nH = h_nH * (x_nD @ w.w3_eHD[e].t())
+    y_nO = h_nH @ w.w2_eHO[e]
+    if w.b2_eO is not None:
+        y_nO = y_nO + w.b2_eO[e]
+    return y_nO
+
+
 def ffn_grouped_loop(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor:
     """Reference: one matmul per expert (reads counts on the host)."""
     outputs = []
     start = 0
     for i, n in enumerate(counts_e.tolist()):
-        x_nD = x_RD[start:start + n]
+        outputs.append(ffn_one_expert(x_RD[start:start + n], w, i, act))
         start += n
-        h_nH = x_nD @ w.w1_eHD[i].t()
-        if w.b1_eH is not None:
-            h_nH = h_nH + w.b1_eH[i]
-        h_nH = act(h_nH)
-        if w.w3_eHD is not None:
-            h_nH = h_nH * (x_nD @ w.w3_eHD[i].t())
-        y_nO = h_nH @ w.w2_eHO[i]
-        if w.b2_eO is not None:
-            y_nO = y_nO + w.b2_eO[i]
-        outputs.append(y_nO)
     if not outputs:
         return x_RD.new_zeros(0, w.w2_eHO.shape[2])
     return torch.cat(outputs, dim=0)

@@ -4,7 +4,6 @@
 Bytes counted: each input row read once, each output row written once (the floor).
 """
 import os
-import statistics
 import sys
 
 import torch
@@ -12,21 +11,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import adaptmoe.ops as ops  # noqa: E402
-
-
-def ms(fn, iters=30):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+from adaptmoe.examples.bench_layer import median_ms  # noqa: E402
 
 
 def main():
@@ -50,7 +35,7 @@ def main():
             "copy(ref)": (lambda: y.clone(), 2 * R * D * 2),
         }
         for op, (fn, nbytes) in rows.items():
-            t = ms(fn)
+            t = median_ms(fn, iters=30, warmup=5)
             print(f"{name:8s} {op:18s} {t * 1e3:9.1f} us  {nbytes / t / 1e6:8.1f} GB/s")
 
 

@@ -47,7 +47,7 @@ class Row:
     peak_gib: float
 
 
-def _median_ms(fn, iters: int, warmup: int) -> float:
+def median_ms(fn, iters: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -121,7 +121,7 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
         with torch.no_grad():
             torch.bmm(torch.relu(torch.bmm(xf, w1_EHD.transpose(1, 2))), w2_EHD)
 
-    floor_ms = _median_ms(floor, iters, warmup)
+    floor_ms = median_ms(floor, iters, warmup)
     rows = []
     for path in paths:
         for mode, cf in (("cf=1", 1.0), ("dropless", 0.0)):
@@ -132,7 +132,7 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
 
             x_in = x
             with torch.no_grad():
-                fwd_ms = _median_ms(fwd, iters, warmup)
+                fwd_ms = median_ms(fwd, iters, warmup)
             x_in = x.clone().requires_grad_(True)
             g = torch.randn(T, D, device=device, dtype=dtype)
 
@@ -149,7 +149,7 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
             step()
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() / 2**30
-            fb_ms = _median_ms(step, iters, warmup)
+            fb_ms = median_ms(step, iters, warmup)
             rows.append(Row(name, mode, path, fwd_ms, fb_ms, peak))
             if profile:
                 def fwd_nograd():

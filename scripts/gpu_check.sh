@@ -16,8 +16,6 @@ cd "$(dirname "$0")/.."
 echo "=== build ==="
 start=$(date +%s)
 python3 - <<'PY' 2>&1 | tee "$OUT/build.log"
-import os
-os.environ.setdefault("ADAPTMOE_VERBOSE_BUILD", "")
 import adaptmoe.ops as ops
 print("native_available:", ops.native_available())
 print("native_status:", ops.native_status())

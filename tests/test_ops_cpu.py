@@ -124,3 +124,14 @@ def test_layer_dispatch_goes_through_ops():
     r = _routing(8, 4, 2, 0.0)
     x = torch.randn(8, 3)
     torch.testing.assert_close(d.dispatch(x, r.slots_TK, r.num_rows), dispatch_reference(x, r.slots_TK, r.num_rows))
+
+
+def test_native_kernels_can_be_turned_off_and_on():
+    from adaptmoe import ops
+    ops.set_native_enabled(False)
+    try:
+        assert not ops.native_available()
+        assert "set_native_enabled(False)" in ops.native_status()
+    finally:
+        ops.set_native_enabled(True)
+    assert "set_native_enabled" not in ops.native_status()

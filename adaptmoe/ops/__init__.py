@@ -16,7 +16,7 @@ from ._ops import (SCORE_FNS, TOLERANCES, assign_slots_op, combine_op, dispatch_
                    route_topk_op)
 
 __all__ = ["dispatch", "combine", "route_topk", "assign_slots", "native_available", "native_status",
-           "TOLERANCES", "SCORE_FNS"]
+           "set_native_enabled", "TOLERANCES", "SCORE_FNS"]
 
 
 def dispatch(x_TD: Tensor, slots_TK: Tensor, num_rows: int, scale_TK: Tensor | None = None) -> Tensor:
@@ -46,6 +46,11 @@ def assign_slots(indices_TK: Tensor, num_experts: int, capacity: int | None = No
 def native_available() -> bool:
     """True when the native CUDA kernels are loaded (this may build them just in time)."""
     return _native.load() is not None
+
+
+def set_native_enabled(enabled: bool) -> None:
+    """Run the native kernels (default) or force the PyTorch reference, e.g. to compare the two."""
+    _native.set_enabled(enabled)
 
 
 def native_status() -> str:

@@ -22,6 +22,7 @@ _tried = False
 _module: ModuleType | None = None
 _status = "not loaded yet (loads on first CUDA use)"
 _warned = False
+_enabled = True
 
 
 def _build_description() -> ModuleType:
@@ -43,8 +44,8 @@ def _build_directory() -> str:
 
 
 def _load() -> tuple[ModuleType | None, str]:
-    if os.environ.get("ADAPTMOE_DISABLE_NATIVE"):
-        return None, "native kernels disabled by ADAPTMOE_DISABLE_NATIVE"
+    if not _enabled:
+        return None, "native kernels turned off by adaptmoe.ops.set_native_enabled(False)"
     try:
         from adaptmoe import _C  # type: ignore[attr-defined]
         return _C, "prebuilt extension adaptmoe._C"
@@ -69,7 +70,7 @@ def _load() -> tuple[ModuleType | None, str]:
             extra_cflags=desc.CXX_FLAGS,
             extra_cuda_cflags=desc.NVCC_FLAGS,
             build_directory=_build_directory(),
-            verbose=bool(os.environ.get("ADAPTMOE_VERBOSE_BUILD")),
+            verbose=False,
         )
         return module, f"just-in-time build of {_NATIVE_DIR}"
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
@@ -86,6 +87,14 @@ def load() -> ModuleType | None:
             _module, _status = _load()
             _tried = True
     return _module
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turns the native kernels off (the PyTorch reference runs) or back on for this process."""
+    global _enabled, _tried, _module, _status
+    with _lock:
+        _enabled, _tried, _module = bool(enabled), False, None
+        _status = "not loaded yet (loads on first CUDA use)"
 
 
 def status() -> str:

@@ -103,12 +103,23 @@ def bench_layer(name: str, cfg: dict, args, rank: int, W: int) -> None:
         print(f"compute floor (local experts fwd+bwd, balanced bmm, no comm): {floor:.2f} ms")
         print(f"{'r':>2} {'d':>2} {'algo':>5} {'cf':>4} | {'step ms':>8} {'/floor':>7} {'/Tutel best':>11}")
     tutel_best = cfg["tutel_ms"]["EP"]
-    settings = []
-    for cf in args.cfs:
-        for r in layer.valid_adaptive_rs:
-            for d in (args.ds if r > 0 else [1]):
-                for algo in (args.algos if r > 0 else ["flat"]):
-                    settings.append((r, d, algo, cf))
+    results = _measure_settings(_settings(layer, args), make_step, args, rank, floor, tutel_best)
+    assert storage == [(p.data_ptr(), tuple(p.shape)) for p in layer.parameters()], "parameter storage moved"
+    if rank == 0 and results:
+        best = min(results.items(), key=lambda kv: kv[1])
+        print(f"best {name}: r={best[0][0]} d={best[0][1]} {best[0][2]} cf={best[0][3]}: {best[1]:.2f} ms = "
+              f"{best[1] / tutel_best:.2f}x Tutel's {tutel_best} ms (EP), {best[1] / floor:.2f}x the floor")
+    _switch_cost(layer, results, make_step, args, rank)
+    torch.cuda.empty_cache() if DEV == "cuda" else None
+
+
+def _settings(layer, args) -> list[tuple]:
+    """(r, d, algo, cf) to measure: every valid r; d and the algorithm only matter with r > 0."""
+    return [(r, d, algo, cf) for cf in args.cfs for r in layer.valid_adaptive_rs
+            for d in (args.ds if r > 0 else [1]) for algo in (args.algos if r > 0 else ["flat"])]
+
+
+def _measure_settings(settings, make_step, args, rank: int, floor: float, tutel_best: float) -> dict:
     results = {}
     for r, d, algo, cf in settings:
         try:
@@ -122,12 +133,11 @@ def bench_layer(name: str, cfg: dict, args, rank: int, W: int) -> None:
         results[(r, d, algo, cf)] = ms
         if rank == 0:
             print(f"{r:>2} {d:>2} {algo:>5} {cf:>4} | {ms:8.2f} {ms / floor:7.2f} {ms / tutel_best:11.2f}", flush=True)
-    assert storage == [(p.data_ptr(), tuple(p.shape)) for p in layer.parameters()], "parameter storage moved"
-    if rank == 0 and results:
-        best = min(results.items(), key=lambda kv: kv[1])
-        print(f"best {name}: r={best[0][0]} d={best[0][1]} {best[0][2]} cf={best[0][3]}: {best[1]:.2f} ms = "
-              f"{best[1] / tutel_best:.2f}x Tutel's {tutel_best} ms (EP), {best[1] / floor:.2f}x the floor")
-    # switch cost: alternate two settings call by call, compare with their steady states
+    return results
+
+
+def _switch_cost(layer, results: dict, make_step, args, rank: int) -> None:
+    """Alternate two settings call by call and compare with their steady states."""
     pairs = []
     if len(layer.valid_adaptive_rs) > 1:
         pairs.append(((0, 1, "flat", 1.0), (1, 1, "flat", 1.0)))
@@ -135,19 +145,18 @@ def bench_layer(name: str, cfg: dict, args, rank: int, W: int) -> None:
     for a, b in pairs:
         if a not in results or b not in results:
             continue
-        sa, sb = make_step(*a), make_step(*b)
-        toggle = {"i": 0}
+        steps = [make_step(*a), make_step(*b)]
+        calls = {"n": 0}
 
         def alternate():
-            (sa if toggle["i"] % 2 == 0 else sb)()
-            toggle["i"] += 1
+            steps[calls["n"] % 2]()
+            calls["n"] += 1
         times = _time_steps(alternate, 2 * args.iters, 2)
         ta = _max_over_ranks(statistics.median(times[0::2]))
         tb = _max_over_ranks(statistics.median(times[1::2]))
         if rank == 0:
             print(f"switch {a[:2]} <-> {b[:2]} every call: {ta:.2f} / {tb:.2f} ms vs steady "
                   f"{results[a]:.2f} / {results[b]:.2f} ms (ratio {ta / results[a]:.2f} / {tb / results[b]:.2f})")
-    torch.cuda.empty_cache() if DEV == "cuda" else None
 
 
 def bench_bandwidth(args, rank: int, W: int) -> None:

@@ -38,6 +38,9 @@ class MoELayer(nn.Module):
         self.config = config
         self.group = group
         self.layout: GroupLayout = layout_for_group(group, config.num_experts)
+        if config.adaptive_r not in self.layout.valid_rs:
+            raise ValueError(f"adaptive_r must be one of {self.layout.valid_rs} for {config.num_experts} experts over "
+                             f"{self.layout.world_size} rank(s), got {config.adaptive_r!r}")
         self.result_func = result_func
         seeds = tuple(seeds or ())
         self.gates = nn.ModuleList()

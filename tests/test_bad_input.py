@@ -52,6 +52,8 @@ def test_bad_call_raises_and_leaves_layer_unchanged(call, error, needle):
     (lambda: am.ExpertConfig(hidden_size=0).validate(), "hidden_size"),
     (lambda: am.ExpertConfig(hidden_size=4, activation="relu6").validate(), "activation"),
     (lambda: am.MoEConfig(model_dim=0, num_experts=2).validate(), "model_dim"),
+    (lambda: am.MoELayer(am.MoEConfig(model_dim=4, num_experts=2, adaptive_r=2,
+                                      experts=am.ExpertConfig(hidden_size=4))), "adaptive_r"),
     (lambda: am.MoEConfig(model_dim=4, num_experts=2, a2a_algo="tree",
                           experts=am.ExpertConfig(hidden_size=4)).validate(), "a2a_algo"),
 ])

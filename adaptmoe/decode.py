@@ -89,7 +89,9 @@ def grouped_mm_supported(x_TD: Tensor, hidden: int, out_dim: int) -> bool:
     if x_TD.device.type == "cpu":
         # torch's fake (meta) implementation only admits bf16, so traced calls use bf16 only.
         allowed = (torch.bfloat16,) if torch.compiler.is_compiling() else (torch.float32, torch.bfloat16)
-        return x_TD.dtype in allowed
+        # grouped_mm needs 16-byte row strides on CPU too (odd D, H or O raise there).
+        aligned = all(n * x_TD.element_size() % 16 == 0 for n in (x_TD.shape[1], hidden, out_dim))
+        return x_TD.dtype in allowed and aligned
     if x_TD.device.type != "cuda" or x_TD.dtype != torch.bfloat16:
         return False
     aligned = all(n % 8 == 0 for n in (x_TD.shape[1], hidden, out_dim))   # 16-byte row strides

@@ -181,7 +181,11 @@ class AdaptMoEBlock(nn.Module):
         x_TD = hidden_states.reshape(-1, D)
         if self.training and self.jitter_noise > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        router = self.moe.layer.gates[0]
+        router.last_logits = None   # a zero-token call routes nothing: no stale logits from the last call
         y_TD = self.moe(x_TD)
+        if self.return_router_logits and router.last_logits is None:
+            router(x_TD)
         if self.shared_expert is not None:
             shared_TD = self.shared_expert(x_TD)
             if self.shared_expert_gate is not None:

@@ -305,7 +305,7 @@ def fmoefy(model: nn.Module, num_experts: int | None = None, distributed_experts
     gate_config = GateConfig(kind="softmax", top_k=2 if top_k is None else top_k, capacity_factor=0.0,
                              losses=("gshard",)) if gate is None else gate
     moefy_kwargs.setdefault("upcycle", False)
-    return moefy(model, num_experts=num_experts * world, gate=gate_config, **moefy_kwargs)
+    return moefy(model, num_experts=num_experts * world, gate=gate_config, top_k=top_k, **moefy_kwargs)
 
 
 class DistributedGroupedDataParallel(nn.Module):

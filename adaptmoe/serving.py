@@ -236,7 +236,9 @@ class ServingMoE(nn.Module):
         choice = self._resolve(chosen, x_TD, knobs, num_valid_tokens)
         if x_TD.shape[0] == 0:   # no tokens, no kernels
             return x.new_zeros(*lead, *self._tail(x, reserve_dims))
-        if choice.kernel == "decode":
+        # The decode kernel routes by inference rules; a train-mode call (under no_grad) must see the
+        # layer's training routing (noise, expert dropout, Sinkhorn), so it runs through the layer.
+        if choice.kernel == "decode" and not (self.layer.training and num_valid_tokens is None):
             valid_T = decode.valid_mask(x_TD.shape[0], num_valid_tokens, x_TD.device)
             y_TO = decode.decode_forward(self.layer, x_TD, top_k=knobs.top_k, gate_index=gate_index,
                                          valid_T=valid_T, method=self.decode_method,
@@ -340,6 +342,8 @@ class CudaGraphRunner:
             return self._eager(x)
         bucket = self.bucket_fn(T)
         captured = self.graphs.get(bucket)
+        if captured is not None and (captured.x_BD.dtype != x.dtype or captured.x_BD.device != x.device):
+            return self._eager(x)   # graphs are captured for one dtype and device; never cast silently
         if captured is None:
             if not self.capture_on_miss:
                 return self._eager(x)

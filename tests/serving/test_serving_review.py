@@ -55,3 +55,20 @@ def test_hf_block_zero_tokens_returns_its_own_router_logits():
         y, logits = model(torch.randn(1, 0, 8))
     assert y.shape == (1, 0, 8)
     assert logits.shape == (0, 4), "stale router logits of the previous call"
+
+
+def test_train_mode_no_grad_call_uses_the_layers_training_routing():
+    import torch
+    from adaptmoe import ExpertConfig, GateConfig, MoEConfig, MoELayer
+    from adaptmoe.serving import ServingMoE
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(model_dim=16, num_experts=4, gate=GateConfig(top_k=2, noise_std=50.0),
+                               experts=ExpertConfig(hidden_size=16))).train()
+    serving = ServingMoE(layer, kernel="auto")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        served = serving(x)
+        torch.manual_seed(1)
+        direct = layer(x, capacity_factor=0.0)
+    torch.testing.assert_close(served, direct)

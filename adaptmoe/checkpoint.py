@@ -122,6 +122,15 @@ def _slice_for(tensor: Tensor, name: str, layout, output_dim: int | None) -> Ten
 
 def load_experts(layer, directory: str) -> None:
     """Fill ``layer``'s expert shard from a checkpoint of any world size / layout."""
+    pieces = _expert_pieces(layer, directory)
+    with torch.no_grad():
+        for p, piece in pieces:
+            p.copy_(piece)
+
+
+def _expert_pieces(layer, directory: str) -> list[tuple[Tensor, Tensor]]:
+    """(parameter, the checkpoint slice it receives) for every expert parameter; raises on any
+    mismatch before anything is copied."""
     meta, full = full_expert_state(directory)
     mine = _meta(layer)
     for key in ("num_experts", "model_dim", "hidden_size", "output_dim"):
@@ -131,13 +140,14 @@ def load_experts(layer, directory: str) -> None:
     params = dict(layer.experts.named_parameters())
     if set(full) != set(params):
         raise ValueError(f"checkpoint expert parameters {sorted(full)} differ from the layer's {sorted(params)}")
-    with torch.no_grad():
-        for name, p in params.items():
-            piece = _slice_for(full[name], name, layer.layout, mine["output_dim"])
-            if piece.shape != p.shape:
-                raise ValueError(f"{name}: checkpoint slice {tuple(piece.shape)} does not fit the stored "
-                                 f"{tuple(p.shape)}")
-            p.copy_(piece)
+    pieces = []
+    for name, p in params.items():
+        piece = _slice_for(full[name], name, layer.layout, mine["output_dim"])
+        if piece.shape != p.shape:
+            raise ValueError(f"{name}: checkpoint slice {tuple(piece.shape)} does not fit the stored "
+                             f"{tuple(p.shape)}")
+        pieces.append((p, piece))
+    return pieces
 
 
 def save(layer: nn.Module, directory: str, group: Any = "layer") -> None:
@@ -162,11 +172,19 @@ def load(layer: nn.Module, directory: str) -> None:
     if int(shared["_num_global_experts"]) != layer.config.num_experts:
         raise ValueError(f"checkpoint holds {int(shared['_num_global_experts'])} global experts, this layer has "
                          f"{layer.config.num_experts}")
+    # Validate everything (expert shards included) before the first copy: a load that raises
+    # leaves the layer as it was.
+    pieces = _expert_pieces(layer, directory)
+    state = {k: v for k, v in layer.state_dict().items() if k in shared}
+    for k, v in state.items():
+        if shared[k].shape != v.shape:
+            raise ValueError(f"shared state {k!r}: checkpoint shape {tuple(shared[k].shape)}, this layer has "
+                             f"{tuple(v.shape)}")
     with torch.no_grad():
-        for k, v in layer.state_dict().items():
-            if k in shared:
-                v.copy_(shared[k])
-    load_experts(layer, directory)
+        for k, v in state.items():
+            v.copy_(shared[k])
+        for p, piece in pieces:
+            p.copy_(piece)
 
 
 def expert_state_names(model: nn.Module) -> list[str]:

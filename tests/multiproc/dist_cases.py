@@ -189,12 +189,16 @@ def checkpoint_worker(rank, world_size, directory):
                 p, q = p[:, :valid], q[:, :valid]
             assert torch.equal(p, q), n
         wrong = MoELayer(_layer_config(E, O, H=32), seeds=(0, 0, 0))
+        untouched = {k: v.clone() for k, v in wrong.state_dict().items()}
         try:
             checkpoint.load(wrong, path)
         except ValueError as err:
             assert "hidden_size" in str(err), err
         else:
             raise AssertionError("loading a checkpoint with another hidden size must raise")
+        # a load that raises changes nothing (validation runs before the first copy)
+        changed = [k for k, v in wrong.state_dict().items() if not torch.equal(v, untouched[k])]
+        assert not changed, f"a failed checkpoint.load changed {changed}"
 
 
 class _Model(torch.nn.Module):

@@ -27,6 +27,7 @@ r and d (parameters never move; gathers are transient and their backward reduce-
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -172,7 +173,14 @@ def run_parallel(x_TD: Tensor, routing: Routing, experts, knobs: CallKnobs, layo
 
 
 def _output_dim(experts, x_TD: Tensor) -> int:
-    return getattr(experts, "output_dim", x_TD.shape[1])
+    """Output width of the experts. Custom experts need not map to model_dim and do not say:
+    ask the module with zero rows (as the single-process layer does at capacity 0)."""
+    out = getattr(experts, "output_dim", None)
+    if out is not None:
+        return out
+    with torch.no_grad():
+        y = experts(x_TD.new_zeros(getattr(experts, "num_local_experts", 1), 0, x_TD.shape[1]))
+    return math.prod(y.shape[2:])
 
 
 def _run_capacity(x_TD, routing, experts, weights, knobs, layout, group, is_postscore):
@@ -215,7 +223,7 @@ def _pipeline_capacity(x_ECD: Tensor, experts, weights, layout: GroupLayout, r: 
         recv_WemD = comm.exchange_finish(started[i], ex)
         h_eXD = recv_WemD.transpose(0, 1).reshape(e, W * m, D)
         y_eXO = _run_padded(experts, h_eXD, weights)
-        O = y_eXO.shape[-1]
+        O = math.prod(y_eXO.shape[2:])            # custom experts may return [e, X, *out]
         back = y_eXO.reshape(e, W, m, O).transpose(0, 1)
         returned.append(comm.exchange_start(back, ex, async_op))
     outs = []

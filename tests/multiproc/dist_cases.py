@@ -295,3 +295,61 @@ def net_worker(rank, world_size):
         raise AssertionError("adaptive_r=3 must raise")
     layer(torch.randn(4, 8), adaptive_r=2).sum().backward()
     assert comm.block_group(None, 2) is comm.block_group(None, 2)   # cached
+
+
+# ----------------------------------------------------------------------------- custom experts
+class _Project(torch.nn.Module):
+    """Custom experts whose output width differs from model_dim: [e, C, D] -> [e, C, *out]."""
+
+    def __init__(self, model_dim, num_local_experts, sharded_count, out=(5,)):
+        super().__init__()
+        self.out = tuple(out)
+        width = 1
+        for n in self.out:
+            width *= n
+        self.w = torch.nn.Parameter(torch.randn(num_local_experts, model_dim, width,
+                                                generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return torch.bmm(x, self.w).reshape(*x.shape[:2], *self.out)
+
+
+def custom_experts_worker(rank, world_size):
+    """Custom experts with an output width != model_dim, W=2, E=2, k=1: a rank that receives no
+    rows (dropless), a capacity of 0 and a multi-dim output all match the single-process layer."""
+    failures = []
+    for out in ((5,), (2, 3)):
+        config = MoEConfig(model_dim=8, num_experts=2, gate=GateConfig(top_k=1, capacity_factor=1.0),
+                           experts=ExpertConfig(kind="custom", custom_module=_Project,
+                                                custom_kwargs=(("out", out),)))
+        ref = reference_layer(config)
+        layer = MoELayer(config, seeds=(1, 2, 3))
+        with torch.no_grad():
+            layer.experts.module.w.copy_(ref.experts.module.w[rank:rank + 1])
+        # (cf, tokens per rank, route every token to expert 0 so rank 1 receives nothing)
+        for cf, counts, to_expert0 in ((0.0, [6, 6], True), (0.1, [1, 1], False), (1.0, [6, 5], True),
+                                       (1.0, [6, 5], False), (0.0, [6, 5], False)):
+            tag = f"out={out} cf={cf} T={counts} to_expert0={to_expert0}"
+            with torch.no_grad():
+                for lay in (layer, ref):
+                    wg = lay.gates[0].wg.weight
+                    wg.copy_(torch.randn(wg.shape, generator=torch.Generator().manual_seed(4)))
+                    if to_expert0:
+                        wg.zero_()
+                        wg[0].fill_(1.0)
+            gen = torch.Generator().manual_seed(11)
+            xs = [torch.rand(t, 8, generator=gen) + 0.1 for t in counts]
+            x = xs[rank].clone().requires_grad_(True)
+            try:
+                y = layer(x, capacity_factor=cf)
+                y.sum().backward()
+            except Exception as err:   # noqa: BLE001 - reported with the case
+                failures.append(f"{tag}: {type(err).__name__}: {err}")
+                break
+            xr = xs[rank].clone().requires_grad_(True)
+            want = reference_output(ref, xr, cf, max(counts), 1)
+            want.sum().backward()
+            close("output", y.detach().reshape(want.shape[0], -1), want.detach(), failures, tag)
+            close("input grad", x.grad, xr.grad, failures, tag)
+    if failures:
+        raise AssertionError(f"rank {rank}:\n" + "\n".join(failures))

@@ -50,3 +50,8 @@ def test_parity_world8_two_nodes_of_four():
     specs = [dict(E=4), dict(E=8), dict(E=64, k=8)]
     run_world(8, dist_cases.parity_worker, specs, [[6] * 8, [5, 0, 7, 3, 9, 2, 6, 4]], ALL["degrees"], ALL["algos"],
               ALL["cfs"], env={"LOCAL_WORLD_SIZE": "4"})
+
+
+def test_custom_experts_other_output_width():
+    # A rank with no rows / a zero capacity must still answer [T, O] and join every exchange.
+    run_world(2, dist_cases.custom_experts_worker, deadline_s=60)

@@ -156,7 +156,13 @@ def _now(device: torch.device) -> float:
 
 
 def main(argv=None) -> list[float]:
-    return run(parse_args(argv))
+    try:
+        return run(parse_args(argv))
+    finally:
+        # An initialized group left to interpreter exit can abort the process ("terminate called
+        # without an active exception") and turn a good run into a failed one.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Legend: E global experts, W ranks, e local experts, s ranks sharing one expert, 
 O output dim. Files in ``directory``:
 - ``experts.rank{r}-of{W}.pt``: rank r's stored expert parameters plus the layout that
   produced them (W, s, e, E, H, O, names);
-- ``shared.pt`` (rank 0): the layer's other state (gates, buffers), replicated on every rank.
+- ``shared.pt`` (rank 0): the layer's other state (gates, buffers), replicated on every rank;
+- ``manifest.pt`` (rank 0, written last): the world size of the save, so that shard files left
+  by an earlier save at another world size in the same directory are ignored.
 Loading rebuilds each global expert parameter [E, ...] from the shard files (whole experts are
 concatenated in rank order; a sharded expert's hidden slices are concatenated and the padded
 output-bias slices trimmed) and slices what this rank stores in its own layout: trained on 2
@@ -71,6 +73,10 @@ def save_experts(layer, directory: str) -> str:
 
 def _shard_files(directory: str) -> list[str]:
     files = glob.glob(os.path.join(directory, "experts.rank*-of*.pt"))
+    manifest = os.path.join(directory, "manifest.pt")
+    if os.path.exists(manifest):
+        saved_world = torch.load(manifest, map_location="cpu", weights_only=True)["world_size"]
+        files = [f for f in files if int(_SHARD.search(f).group(2)) == saved_world]
     worlds = {int(_SHARD.search(f).group(2)) for f in files}
     if not files:
         raise FileNotFoundError(f"no expert shard files (experts.rank<r>-of<W>.pt) in {directory!r}")
@@ -159,6 +165,10 @@ def save(layer: nn.Module, directory: str, group: Any = "layer") -> None:
         shared = {k: v.detach().cpu().clone() for k, v in layer.state_dict().items()
                   if not k.startswith("experts.")}
         atomic_save(shared, os.path.join(directory, "shared.pt"))
+    if layer.layout.world_size > 1:
+        _barrier(group)     # every shard is on disk before the manifest names this save
+    if layer.layout.rank == 0:
+        atomic_save({"format": FORMAT, "world_size": layer.layout.world_size}, os.path.join(directory, "manifest.pt"))
     if layer.layout.world_size > 1:
         _barrier(group)
 

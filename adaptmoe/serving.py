@@ -198,11 +198,12 @@ class ServingMoE(nn.Module):
         return (cfg.model_dim, int(hidden), cfg.num_experts, top_k, DTYPE_NAMES.get(dtype, "float32"),
                 cfg.experts.kind, float(cf), self.layer.layout.world_size, kernels)
 
-    def choose(self, tokens: int, *, top_k: int | None = None, capacity_factor: float | None = None,
-               dtype: torch.dtype | None = None, device: torch.device | None = None) -> BucketChoice:
+    def choose(self, tokens: int, *, gate_index: int = 0, top_k: int | None = None,
+               capacity_factor: float | None = None, dtype: torch.dtype | None = None,
+               device: torch.device | None = None) -> BucketChoice:
         """The choice a call of ``tokens`` tokens gets (plans its bucket if new)."""
         param = next(self.layer.experts.parameters(), None)
-        k = self.layer.config.gate.top_k if top_k is None else top_k
+        k = self.layer.resolve_knobs(gate_index=gate_index, top_k=top_k).top_k
         cf = self.capacity_factor if capacity_factor is None else float(capacity_factor)
         key = self.plan_key(k, cf, dtype or (param.dtype if param is not None else torch.float32))
         return self._choice(key, tokens, device or (param.device if param is not None else torch.device("cpu")))

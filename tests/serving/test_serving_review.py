@@ -72,3 +72,17 @@ def test_train_mode_no_grad_call_uses_the_layers_training_routing():
         torch.manual_seed(1)
         direct = layer(x, capacity_factor=0.0)
     torch.testing.assert_close(served, direct)
+
+
+def test_prepare_plans_with_the_top_k_of_the_chosen_gate():
+    import torch
+    from adaptmoe import ExpertConfig, GateConfig, MoEConfig, MoELayer
+    from adaptmoe.serving import ServingMoE
+    layer = MoELayer(MoEConfig(model_dim=16, num_experts=4, gate=GateConfig(top_k=1),
+                               extra_gates=(GateConfig(top_k=3),), experts=ExpertConfig(hidden_size=16))).eval()
+    serving = ServingMoE(layer)
+    serving.prepare(8, gate_index=1)
+    before = serving.planner.plans_computed
+    with torch.no_grad():
+        serving(torch.randn(8, 16), gate_index=1)
+    assert serving.planner.plans_computed == before      # the call's bucket was planned for k=3

@@ -302,6 +302,9 @@ def fmoefy(model: nn.Module, num_experts: int | None = None, distributed_experts
     if distributed_experts and dist_ready():
         import torch.distributed as dist
         world = dist.get_world_size()
+    if isinstance(gate, type) or isinstance(gate, BaseGate):
+        raise TypeError("fmoefy's gate must be a gate kind name ('softmax', 'sigmoid', ...) or a GateConfig: every "
+                        f"replaced block needs its own gate, so a FastMoE gate class ({gate!r}) works with FMoE only")
     gate_config = GateConfig(kind="softmax", top_k=2 if top_k is None else top_k, capacity_factor=0.0,
                              losses=("gshard",)) if gate is None else gate
     moefy_kwargs.setdefault("upcycle", False)

@@ -38,9 +38,7 @@ class MoELayer(nn.Module):
         self.config = config
         self.group = group
         self.layout: GroupLayout = layout_for_group(group, config.num_experts)
-        if config.adaptive_r not in self.layout.valid_rs:
-            raise ValueError(f"adaptive_r must be one of {self.layout.valid_rs} for {config.num_experts} experts over "
-                             f"{self.layout.world_size} rank(s), got {config.adaptive_r!r}")
+        self._check_adaptive_r(config.adaptive_r)
         self.result_func = result_func
         seeds = tuple(seeds or ())
         self.gates = nn.ModuleList()
@@ -79,6 +77,11 @@ class MoELayer(nn.Module):
     def valid_adaptive_rs(self) -> list[int]:
         return self.layout.valid_rs
 
+    def _check_adaptive_r(self, r: Any) -> None:
+        if isinstance(r, bool) or r not in self.layout.valid_rs:
+            raise ValueError(f"adaptive_r must be one of {self.layout.valid_rs} for {self.config.num_experts} experts "
+                             f"over {self.layout.world_size} rank(s), got {r!r}")
+
     def resolve_knobs(self, *, gate_index: int = 0, top_k: int | None = None, capacity_factor: float | None = None,
                       adaptive_r: int | None = None, a2a_ffn_overlap_degree: int | None = None,
                       a2a_algo: str | None = None, megablocks_size: int | None = None) -> executor.CallKnobs:
@@ -92,9 +95,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"top_k must be an integer in [1, {cfg.num_experts}] (num_experts), got {k!r}")
         cf = check_capacity_factor(gate_cfg.capacity_factor if capacity_factor is None else capacity_factor)
         r = cfg.adaptive_r if adaptive_r is None else adaptive_r
-        if isinstance(r, bool) or r not in self.layout.valid_rs:
-            raise ValueError(f"adaptive_r must be one of {self.layout.valid_rs} for {cfg.num_experts} experts over "
-                             f"{self.layout.world_size} rank(s), got {r!r}")
+        self._check_adaptive_r(r)
         d = cfg.overlap_degree if a2a_ffn_overlap_degree is None else a2a_ffn_overlap_degree
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
             raise ValueError(f"a2a_ffn_overlap_degree must be an integer >= 1, got {d!r}")

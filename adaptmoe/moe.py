@@ -18,7 +18,7 @@ from torch import Tensor
 from .config import ExpertConfig, GateConfig, MoEConfig
 from .layer import MoELayer
 from .routing import build_routing
-from .topology import group_size_and_rank
+from .topology import group_size_and_rank, split_experts, valid_adaptive_rs
 
 GATE_TYPES = {"top": "softmax", "cosine_top": "cosine", "sigmoid_top": "sigmoid", "sinkmoid": "sinkmoid",
               "custom": "custom"}
@@ -218,9 +218,9 @@ def _config_from_tutel(gate_type, model_dim, experts, group, *, a2a_ffn_overlap_
     expert_config, per_device = expert_config_from_dict(experts)
     world_size = group_size_and_rank(group)[0]
     num_experts = global_expert_count(per_device, world_size)
-    sharded_count = world_size // num_experts if num_experts < world_size else 1
+    sharded_count = split_experts(num_experts, world_size)[1]
     requested = parse_parallel_type(parallel_type, sharded_count)
-    valid_rs = [0] + [r for r in range(1, sharded_count + 1) if sharded_count % r == 0]
+    valid_rs = valid_adaptive_rs(sharded_count)
     if requested != "auto" and requested not in valid_rs:
         raise ValueError(f"parallel_type {parallel_type!r} gives adaptive_r={requested}, which must be one of "
                          f"{valid_rs} for {num_experts} experts over {world_size} rank(s)")

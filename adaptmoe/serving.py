@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import decode
+from .planning import DTYPE_NAMES
 
 try:   # torch-free planner package of this repository
     import planner as _planner
@@ -31,8 +32,6 @@ except ImportError:   # pragma: no cover - the planner or its deps (networkx, ms
     _planner = None
 
 KERNELS = ("auto", "decode", "grouped", "bmm")
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-               torch.float64: "float64"}
 PlanKey = tuple   # (model_dim, hidden, E, k, dtype, expert_type, capacity_factor, world_size, kernels)
 
 

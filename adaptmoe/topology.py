@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from planner import valid_adaptive_rs
+
 
 @dataclass(frozen=True)
 class GroupLayout:
@@ -22,8 +24,7 @@ class GroupLayout:
 
     @property
     def valid_rs(self) -> list[int]:
-        s = self.sharded_count
-        return [0] + [r for r in range(1, s + 1) if s % r == 0]
+        return valid_adaptive_rs(self.sharded_count)
 
 
 def group_size_and_rank(group: Any) -> tuple[int, int]:

@@ -180,7 +180,7 @@ class LayerPlanner:
         (forward, or forward + backward) on a tiny call; the cost model takes the longer of that
         host-bound time and the device work it predicts."""
         field_name = "train_call_overhead_us" if sig.training else "call_overhead_us"
-        if getattr(self.device_model, field_name) == 0.0 and sig.training not in self._calibrated_modes:
+        if sig.training not in self._calibrated_modes:
             self._calibrated_modes.add(sig.training)
             tokens = max(self.layer.config.num_experts, 8)
             overhead_us = measure_call_ms(self.layer, tokens, sig, self._device) * 1e3

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import adaptmoe.ops as ops  # noqa: E402
-from adaptmoe.examples.bench_layer import median_ms  # noqa: E402
+from adaptmoe.examples.timing import median_ms  # noqa: E402
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
             "copy(ref)": (lambda: y.clone(), 2 * R * D * 2),
         }
         for op, (fn, nbytes) in rows.items():
-            t = median_ms(fn, iters=30, warmup=5)
+            t = median_ms(fn, "cuda", iters=30, warmup=5)
             print(f"{name:8s} {op:18s} {t * 1e3:9.1f} us  {nbytes / t / 1e6:8.1f} GB/s")
 
 

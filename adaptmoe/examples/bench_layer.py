@@ -19,13 +19,14 @@ fwd is timed under no_grad; fwd+bwd with grads for x and all parameters. TFLOP/s
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from adaptmoe.examples.timing import median_ms
 
 CONFIGS = {
     "mixtral": dict(T=8192, D=4096, H=14336, E=8, K=2, dtype="bf16"),
@@ -45,21 +46,6 @@ class Row:
     fwd_ms: float
     fwdbwd_ms: float
     peak_gib: float
-
-
-def median_ms(fn, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _git_commit() -> str:
@@ -121,7 +107,7 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
         with torch.no_grad():
             torch.bmm(torch.relu(torch.bmm(xf, w1_EHD.transpose(1, 2))), w2_EHD)
 
-    floor_ms = median_ms(floor, iters, warmup)
+    floor_ms = median_ms(floor, "cuda", iters, warmup)
     rows = []
     for path in paths:
         for mode, cf in (("cf=1", 1.0), ("dropless", 0.0)):
@@ -132,7 +118,7 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
 
             x_in = x
             with torch.no_grad():
-                fwd_ms = median_ms(fwd, iters, warmup)
+                fwd_ms = median_ms(fwd, "cuda", iters, warmup)
             x_in = x.clone().requires_grad_(True)
             g = torch.randn(T, D, device=device, dtype=dtype)
 
@@ -149,7 +135,7 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
             step()
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() / 2**30
-            fb_ms = median_ms(step, iters, warmup)
+            fb_ms = median_ms(step, "cuda", iters, warmup)
             rows.append(Row(name, mode, path, fwd_ms, fb_ms, peak))
             if profile:
                 def fwd_nograd():

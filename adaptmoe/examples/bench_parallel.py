@@ -19,12 +19,12 @@ import os
 import statistics
 import subprocess
 
-import time
 
 import torch
 import torch.distributed as dist
 
 from adaptmoe import ExpertConfig, GateConfig, MoEConfig, MoELayer, comm
+from adaptmoe.examples.timing import time_call
 
 DEV = "cuda"   # "cpu" with --tiny (a smoke run of this script over gloo)
 CONFIGS = {
@@ -46,21 +46,8 @@ def _time_steps(fn, iters: int, warmup: int) -> list[float]:
         fn()
     if DEV == "cuda":
         torch.cuda.synchronize()
-    dist.barrier()
-    times = []
-    for _ in range(iters):
-        if DEV != "cuda":
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+    dist.barrier()   # every rank starts timing together
+    return [time_call(fn, DEV) for _ in range(iters)]
 
 
 def compute_floor(e: int, rows: int, D: int, H: int, iters: int) -> float:

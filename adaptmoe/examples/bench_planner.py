@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
 
 import adaptmoe as am
 from adaptmoe.planning import PlanningOptions
+from adaptmoe.examples.timing import median_ms
 
 # (name, T per rank, D, H, E, k)
 CONFIGS = [
@@ -47,22 +47,7 @@ def setup() -> tuple[int, int, torch.device]:
 def time_step_ms(layer, x, knobs: dict, iters: int, warmup: int) -> float:
     def step():
         layer(x, **knobs).sum().backward()
-    for _ in range(warmup):
-        step()
-    samples = []
-    for _ in range(iters):
-        if x.is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    ms = torch.tensor([statistics.median(samples)], dtype=torch.float64)
+    ms = torch.tensor([median_ms(step, x.device.type, iters, warmup)], dtype=torch.float64)
     if dist.is_initialized():
         ms = ms.to(x.device)
         dist.all_reduce(ms, op=dist.ReduceOp.MAX)   # the slowest rank bounds the step

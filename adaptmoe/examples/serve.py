@@ -33,6 +33,7 @@ import torch
 from adaptmoe import ExpertConfig, GateConfig, MoEConfig, MoELayer
 from adaptmoe import decode
 from adaptmoe.serving import CudaGraphRunner, ServingMoE, token_bucket
+from adaptmoe.examples.timing import median_ms, time_call
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 CPU_DEFAULTS = dict(model_dim=64, hidden=128, dtype="float32", max_prefill=512, requests=60, iters=10)
@@ -100,27 +101,7 @@ def request_sizes(args: argparse.Namespace) -> list[int]:
     return sizes
 
 
-# -- timing -----------------------------------------------------------------------------------
-def time_call(fn: Callable[[], object], device: str) -> float:
-    """Milliseconds of one call, waiting for its result."""
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def median_ms(fn: Callable[[], object], device: str, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    return statistics.median(time_call(fn, device) for _ in range(max(iters, 1)))
-
-
+# -- timing (adaptmoe.examples.timing) ----------------------------------------------------------
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from planner import DeviceModel, LayerSignature, Plan, PlanCache, rank_plans, token_bucket
-from planner.cache import fingerprint_key, hardware_fingerprint
+from planner.cache import fingerprint_key, hardware_fingerprint, nearest_fingerprint
 
 from . import probe
 
@@ -113,13 +113,18 @@ class LayerPlanner:
         layout = self.layer.layout
         self.topology = probe.probe_topology(self.layer.group, layout.world_size, layout.local_size, device)
         self.device_model = probe.device_model_for(device)
+        # Links name the interconnect on GPUs; gloo over a shared CPU host measures noise (16x
+        # apart between runs), so there the layout alone keys the cache.
+        links = (self.topology.fingerprint_bucket() if device.type == "cuda"
+                 else f"W{layout.world_size}|L{layout.local_size}")
         fp = hardware_fingerprint(device=probe.device_name(device), world_size=layout.world_size,
-                                  local_size=layout.local_size, links=self.topology.fingerprint_bucket(),
+                                  local_size=layout.local_size, links=links,
                                   torch_version=torch.__version__, cuda_version=torch.version.cuda)
-        self._fingerprint = fingerprint_key(fp)
-        self._fingerprint_dict = fp
         if self.options.use_cache:
             self._cache = PlanCache(self.options.cache_path)
+            fp = nearest_fingerprint(fp, [entry.fingerprint for entry in self._cache.entries().values()])
+        self._fingerprint = fingerprint_key(fp)
+        self._fingerprint_dict = fp
 
     def signature(self, top_k: int, capacity_factor: float, dtype: torch.dtype, training: bool) -> LayerSignature:
         key = (top_k, capacity_factor, dtype, training)
@@ -213,13 +218,8 @@ class LayerPlanner:
 
     def _decide(self, key: str, tuning: _Tuning) -> None:
         medians = torch.tensor([sorted(t)[len(t) // 2] for t in tuning.times_ms], dtype=torch.float64)
-        group = self.layer.group
-        if self.layer.layout.world_size > 1:
-            # The slowest rank bounds the step; reducing with MAX makes every rank pick the same plan.
-            backend_device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-            reduced = medians.to(backend_device)
-            dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group)
-            medians = reduced.cpu()
+        # The slowest rank bounds the step; reducing with MAX makes every rank pick the same plan.
+        medians = max_over_ranks(medians, self.layer)
         best = int(torch.argmin(medians))
         del self.tuning[key]
         self._lock(key, tuning.signature, tuning.tokens, tuning.candidates[best], float(medians[best]), tuning.ranked,
@@ -254,12 +254,16 @@ def measure_call_ms(layer, tokens: int, sig: LayerSignature, device: torch.devic
         call()
         samples.append(clock.elapsed_ms(start, clock.mark()))
     layer.l_aux, layer.losses, layer.last_routing = saved
-    ms = torch.tensor([sorted(samples[2:])[reps // 2]], dtype=torch.float64)
-    if layer.layout.world_size > 1:
-        backend_device = "cuda" if dist.get_backend(layer.group) == "nccl" else "cpu"
-        ms = ms.to(backend_device)
-        dist.all_reduce(ms, op=dist.ReduceOp.MAX, group=layer.group)
-    return float(ms.cpu())
+    return float(max_over_ranks(torch.tensor([sorted(samples[2:])[reps // 2]], dtype=torch.float64), layer))
+
+
+def max_over_ranks(values: torch.Tensor, layer) -> torch.Tensor:
+    """Element-wise MAX of a small CPU tensor over the layer's group (itself with one rank)."""
+    if layer.layout.world_size == 1:
+        return values
+    on_device = values.to("cuda" if dist.get_backend(layer.group) == "nccl" else "cpu")
+    dist.all_reduce(on_device, op=dist.ReduceOp.MAX, group=layer.group)
+    return on_device.cpu()
 
 
 def explain(chosen, measured_ms, ranked, measured=None, runners_up: int = 3) -> str:

@@ -52,6 +52,40 @@ def hardware_fingerprint(*, device: str, world_size: int, local_size: int, links
             "links": links, "torch": torch_version, "cuda": cuda_version or "none"}
 
 
+def _link_exponents(links: str) -> tuple[tuple[str, ...], dict[str, int]] | None:
+    """('W2', 'L2', ...) and {'intra.all_to_all': 29, ...} from Topology.fingerprint_bucket()."""
+    fixed, exps = [], {}
+    for part in links.split("|"):
+        name, sep, value = part.partition("=2^")
+        if not sep:
+            fixed.append(part)
+            continue
+        try:
+            exps[name] = int(value)
+        except ValueError:
+            return None
+    return tuple(fixed), exps
+
+
+def nearest_fingerprint(fingerprint: dict[str, Any], known: list[dict[str, Any]],
+                        max_log2_ratio: int = 2) -> dict[str, Any]:
+    """A stored fingerprint of the same hardware whose measured links are within a factor of
+    2**max_log2_ratio of these, else ``fingerprint`` itself: measurement jitter between runs
+    (large on shared machines) must not make a run miss the plans of the previous one."""
+    mine = _link_exponents(str(fingerprint.get("links", "")))
+    if mine is None:
+        return fingerprint
+    for other in known:
+        if {k: v for k, v in other.items() if k != "links"} != {k: v for k, v in fingerprint.items() if k != "links"}:
+            continue
+        theirs = _link_exponents(str(other.get("links", "")))
+        if theirs is None or theirs[0] != mine[0] or theirs[1].keys() != mine[1].keys():
+            continue
+        if all(abs(theirs[1][k] - mine[1][k]) <= max_log2_ratio for k in mine[1]):
+            return dict(other)
+    return fingerprint
+
+
 def fingerprint_key(fingerprint: Fingerprint) -> str:
     if isinstance(fingerprint, str):
         return fingerprint

@@ -192,3 +192,15 @@ def test_clear_empties_disk_and_memory(tmp_path):
 def test_put_rejects_an_unknown_source(tmp_path):
     with pytest.raises(ValueError, match="source must be one of"):
         PlanCache(tmp_path / "p.msgpack").put(FP, SIG, 1, PLAN, 1.0, source="guess")
+
+
+def test_nearest_fingerprint_absorbs_link_jitter_but_not_other_hardware():
+    from planner import nearest_fingerprint
+    stored = {"device": "H100", "world_size": 2, "local_size": 2, "torch": "2.11", "cuda": "13.0",
+              "links": "W2|L2|intra.all_to_all=2^37|intra.all_gather=2^37|intra.reduce_scatter=2^37"}
+    jittered = dict(stored, links="W2|L2|intra.all_to_all=2^38|intra.all_gather=2^36|intra.reduce_scatter=2^37")
+    assert nearest_fingerprint(jittered, [stored]) == stored
+    slower = dict(stored, links="W2|L2|intra.all_to_all=2^33|intra.all_gather=2^33|intra.reduce_scatter=2^33")
+    assert nearest_fingerprint(slower, [stored]) == slower          # another interconnect: its own plans
+    other_gpu = dict(jittered, device="H200")
+    assert nearest_fingerprint(other_gpu, [stored]) == other_gpu

@@ -55,3 +55,8 @@ def test_parity_world8_two_nodes_of_four():
 def test_custom_experts_other_output_width():
     # A rank with no rows / a zero capacity must still answer [T, O] and join every exchange.
     run_world(2, dist_cases.custom_experts_worker, deadline_s=60)
+
+
+def test_planner_ranks_agree_and_reuse_the_cache(tmp_path):
+    import planning_cases
+    run_world(2, planning_cases.agreement_worker, str(tmp_path / "plans.msgpack"))

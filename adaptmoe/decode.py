@@ -10,6 +10,10 @@ shape depends only on T (never on routing), nothing is copied to the host, so a 
 captured in a CUDA graph and traced by ``torch.compile`` without graph breaks.
 
 Methods (``method=``):
+- ``native``: ``adaptmoe.ops.decode_ffn``, CUDA kernels that stream each selected expert's weights
+  once at close to copy bandwidth, apply them to all of that expert's pairs, fuse bias,
+  activation, gating product and the weighted sum over k, in three launches. The default on CUDA
+  when the extension loads and the activation is a built-in one.
 - ``grouped_mm``: sort the pairs by expert, one ``torch._grouped_mm`` per weight matrix with
   device-side offsets. An expert with no rows has an empty group and is never read, so the weight
   bytes read are exactly the distinct selected experts'. CPU fp32/bf16, CUDA bf16 on sm90+.
@@ -29,10 +33,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import ops
 from .expert_compute import FFNWeights, ffn_one_expert
 from .gates import select_experts
+from .ops._decode_op import down_splits
 
-METHODS = ("auto", "grouped_mm", "gather", "dense")
+METHODS = ("auto", "native", "grouped_mm", "gather", "dense")
 DECODE_MAX_TOKENS = 64          # same cap as planner.cost: beyond it every expert is hit anyway
 RIDGE_ROWS = 64                 # rows per expert below which an expert GEMM is weight-read bound
 GATHER_BUDGET_BYTES = 256 << 20  # transient weight copies of the gather method, per chunk
@@ -99,11 +105,17 @@ def grouped_mm_supported(x_TD: Tensor, hidden: int, out_dim: int) -> bool:
     return capability is not None and capability >= (9, 0)
 
 
-def resolve_method(method: str, x_TD: Tensor, num_pairs: int, weights: FFNWeights) -> str:
+def resolve_method(method: str, x_TD: Tensor, num_pairs: int, weights: FFNWeights, act: Callable) -> str:
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if method == "native":
+        blocker = ops.native_decode_blocker(x_TD, weights, act, num_pairs)
+        if blocker is not None:
+            raise ValueError(f"method 'native' cannot serve this call: {blocker}")
     if method != "auto":
         return method
+    if ops.native_decode_blocker(x_TD, weights, act, num_pairs) is None:
+        return "native"
     E, H = weights.w1_eHD.shape[0], weights.w1_eHD.shape[1]
     if grouped_mm_supported(x_TD, H, weights.w2_eHO.shape[2]):
         return "grouped_mm"
@@ -270,9 +282,11 @@ def selected_expert_ffn(x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, we
     graph bucket) touch no expert and come back as zeros. ``split_k``: see ``split_k_for``."""
     T, K = indices_TK.shape
     E, H = weights.w1_eHD.shape[0], weights.w1_eHD.shape[1]
-    resolved = resolve_method(method, x_TD, T * K, weights)
-    split = split_k_for(T * K, H, x_TD, split_k)
+    resolved = resolve_method(method, x_TD, T * K, weights, act)
     e_TK = indices_TK if valid_T is None else torch.where(valid_T.unsqueeze(1), indices_TK, E)
+    if resolved == "native":
+        return _native_ffn(x_TD, e_TK, weights_TK, weights, act, is_postscore)
+    split = split_k_for(T * K, H, x_TD, split_k)
     x_ND = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[1]).reshape(T * K, x_TD.shape[1])
     if not is_postscore:
         x_ND = x_ND * weights_TK.reshape(-1, 1).to(x_ND.dtype)
@@ -286,6 +300,18 @@ def selected_expert_ffn(x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, we
     if valid_T is not None:
         y_TO = torch.where(valid_T.unsqueeze(1), y_TO, torch.zeros((), dtype=y_TO.dtype, device=y_TO.device))
     return y_TO
+
+
+def _native_ffn(x_TD: Tensor, e_TK: Tensor, weights_TK: Tensor, w: FFNWeights, act: Callable,
+                is_postscore: bool) -> Tensor:
+    if any(t is not None and t.dtype != x_TD.dtype for t in w):   # autocast: fp32 weights, bf16 x
+        w = FFNWeights(*[None if t is None else t.to(x_TD.dtype) for t in w])
+    T, K = e_TK.shape
+    E, H, O = w.w1_eHD.shape[0], w.w1_eHD.shape[1], w.w2_eHO.shape[2]
+    splits = down_splits(T, K, E, H, O, x_TD, expected_distinct_experts(T, E, K))
+    out_dtype = torch.promote_types(x_TD.dtype, weights_TK.dtype) if is_postscore else x_TD.dtype
+    # masked tokens carry expert E: they select nothing and come back as zeros
+    return ops.decode_ffn(x_TD.contiguous(), e_TK, weights_TK, is_postscore, tuple(w), act, splits, out_dtype)
 
 
 def route_tokens(layer, x_TD: Tensor, *, top_k: int, gate_index: int = 0) -> tuple[Tensor, Tensor]:

@@ -211,6 +211,22 @@ class ServingMoE(nn.Module):
         """Plan every bucket up to ``max_tokens`` ahead of serving (or of ``torch.compile``)."""
         return [self.choose(b, **knobs) for b in sorted({token_bucket(t) for t in _bucket_points(max_tokens)})]
 
+    def warmup(self, max_tokens: int, *, dtype: torch.dtype | None = None, gate_index: int = 0,
+               top_k: int | None = None, capacity_factor: float | None = None) -> list[BucketChoice]:
+        """Plan every bucket up to ``max_tokens`` and run one call at each bucket's largest size,
+        as a server does at start-up: first-use costs (library handles, kernel selection, the
+        caching allocator growing to the largest buffers) are paid here instead of by the first
+        request of each size. Outputs are discarded; parameters are not touched."""
+        knobs = dict(gate_index=gate_index, top_k=top_k, capacity_factor=capacity_factor)
+        choices = self.prepare(max_tokens, dtype=dtype, **knobs)
+        param = next(self.layer.parameters())
+        dtype = dtype or param.dtype
+        with torch.no_grad():
+            for choice in choices:
+                size = min(choice.bucket, max_tokens)
+                self(torch.randn(size, self.layer.config.model_dim, device=param.device, dtype=dtype), **knobs)
+        return choices
+
     def _choice(self, key: PlanKey, tokens: int, device: torch.device) -> BucketChoice:
         if torch.compiler.is_compiling():
             # Inside a trace: a planned bucket is a dict hit; an unplanned one takes the rule

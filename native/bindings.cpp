@@ -169,14 +169,81 @@ std::vector<Tensor> gather_rows(const Tensor& src_RD, const Tensor& slots_TK, co
   return {out, dot_out};
 }
 
+Tensor checked_weight(const std::optional<Tensor>& t, const Tensor& x, const char* name, std::vector<int64_t> shape) {
+  if (!t.has_value()) return Tensor();
+  check_cuda(*t, name, x);
+  TORCH_CHECK(t->scalar_type() == x.scalar_type(), "adaptmoe: ", name, " must have x's dtype ", x.scalar_type(),
+              ", got ", t->scalar_type());
+  TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), "adaptmoe: ", name, " must have shape ", at::IntArrayRef(shape),
+              ", got ", t->sizes());
+  Tensor c = t->contiguous();
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0, "adaptmoe: ", name, " must be 16-byte aligned");
+  return c;
+}
+
+// y_TO[t] = sum_k w_TK[t,k] * ffn_{e_TK[t,k]}(x_TD[t]) (postscore), or sum_k ffn_e(w_TK[t,k] * x_TD[t]);
+// experts outside [0, E) add nothing. Reads only the selected experts' weights; out_dtype: DType code.
+Tensor decode_ffn(const Tensor& x_TD, const Tensor& e_TK, const std::optional<Tensor>& w_TK, bool postscore,
+                  const Tensor& w1_EHD, const Tensor& w2_EHO, const std::optional<Tensor>& w3_EHD,
+                  const std::optional<Tensor>& b1_EH, const std::optional<Tensor>& b2_EO, int64_t act,
+                  int64_t splits, int64_t out_dtype) {
+  TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");
+  const auto dt = dtype_of(x_TD);
+  const c10::cuda::CUDAGuard guard(x_TD.device());
+  TORCH_CHECK(w1_EHD.dim() == 3 && w2_EHO.dim() == 3, "adaptmoe: w1_EHD and w2_EHO must be 3-D");
+  const int64_t T = x_TD.size(0), D = x_TD.size(1), E = w1_EHD.size(0), H = w1_EHD.size(1), O = w2_EHO.size(2);
+  const Tensor x = checked_weight(x_TD, x_TD, "x_TD", {T, D});
+  const Tensor w1 = checked_weight(w1_EHD, x_TD, "w1_EHD", {E, H, D});
+  const Tensor w2 = checked_weight(w2_EHO, x_TD, "w2_EHO", {E, H, O});
+  const Tensor w3 = checked_weight(w3_EHD, x_TD, "w3_EHD", {E, H, D});
+  const Tensor b1 = checked_weight(b1_EH, x_TD, "b1_EH", {E, H});
+  const Tensor b2 = checked_weight(b2_EO, x_TD, "b2_EO", {E, O});
+  const Tensor e = checked_slots(e_TK, x_TD);
+  TORCH_CHECK(e.size(0) == T, "adaptmoe: e_TK must have T=", T, " rows");
+  const int64_t K = e.size(1), N = T * K;
+  TORCH_CHECK(N <= adaptmoe::kMaxDecodePairs, "adaptmoe: decode takes at most ", adaptmoe::kMaxDecodePairs,
+              " (token, expert) pairs, got ", N);
+  const int64_t pack = 16 / static_cast<int64_t>(x_TD.element_size());
+  TORCH_CHECK(D % pack == 0 && H % pack == 0 && O % pack == 0, "adaptmoe: decode needs D, H, O multiples of ",
+              pack, " for ", x_TD.scalar_type(), ", got ", D, ", ", H, ", ", O);
+  TORCH_CHECK(act >= adaptmoe::kActIdentity && act <= adaptmoe::kActSigmoid, "adaptmoe: unknown activation code ", act);
+  TORCH_CHECK(splits >= 1 && splits <= H, "adaptmoe: splits must be in [1, H=", H, "], got ", splits);
+  const auto w = checked_tk(w_TK, e, x_TD, "w_TK");
+  const auto out_dt = static_cast<adaptmoe::DType>(out_dtype);
+  const auto out_type = out_dt == adaptmoe::kFloat32 ? at::kFloat : out_dt == adaptmoe::kFloat16 ? at::kHalf : at::kBFloat16;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  Tensor h = at::empty({N, H}, x.options());
+  Tensor part = at::empty({splits, N, O}, x.options().dtype(at::kFloat));
+  Tensor y = at::empty({T, O}, x.options().dtype(out_type));
+  const void* w_ptr = w.has_value() ? w->data_ptr() : nullptr;
+  const auto w_dt = w.has_value() ? dtype_of(*w) : adaptmoe::kFloat32;
+  auto ptr = [](const Tensor& t) -> const void* { return t.defined() ? t.data_ptr() : nullptr; };
+  check_launch(adaptmoe::launch_decode_up(x.data_ptr(), dt, e.data_ptr<int64_t>(), postscore ? nullptr : w_ptr, w_dt,
+                                          w1.data_ptr(), ptr(w3), ptr(b1), N, static_cast<int>(K),
+                                          static_cast<int>(E), H, D, static_cast<adaptmoe::Activation>(act),
+                                          h.data_ptr(), stream),
+               "decode up projection");
+  check_launch(adaptmoe::launch_decode_down(h.data_ptr(), dt, e.data_ptr<int64_t>(), w2.data_ptr(), N,
+                                            static_cast<int>(E), H, O, static_cast<int>(splits),
+                                            part.data_ptr<float>(), stream),
+               "decode down projection");
+  check_launch(adaptmoe::launch_decode_reduce(part.data_ptr<float>(), e.data_ptr<int64_t>(), postscore ? w_ptr : nullptr,
+                                              w_dt, ptr(b2), dt, T, static_cast<int>(K), static_cast<int>(E), O,
+                                              static_cast<int>(splits), y.data_ptr(), out_dt, stream),
+               "decode reduce");
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "adaptmoe native CUDA kernels (gating/top-k, slot assignment, dispatch/combine rows)";
+  m.doc() = "adaptmoe native CUDA kernels (gating/top-k, slot assignment, dispatch/combine rows, decode FFN)";
   m.def("route_topk", &route_topk, "fused scores + top-k + slot assignment");
   m.def("assign_slots", &assign_slots, "slot locations in GShard priority order");
   m.def("scatter_rows", &scatter_rows, "token rows -> expert-major rows (optional scale, optional dots)");
   m.def("gather_rows", &gather_rows, "expert-major rows -> weighted sum per token (optional dots)");
+  m.def("decode_ffn", &decode_ffn, "expert FFN of a few tokens over the selected experts only");
+  m.attr("max_decode_pairs") = adaptmoe::kMaxDecodePairs;
   m.attr("max_topk_experts") = adaptmoe::kMaxTopkExperts;
   m.attr("max_locate_experts") = adaptmoe::kMaxLocateExperts;
 }

@@ -54,4 +54,35 @@ cudaError_t launch_gather_rows(const void* src_RD, DType dt, const int64_t* slot
                                int64_t D, int64_t R, void* out_TD, void* dot_out_TK, DType dot_dt,
                                cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------
+// Decode (few tokens): each kernel reads only the weights of experts some (t, k) pair selected;
+// blocks of unselected experts return at once. N = T*K pairs, pair n is token n / K; an expert
+// index outside [0, E) (a padded token) selects nothing. D, H, O are multiples of 16 bytes of the
+// weights' dtype and every pointer is 16-byte aligned (the bindings check both).
+enum Activation : int { kActIdentity = 0, kActRelu = 1, kActGelu = 2, kActGeluTanh = 3, kActSilu = 4, kActTanh = 5, kActSigmoid = 6 };
+
+// Largest N of the decode kernels (each block keeps its expert's pair list in shared memory).
+constexpr int kMaxDecodePairs = 1024;
+
+// h_NH[n] = act(s_n * x_TD[n / K] . w1[e_n]^T + b1[e_n]) (* s_n * x_TD[n / K] . w3[e_n]^T when w3
+// is given); s_n = scale_N[n] (scale_N null: 1). x, w1, w3, b1 and h share dtype dt; scale_N in
+// scale_dt. Rows of h for pairs that select nothing are left unwritten.
+cudaError_t launch_decode_up(const void* x_TD, DType dt, const int64_t* e_N, const void* scale_N,
+                             DType scale_dt, const void* w1_EHD, const void* w3_EHD, const void* b1_EH,
+                             int64_t N, int K, int E, int64_t H, int64_t D, Activation act, void* h_NH,
+                             cudaStream_t stream);
+
+// part_SNO[s, n] = fp32 partial h_NH[n] . w2[e_n][hidden slice s] for `splits` equal slices of H
+// (each slice is one block's work, so a few pairs still spread over the GPU). Rows of pairs
+// that select nothing are left unwritten.
+cudaError_t launch_decode_down(const void* h_NH, DType dt, const int64_t* e_N, const void* w2_EHO,
+                               int64_t N, int E, int64_t H, int64_t O, int splits, float* part_SNO,
+                               cudaStream_t stream);
+
+// y_TO[t] = sum_k w_n * (sum_s part_SNO[s, n] + b2[e_n]) over the pairs n = t*K + k that select an
+// expert (w_N null: 1; b2 null: 0; b2 in dt), fp32 sums in a fixed order, stored in out_dt.
+cudaError_t launch_decode_reduce(const float* part_SNO, const int64_t* e_N, const void* w_N, DType w_dt,
+                                 const void* b2_EO, DType dt, int64_t T, int K, int E, int64_t O,
+                                 int splits, void* y_TO, DType out_dt, cudaStream_t stream);
+
 }  // namespace adaptmoe

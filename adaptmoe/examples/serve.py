@@ -12,6 +12,9 @@ result, as a server returns it):
   fixed grouped    the layer's dropless grouped path for every size
   fixed bmm cf=1   the layer's capacity-padded path (capacity factor 1: may drop tokens)
   fixed decode     the sync-free decode kernel for every size
+Eager strategies run ``ServingMoE.warmup`` (one call per bucket) and graph strategies capture
+their buckets before the stream, as a server does at start-up; the stream's sizes are drawn
+independently, so most requests still bring a token count the layer has not seen.
 Reported per strategy and token bucket: p50/p99 latency and tokens/s; first call of each bucket
 against that bucket's p50 (a new size must not stall); then the decode floor = bytes of the
 distinct experts the tokens selected / device copy bandwidth measured in this run, for
@@ -56,9 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--floor-tokens", dest="floor_tokens", default="1,4,16,64")
     p.add_argument("--prefill-floor-tokens", dest="prefill_floor_tokens", default=None,
                    help="comma list (default: 4096,8192 on cuda, 256 on cpu)")
-    p.add_argument("--split-k", dest="split_k", default=None,
-                   help="comma list of decode down-projection splits to add to the decode floor table "
-                        "(default: 4 on cuda, none on cpu)")
+    p.add_argument("--split-k", dest="split_k", default="",
+                   help="comma list of grouped_mm decode down-projection splits to add to the decode floor table")
+    p.add_argument("--compare-methods", dest="compare_methods", default=None,
+                   help="comma list of adaptmoe.decode methods to add to the decode floor table "
+                        "(default: grouped_mm on cuda, none on cpu)")
     p.add_argument("--strategies", default="all", help="comma list of strategy names, or all")
     p.add_argument("--skip-stream", dest="skip_stream", action="store_true", help="floors only")
     p.add_argument("--seed", type=int, default=0)
@@ -67,8 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in (GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.split_k is None:
-        args.split_k = "4" if args.device == "cuda" else ""
+    if args.compare_methods is None:
+        args.compare_methods = "grouped_mm" if args.device == "cuda" else ""
     if args.prefill_floor_tokens is None:
         args.prefill_floor_tokens = "4096,8192" if args.device == "cuda" else "256"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -261,26 +266,32 @@ def print_floors(title: str, rows: list[dict], names: list[str], extra: tuple[st
         print(f"  {r['T']:>6} " + " ".join(f"{r[e]:9.2f}" for e in extra) + f" {r['floor_ms']:9.3f} " + cells)
 
 
-def split_variants(layer: MoELayer, args: argparse.Namespace) -> dict[str, Callable]:
-    """Decode with the split-K down projection (eager, and graphs on CUDA) for the floor table."""
+def decode_variants(layer: MoELayer, args: argparse.Namespace) -> dict[str, Callable]:
+    """Other decode implementations (eager, and graphs on CUDA) for the floor table: methods of
+    adaptmoe.decode and the grouped_mm split-K down projection."""
+    variants = {m: dict(decode_method=m) for m in args.compare_methods.split(",") if m}
+    variants.update({f"split{s}": dict(decode_method="grouped_mm", decode_split_k=s)
+                     for s in [int(v) for v in args.split_k.split(",") if v and int(v) > 1]})
     out: dict[str, Callable] = {}
-    for s in [int(v) for v in args.split_k.split(",") if v and int(v) > 1]:
-        out[f"split{s}"] = ServingMoE(layer, decode_split_k=s)
+    for name, options in variants.items():
+        out[name] = ServingMoE(layer, **options)
         if args.device == "cuda":
-            runner = CudaGraphRunner(ServingMoE(layer, decode_split_k=s), max_graph_tokens=max(args.max_decode, 64))
+            runner = CudaGraphRunner(ServingMoE(layer, **options), max_graph_tokens=max(args.max_decode, 64))
             _capture_graphs(runner, [], args)
-            out[f"split{s}+graphs"] = runner
+            out[f"{name}+graphs"] = runner
     return out
 
 
 def _capture_graphs(fn: Callable, sizes: list[int], args: argparse.Namespace) -> float:
-    """Capture every bucket the stream and the floors use, before timing (a server does this at
-    start-up); returns the seconds it took."""
-    if not isinstance(fn, CudaGraphRunner):
-        return 0.0
+    """Capture every bucket the stream and the floors use (graph runners) or warm every bucket
+    up (eager ServingMoE) before timing, as a server does at start-up; returns the seconds it took."""
     t0 = time.perf_counter()
-    fn.capture(sizes + [int(t) for t in args.floor_tokens.split(",") if t], dtype=DTYPES[args.dtype])
-    torch.cuda.synchronize()
+    if isinstance(fn, CudaGraphRunner):
+        fn.capture(sizes + [int(t) for t in args.floor_tokens.split(",") if t], dtype=DTYPES[args.dtype])
+    elif isinstance(fn, ServingMoE):
+        fn.warmup(max([args.max_prefill, args.max_decode] + sizes))
+    if args.device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -303,16 +314,18 @@ def main(argv=None) -> dict:
     if not args.skip_stream:
         tables = {}
         for label, fn in fns.items():
+            planned_before = fn.planner.plans_computed if isinstance(fn, ServingMoE) else 0
             records = run_stream(fn, sizes, x_TD, args.device)
             tables[label] = summarize(records)
             print_stream(label, tables[label], records)
             if isinstance(fn, ServingMoE):
                 results.setdefault("plans_computed", {})[label] = fn.planner.plans_computed
+                results.setdefault("plans_during_stream", {})[label] = fn.planner.plans_computed - planned_before
         print_comparison(tables)
         results["streams"] = {k: {str(b): v for b, v in t.items()} for k, t in tables.items()}
     bw = copy_bandwidth(args.device, args.iters)
     timed = {k: v for k, v in fns.items() if k in ("adaptive", "adaptive+graphs", "fixed grouped")}
-    timed.update(split_variants(layer, args))
+    timed.update(decode_variants(layer, args))
     results["copy_bw_GBps"] = bw / 1e9
     results["decode"] = decode_floors(layer, timed, x_TD, bw, args)
     print(f"\ncopy bandwidth (read+write): {bw / 1e9:,.1f} GB/s; one expert = {expert_bytes(layer) / 2**20:,.1f} MiB")

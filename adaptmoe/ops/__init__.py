@@ -1,4 +1,4 @@
-"""Native ops of adaptmoe behind torch.library: dispatch, combine, fused routing.
+"""Native ops of adaptmoe behind torch.library: dispatch, combine, fused routing, decode FFN.
 
 Legend: T tokens, E experts, K top-k, D model dim, R rows of the expert-major buffer.
 
@@ -12,10 +12,12 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import _native
+from ._decode_op import DECODE_TOLERANCES, decode_ffn, native_decode_blocker
 from ._ops import (SCORE_FNS, TOLERANCES, assign_slots_op, combine_op, dispatch_op, route_topk_grad,
                    route_topk_op)
 
-__all__ = ["dispatch", "combine", "route_topk", "assign_slots", "native_available", "native_status",
+__all__ = ["dispatch", "combine", "route_topk", "assign_slots", "decode_ffn", "native_decode_blocker",
+           "DECODE_TOLERANCES", "native_available", "native_status",
            "set_native_enabled", "TOLERANCES", "SCORE_FNS"]
 
 

@@ -89,6 +89,11 @@ def load() -> ModuleType | None:
     return _module
 
 
+def loaded() -> ModuleType | None:
+    """The extension if an earlier ``load()`` found it; never tries (safe while tracing)."""
+    return _module if _tried else None
+
+
 def set_enabled(enabled: bool) -> None:
     """Turns the native kernels off (the PyTorch reference runs) or back on for this process."""
     global _enabled, _tried, _module, _status

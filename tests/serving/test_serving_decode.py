@@ -87,7 +87,7 @@ def test_expected_distinct_and_rule():
 
 def test_bad_method_names_allowed_values():
     layer = make_layer()
-    with pytest.raises(ValueError, match=r"method must be one of \['auto', 'grouped_mm', 'gather', 'dense'\]"):
+    with pytest.raises(ValueError, match=r"method must be one of \['auto', 'native', 'grouped_mm', 'gather', 'dense'\]"):
         decode.decode_forward(layer, torch.randn(2, 16, dtype=torch.float64), top_k=2, method="cutlass")
 
 
@@ -135,3 +135,51 @@ def test_split_k_down_projection_equals_unsplit(dtype, splits):
                 assert torch.equal(masked[n:], torch.zeros_like(masked[n:]))
     with pytest.raises(ValueError, match="split_k must divide hidden=32 into slices of a multiple of 16 bytes"):
         decode.decode_forward(layer, torch.randn(2, 16, dtype=dtype), top_k=2, split_k=3)
+
+
+@pytest.mark.parametrize("kind, postscore", [("gated_ffn", True), ("ffn", False), ("ffn", True)])
+def test_decode_ffn_op_equals_brute_force(kind, postscore):
+    """adaptmoe::decode_ffn's reference (what the CUDA kernels are tested against) is the layer."""
+    from adaptmoe import ops
+    layer = make_layer(kind, torch.float64, postscore)
+    for T in (1, 5):
+        x = torch.randn(T, 16, dtype=torch.float64)
+        with torch.no_grad():
+            indices_TK, weights_TK = decode.route_tokens(layer, x, top_k=2)
+            y = ops.decode_ffn(x, indices_TK, weights_TK, postscore, tuple(layer.experts.stored_weights()),
+                               layer.experts.activation, 1, torch.float64)
+        expected = reference_forward(layer, x, capacity_factor=0.0)
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+        masked = torch.where(torch.arange(T).unsqueeze(1) < T - 1, indices_TK, 8)   # last token: padding
+        with torch.no_grad():
+            y_masked = ops.decode_ffn(x, masked, weights_TK, postscore, tuple(layer.experts.stored_weights()),
+                                      layer.experts.activation, 1, torch.float64)
+        assert torch.equal(y_masked[-1], torch.zeros_like(y_masked[-1]))
+        torch.testing.assert_close(y_masked[:-1], expected[:-1], rtol=1e-12, atol=1e-12)
+
+
+def test_native_method_says_why_it_cannot_serve():
+    layer = make_layer(dtype=torch.float32)
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="method 'native' cannot serve this call: not a CUDA tensor"):
+        decode.decode_forward(layer, x, top_k=2, method="native")
+    from adaptmoe import ops
+    with pytest.raises(ValueError, match="built-in activations"):
+        ops.decode_ffn(x, torch.zeros(2, 2, dtype=torch.long), None, False, tuple(layer.experts.stored_weights()),
+                       lambda t: t * 2, 1, torch.float32)
+
+
+def test_decode_ffn_op_traces_fullgraph():
+    from adaptmoe import ops
+    torch._dynamo.reset()
+    layer = make_layer("ffn", torch.float32)
+    w = tuple(layer.experts.stored_weights())
+    x = torch.randn(3, 16)
+    indices_TK, weights_TK = decode.route_tokens(layer, x, top_k=2)
+
+    def fn(x_TD, e_TK, w_TK):
+        return ops.decode_ffn(x_TD, e_TK, w_TK, True, w, layer.experts.activation, 1, torch.float32)
+
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x, indices_TK, weights_TK),
+                                   fn(x, indices_TK, weights_TK))

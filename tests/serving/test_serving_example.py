@@ -17,7 +17,9 @@ def test_serve_example_small_stream(tmp_path, capsys):
         assert expected in text
     assert [row["T"] for row in results["decode"]] == [1, 4]
     assert results["decode"][0]["distinct"] == 2 and results["decode"][0]["floor_ms"] > 0
-    assert results["plans_computed"]["adaptive"] == len(results["streams"]["adaptive"])
+    # warm-up planned every bucket up to the largest request; the stream itself planned nothing
+    assert results["plans_computed"]["adaptive"] >= len(results["streams"]["adaptive"])
+    assert results["plans_during_stream"]["adaptive"] == 0
     assert results["decode"][0]["split2"] > 0
     assert json.loads(out_json.read_text())["device"] == "cpu"
 

@@ -65,6 +65,26 @@ def test_prepare_plans_every_bucket_ahead(cost_model_calls):
     assert serving.planner.plans_computed == computed
 
 
+def test_warmup_runs_each_bucket_once_and_changes_nothing(monkeypatch):
+    serving = make_serving()
+    before = {k: v.clone() for k, v in serving.state_dict().items()}
+    sizes = []
+    real_forward = ServingMoE.forward
+
+    def spy(self, x, **kwargs):
+        sizes.append(x.shape[0])
+        return real_forward(self, x, **kwargs)
+    monkeypatch.setattr(ServingMoE, "forward", spy)
+    choices = serving.warmup(100)
+    assert [c.bucket for c in choices] == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert sizes == [1, 2, 4, 8, 16, 32, 64, 100]     # the last bucket at max_tokens, not beyond
+    assert all(torch.equal(v, serving.state_dict()[k]) for k, v in before.items())
+    computed = serving.planner.plans_computed
+    with torch.no_grad():
+        serving(torch.randn(37, 16))
+    assert serving.planner.plans_computed == computed
+
+
 def test_rule_without_cost_model():
     serving = make_serving(planner=BucketPlanner(use_cost_model=False))
     assert [serving.choose(t).kernel for t in (1, 64, 65, 5000)] == ["decode", "decode", "grouped", "grouped"]

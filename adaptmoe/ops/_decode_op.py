@@ -1,0 +1,141 @@
+"""torch.library registration of adaptmoe::decode_ffn: the expert FFN of a few tokens that reads
+only the selected experts' weights (native CUDA kernels in native/decode_kernels.cu).
+
+Legend: T tokens, K top-k, N = T*K pairs, E experts, D model dim, H expert hidden, O output dim.
+
+Inference only (no autograd). CUDA tensors run the native kernels when the extension loads;
+everything else runs the PyTorch reference below, which defines the semantics the GPU tests
+compare against. The fake implementation makes the op opaque to ``torch.compile`` and safe to
+capture in a CUDA graph (the native path never synchronizes with the host).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..experts import ACTIVATION_FNS
+from . import _native
+
+# Activation codes of native/moe_kernels.h (enum Activation), by the function the experts hold.
+ACTIVATION_CODES: dict[str, int] = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swish": 4,
+                                    "tanh": 5, "sigmoid": 6}
+_CODE_OF_FN = {id(ACTIVATION_FNS[name]): code for name, code in ACTIVATION_CODES.items()}
+_FN_OF_CODE = {code: ACTIVATION_FNS[name] for name, code in ACTIVATION_CODES.items()}
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+# (rtol, atol) of the native op against the reference on the same inputs: the kernels keep the
+# hidden activations in fp32 until one rounding, the reference rounds after each matmul.
+DECODE_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (4e-2, 4e-2)}
+
+THREADS, PAIRS_PER_PASS = 256, 8   # native/decode_kernels.cu: kThreads, kGroup
+MAX_PAIRS = 1024                   # native/moe_kernels.h: kMaxDecodePairs
+
+
+def activation_code(act: Callable[[Tensor], Tensor]) -> int | None:
+    """The kernels' code for one of the built-in activations, None for any other callable."""
+    return _CODE_OF_FN.get(id(act))
+
+
+def _ffn_of_pairs(x_ND: Tensor, e_N: Tensor, w1, w2, w3, b1, b2, act: Callable) -> Tensor:
+    """Reference: every expert over all pairs, keeping each pair's own expert (e outside [0, E): 0)."""
+    y_NO = x_ND.new_zeros(x_ND.shape[0], w2.shape[2])
+    for e in range(w1.shape[0]):
+        h = x_ND @ w1[e].t()
+        h = act(h + b1[e] if b1 is not None else h)
+        if w3 is not None:
+            h = h * (x_ND @ w3[e].t())
+        y = h @ w2[e]
+        y = y + b2[e] if b2 is not None else y
+        y_NO = torch.where((e_N == e).unsqueeze(1), y, y_NO)
+    return y_NO
+
+
+def decode_ffn_reference(x_TD: Tensor, e_TK: Tensor, w_TK: Tensor | None, postscore: bool, w1: Tensor, w2: Tensor,
+                         w3: Tensor | None, b1: Tensor | None, b2: Tensor | None, activation: int,
+                         out_dtype: torch.dtype) -> Tensor:
+    T, K = e_TK.shape
+    x_ND = x_TD.repeat_interleave(K, dim=0)
+    if not postscore and w_TK is not None:
+        x_ND = x_ND * w_TK.reshape(-1, 1).to(x_ND.dtype)
+    y_TKO = _ffn_of_pairs(x_ND, e_TK.reshape(-1), w1, w2, w3, b1, b2, _FN_OF_CODE[activation]).view(T, K, -1)
+    if postscore and w_TK is not None:
+        y_TKO = y_TKO.to(out_dtype) * w_TK.to(out_dtype).unsqueeze(2)
+    return y_TKO.to(out_dtype).sum(1)
+
+
+@torch.library.custom_op("adaptmoe::decode_ffn", mutates_args=())
+def decode_ffn_op(x_TD: Tensor, e_TK: Tensor, w_TK: Tensor | None, postscore: bool, w1_EHD: Tensor, w2_EHO: Tensor,
+                  w3_EHD: Tensor | None, b1_EH: Tensor | None, b2_EO: Tensor | None, activation: int, splits: int,
+                  out_dtype: torch.dtype) -> Tensor:
+    native = _native.for_tensor(x_TD)
+    if native is not None:
+        return native.decode_ffn(x_TD, e_TK, w_TK, postscore, w1_EHD, w2_EHO, w3_EHD, b1_EH, b2_EO, activation,
+                                 splits, _DTYPE_CODES[out_dtype])
+    return decode_ffn_reference(x_TD, e_TK, w_TK, postscore, w1_EHD, w2_EHO, w3_EHD, b1_EH, b2_EO, activation,
+                                out_dtype)
+
+
+@decode_ffn_op.register_fake
+def _(x_TD, e_TK, w_TK, postscore, w1_EHD, w2_EHO, w3_EHD, b1_EH, b2_EO, activation, splits, out_dtype):
+    return x_TD.new_empty(x_TD.shape[0], w2_EHO.shape[2], dtype=out_dtype)
+
+
+def native_decode_blocker(x_TD: Tensor, weights: tuple, act: Callable, num_pairs: int) -> str | None:
+    """None when the native decode kernels can serve this call, else why not (no device work;
+    while tracing, only an extension loaded earlier counts)."""
+    if x_TD.device.type != "cuda":
+        return "not a CUDA tensor"
+    if torch.compiler.is_compiling():
+        if _native.loaded() is None:
+            return "native extension not loaded before tracing"
+    elif _native.load() is None:
+        return f"native extension unavailable: {_native.status()}"
+    if x_TD.dtype not in _DTYPE_CODES:
+        return f"dtype {x_TD.dtype} (native takes float32, float16, bfloat16)"
+    if activation_code(act) is None:
+        return "custom activation (native fuses only the built-in ones)"
+    if num_pairs > MAX_PAIRS:
+        return f"{num_pairs} pairs > {MAX_PAIRS}"
+    pack = 16 // x_TD.element_size()
+    w1, w2 = weights[0], weights[1]
+    if any(n % pack for n in (x_TD.shape[1], w1.shape[1], w2.shape[2])):
+        return f"D, H, O not multiples of {pack} elements (16-byte rows)"
+    if torch.is_grad_enabled() and (x_TD.requires_grad or any(t is not None and t.requires_grad for t in weights)):
+        return "gradients requested (the native decode path is inference only)"
+    return None
+
+
+_sm_count: dict[int, int] = {}
+
+
+def down_splits(tokens: int, top_k: int, num_experts: int, hidden: int, out_dim: int, x_TD: Tensor,
+                expected_experts: float) -> int:
+    """Hidden slices of the down projection: enough blocks to fill the GPU twice over with the
+    experts the tokens are expected to select, while the fp32 partials stay under 1/16 of the
+    weight bytes read. Static in the shapes (graph-safe)."""
+    index = x_TD.device.index or 0
+    if index not in _sm_count:
+        _sm_count[index] = 132 if torch.compiler.is_compiling() else torch.cuda.get_device_properties(index).multi_processor_count
+    pack = 16 // x_TD.element_size()
+    column_blocks = math.ceil(out_dim / (THREADS * pack))
+    experts = max(1.0, expected_experts)
+    wanted = math.ceil(2 * _sm_count[index] / (experts * column_blocks))
+    pairs = max(1, tokens * top_k)
+    cap = int(experts * hidden * x_TD.element_size() // (16 * pairs * 4))
+    return max(1, min(wanted, cap, hidden // 64 or 1))
+
+
+def decode_ffn(x_TD: Tensor, e_TK: Tensor, w_TK: Tensor | None, postscore: bool, weights: tuple,
+               act: Callable, splits: int, out_dtype: torch.dtype) -> Tensor:
+    """y_TO = sum_k w_TK * ffn_{e_TK}(x_TD) (postscore) or sum_k ffn_{e_TK}(w_TK * x_TD); experts
+    outside [0, E) add nothing. ``weights``: (w1_EHD, w2_EHO, b1_EH, b2_EO, w3_EHD)."""
+    code = activation_code(act)
+    if code is None:
+        raise ValueError("decode_ffn fuses only the built-in activations "
+                         f"{sorted(ACTIVATION_CODES)}; got a custom callable")
+    w1, w2, b1, b2, w3 = weights
+    return decode_ffn_op(x_TD, e_TK, w_TK, postscore, w1, w2, w3, b1, b2, code, splits, out_dtype)

@@ -36,7 +36,7 @@ from torch import Tensor
 from . import ops
 from .expert_compute import FFNWeights, ffn_one_expert
 from .gates import select_experts
-from .ops._decode_op import down_splits
+from .ops._decode_op import PAIRS_PER_PASS
 
 METHODS = ("auto", "native", "grouped_mm", "gather", "dense")
 DECODE_MAX_TOKENS = 64          # same cap as planner.cost: beyond it every expert is hit anyway
@@ -105,7 +105,8 @@ def grouped_mm_supported(x_TD: Tensor, hidden: int, out_dim: int) -> bool:
     return capability is not None and capability >= (9, 0)
 
 
-def resolve_method(method: str, x_TD: Tensor, num_pairs: int, weights: FFNWeights, act: Callable) -> str:
+def resolve_method(method: str, x_TD: Tensor, num_pairs: int, weights: FFNWeights, act: Callable,
+                   top_k: int = 1) -> str:
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     if method == "native":
@@ -114,7 +115,12 @@ def resolve_method(method: str, x_TD: Tensor, num_pairs: int, weights: FFNWeight
             raise ValueError(f"method 'native' cannot serve this call: {blocker}")
     if method != "auto":
         return method
-    if ops.native_decode_blocker(x_TD, weights, act, num_pairs) is None:
+    # native streams an expert's weights once per PAIRS_PER_PASS of its pairs; beyond that the
+    # tensor-core grouped GEMM reads them once for all rows and wins.
+    E = weights.w1_eHD.shape[0]
+    tokens = num_pairs // max(1, top_k)
+    few_rows = num_pairs <= PAIRS_PER_PASS * max(1.0, expected_distinct_experts(tokens, E, top_k))
+    if few_rows and ops.native_decode_blocker(x_TD, weights, act, num_pairs) is None:
         return "native"
     E, H = weights.w1_eHD.shape[0], weights.w1_eHD.shape[1]
     if grouped_mm_supported(x_TD, H, weights.w2_eHO.shape[2]):
@@ -282,7 +288,7 @@ def selected_expert_ffn(x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, we
     graph bucket) touch no expert and come back as zeros. ``split_k``: see ``split_k_for``."""
     T, K = indices_TK.shape
     E, H = weights.w1_eHD.shape[0], weights.w1_eHD.shape[1]
-    resolved = resolve_method(method, x_TD, T * K, weights, act)
+    resolved = resolve_method(method, x_TD, T * K, weights, act, K)
     e_TK = indices_TK if valid_T is None else torch.where(valid_T.unsqueeze(1), indices_TK, E)
     if resolved == "native":
         return _native_ffn(x_TD, e_TK, weights_TK, weights, act, is_postscore)
@@ -306,12 +312,9 @@ def _native_ffn(x_TD: Tensor, e_TK: Tensor, weights_TK: Tensor, w: FFNWeights, a
                 is_postscore: bool) -> Tensor:
     if any(t is not None and t.dtype != x_TD.dtype for t in w):   # autocast: fp32 weights, bf16 x
         w = FFNWeights(*[None if t is None else t.to(x_TD.dtype) for t in w])
-    T, K = e_TK.shape
-    E, H, O = w.w1_eHD.shape[0], w.w1_eHD.shape[1], w.w2_eHO.shape[2]
-    splits = down_splits(T, K, E, H, O, x_TD, expected_distinct_experts(T, E, K))
     out_dtype = torch.promote_types(x_TD.dtype, weights_TK.dtype) if is_postscore else x_TD.dtype
     # masked tokens carry expert E: they select nothing and come back as zeros
-    return ops.decode_ffn(x_TD.contiguous(), e_TK, weights_TK, is_postscore, tuple(w), act, splits, out_dtype)
+    return ops.decode_ffn(x_TD.contiguous(), e_TK, weights_TK, is_postscore, tuple(w), act, 0, out_dtype)
 
 
 def route_tokens(layer, x_TD: Tensor, *, top_k: int, gate_index: int = 0) -> tuple[Tensor, Tensor]:

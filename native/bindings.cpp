@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -207,13 +208,19 @@ Tensor decode_ffn(const Tensor& x_TD, const Tensor& e_TK, const std::optional<Te
   TORCH_CHECK(D % pack == 0 && H % pack == 0 && O % pack == 0, "adaptmoe: decode needs D, H, O multiples of ",
               pack, " for ", x_TD.scalar_type(), ", got ", D, ", ", H, ", ", O);
   TORCH_CHECK(act >= adaptmoe::kActIdentity && act <= adaptmoe::kActSigmoid, "adaptmoe: unknown activation code ", act);
-  TORCH_CHECK(splits >= 1 && splits <= H, "adaptmoe: splits must be in [1, H=", H, "], got ", splits);
+  TORCH_CHECK(splits >= 0 && splits <= H, "adaptmoe: splits must be 0 (the kernel picks) or in [1, H=", H, "], got ", splits);
+  TORCH_CHECK(E <= adaptmoe::kMaxDecodeExperts, "adaptmoe: decode takes at most ", adaptmoe::kMaxDecodeExperts,
+              " experts, got ", E);
   const auto w = checked_tk(w_TK, e, x_TD, "w_TK");
   const auto out_dt = static_cast<adaptmoe::DType>(out_dtype);
   const auto out_type = out_dt == adaptmoe::kFloat32 ? at::kFloat : out_dt == adaptmoe::kFloat16 ? at::kHalf : at::kBFloat16;
+  // Room for the slices the kernel may pick, with the fp32 partials kept under 64 MiB.
+  const int64_t memory_cap = std::max<int64_t>(1, (int64_t{64} << 20) / std::max<int64_t>(1, N * O * 4));
+  const int64_t max_splits = splits > 0 ? splits : std::min<int64_t>({adaptmoe::decode_auto_max_splits(dt, O), memory_cap, H});
   auto stream = c10::cuda::getCurrentCUDAStream();
   Tensor h = at::empty({N, H}, x.options());
-  Tensor part = at::empty({splits, N, O}, x.options().dtype(at::kFloat));
+  Tensor part = at::empty({max_splits, N, O}, x.options().dtype(at::kFloat));
+  Tensor splits_used = at::empty({1}, x.options().dtype(at::kInt));
   Tensor y = at::empty({T, O}, x.options().dtype(out_type));
   const void* w_ptr = w.has_value() ? w->data_ptr() : nullptr;
   const auto w_dt = w.has_value() ? dtype_of(*w) : adaptmoe::kFloat32;
@@ -225,11 +232,12 @@ Tensor decode_ffn(const Tensor& x_TD, const Tensor& e_TK, const std::optional<Te
                "decode up projection");
   check_launch(adaptmoe::launch_decode_down(h.data_ptr(), dt, e.data_ptr<int64_t>(), w2.data_ptr(), N,
                                             static_cast<int>(E), H, O, static_cast<int>(splits),
-                                            part.data_ptr<float>(), stream),
+                                            static_cast<int>(max_splits), part.data_ptr<float>(),
+                                            splits_used.data_ptr<int>(), stream),
                "decode down projection");
   check_launch(adaptmoe::launch_decode_reduce(part.data_ptr<float>(), e.data_ptr<int64_t>(), postscore ? w_ptr : nullptr,
                                               w_dt, ptr(b2), dt, T, static_cast<int>(K), static_cast<int>(E), O,
-                                              static_cast<int>(splits), y.data_ptr(), out_dt, stream),
+                                              splits_used.data_ptr<int>(), y.data_ptr(), out_dt, stream),
                "decode reduce");
   return y;
 }

@@ -8,7 +8,9 @@
 // weight stream, which is the whole cost, runs at ~2 TB/s. Here each block streams a slice of one
 // expert's weights once (16-byte loads, evict-first) and applies it to every pair of that
 // expert; the pair list is built per block from the routing indices, so nothing waits for the
-// host and a call can be captured in a CUDA graph. The down projection writes fp32 partials per
+// host and a call can be captured in a CUDA graph. Each kernel runs one resident wave of blocks
+// (occupancy x SMs) that find the selected experts themselves and split that work evenly, so
+// there is no idle tail wave whatever the routing. The down projection writes fp32 partials per
 // hidden slice and a last kernel adds them in a fixed order: results are bitwise reproducible.
 #include "moe_kernels.h"
 #include "device_utils.cuh"
@@ -45,8 +47,50 @@ __device__ __forceinline__ float activate(float v, int act) {
   }
 }
 
-// The pairs that selected expert e, in pair order, into pairs[]; every thread gets their count.
-__device__ int collect_pairs(const int64_t* __restrict__ e_N, int N, int e, int* pairs, int* count) {
+// Block-shared view of the routing: the selected experts (ascending) and the pairs of one expert.
+struct Routing {
+  unsigned bits[kMaxDecodeExperts / 32];
+  int active[kMaxDecodePairs];
+  int pairs[kMaxDecodePairs];
+  int num_active;
+  int num_pairs;
+};
+
+// All threads: the experts some pair selected, ascending, into r.active; returns their count A.
+__device__ int collect_active(const int64_t* __restrict__ e_N, int N, int E, Routing& r) {
+  const int words = (E + 31) / 32;
+  for (int w = threadIdx.x; w < words; w += blockDim.x) r.bits[w] = 0u;
+  __syncthreads();
+  for (int n = threadIdx.x; n < N; n += blockDim.x) {
+    const int64_t e = e_N[n];
+    if (e >= 0 && e < E) atomicOr(&r.bits[e >> 5], 1u << (e & 31));
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int base = 0;
+    for (int w0 = 0; w0 < words; w0 += 32) {
+      unsigned word = w0 + lane < words ? r.bits[w0 + lane] : 0u;
+      const int count = __popc(word);
+      int inclusive = count;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(kFull, inclusive, o);
+        if (lane >= o) inclusive += v;
+      }
+      int pos = base + inclusive - count;
+      for (; word != 0u; word &= word - 1u) r.active[pos++] = (w0 + lane) * 32 + __ffs(word) - 1;
+      base += __shfl_sync(kFull, inclusive, 31);
+    }
+    if (lane == 0) r.num_active = base;
+  }
+  __syncthreads();
+  return r.num_active;
+}
+
+// All threads: the pairs that selected expert e, in pair order, into r.pairs; returns their count.
+__device__ int collect_pairs(const int64_t* __restrict__ e_N, int N, int e, Routing& r) {
+  __syncthreads();  // the previous expert's pairs may still be read
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
     int base = 0;
@@ -54,34 +98,32 @@ __device__ int collect_pairs(const int64_t* __restrict__ e_N, int N, int e, int*
       const int i = i0 + lane;
       const bool hit = i < N && e_N[i] == e;
       const unsigned mask = __ballot_sync(kFull, hit);
-      if (hit) pairs[base + __popc(mask & ((1u << lane) - 1u))] = i;
+      if (hit) r.pairs[base + __popc(mask & ((1u << lane) - 1u))] = i;
       base += __popc(mask);
     }
-    if (lane == 0) *count = base;
+    if (lane == 0) r.num_pairs = base;
   }
   __syncthreads();
-  return *count;
+  return r.num_pairs;
 }
 
-// One warp per ROWS hidden units of one expert; lanes split D. Grid: (H / (warps * ROWS), E).
+// Contiguous share [begin, end) of `work` equal items for this block.
+__device__ __forceinline__ void block_share(int64_t work, int64_t& begin, int64_t& end) {
+  const int64_t per_block = (work + gridDim.x - 1) / gridDim.x;
+  begin = min(work, blockIdx.x * per_block);
+  end = min(work, begin + per_block);
+}
+
+// One warp: hidden units h0 .. h0+ROWS-1 of expert e for its m pairs; lanes split D.
 template <typename T, int ROWS, bool GATED>
-__global__ void __launch_bounds__(kThreads) decode_up_kernel(
-    const T* __restrict__ x_TD, const int64_t* __restrict__ e_N, const void* __restrict__ scale_N,
-    int scale_dt, const T* __restrict__ w1, const T* __restrict__ w3, const T* __restrict__ b1, int N,
-    int K, int H, int D, int act, T* __restrict__ h_NH) {
+__device__ __forceinline__ void up_rows(const T* __restrict__ x_TD, const int* pairs, int m,
+                                        const void* __restrict__ scale_N, int scale_dt, const T* __restrict__ w1_e,
+                                        const T* __restrict__ w3_e, const T* __restrict__ b1_e, int K, int H,
+                                        int D, int act, int h0, float (*sums)[ROWS * kGroup],
+                                        T* __restrict__ h_NH) {
   constexpr int V = 16 / sizeof(T);
   constexpr int R3 = GATED ? ROWS : 1;
-  static_assert(ROWS * kGroup <= 32, "one lane per (row, pair) in the epilogue");
-  __shared__ int pairs[kMaxDecodePairs];
-  __shared__ int count;
-  __shared__ float sums[kWarpsPerBlock][2][ROWS * kGroup];
-  const int e = blockIdx.y;
-  const int m = collect_pairs(e_N, N, e, pairs, &count);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int h0 = (blockIdx.x * kWarpsPerBlock + warp) * ROWS;
-  if (m == 0 || h0 >= H) return;
-  const T* w1_e = w1 + static_cast<size_t>(e) * H * D;
-  const T* w3_e = GATED ? w3 + static_cast<size_t>(e) * H * D : nullptr;
+  const int lane = threadIdx.x & 31;
   for (int g0 = 0; g0 < m; g0 += kGroup) {
     const int gm = min(kGroup, m - g0);
     const T* x_row[kGroup];
@@ -95,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) decode_up_kernel(
 #pragma unroll
       for (int r = 0; r < R3; ++r) a3[r][j] = 0.f;
     }
-#pragma unroll 2
+#pragma unroll 4
     for (int d = lane * V; d < D; d += 32 * V) {
       float wv1[ROWS][V], wv3[R3][V];
 #pragma unroll
@@ -127,8 +169,8 @@ __global__ void __launch_bounds__(kThreads) decode_up_kernel(
         const float g = warp_sum(a1[r][j]);
         const float u = GATED ? warp_sum(a3[r][j]) : 0.f;
         if (lane == 0) {
-          sums[warp][0][r * kGroup + j] = g;
-          sums[warp][1][r * kGroup + j] = u;
+          sums[0][r * kGroup + j] = g;
+          sums[1][r * kGroup + j] = u;
         }
       }
     }
@@ -138,32 +180,52 @@ __global__ void __launch_bounds__(kThreads) decode_up_kernel(
     if (lane < ROWS * kGroup && j < gm && h < H) {
       const int n = pairs[g0 + j];
       const float s = scale_N != nullptr ? load_any(scale_N, scale_dt, n) : 1.f;
-      const float bias = b1 != nullptr ? to_f<T>(b1[static_cast<size_t>(e) * H + h]) : 0.f;
-      float v = activate(s * sums[warp][0][lane] + bias, act);
-      if (GATED) v *= s * sums[warp][1][lane];
+      const float bias = b1_e != nullptr ? to_f<T>(b1_e[h]) : 0.f;
+      float v = activate(s * sums[0][lane] + bias, act);
+      if (GATED) v *= s * sums[1][lane];
       h_NH[static_cast<size_t>(n) * H + h] = from_f<T>(v);
     }
     __syncwarp();  // sums is rewritten by the next group
   }
 }
 
-// Each thread V output columns of one expert over one hidden slice. Grid: (O / (threads * V), S, E).
+// Work item: one tile of kWarpsPerBlock * ROWS hidden units of one selected expert.
+template <typename T, int ROWS, bool GATED>
+__global__ void __launch_bounds__(kThreads) decode_up_kernel(
+    const T* __restrict__ x_TD, const int64_t* __restrict__ e_N, const void* __restrict__ scale_N,
+    int scale_dt, const T* __restrict__ w1, const T* __restrict__ w3, const T* __restrict__ b1, int N,
+    int K, int E, int H, int D, int act, T* __restrict__ h_NH) {
+  static_assert(ROWS * kGroup <= 32, "one lane per (row, pair) in the epilogue");
+  __shared__ Routing r;
+  __shared__ float sums[kWarpsPerBlock][2][ROWS * kGroup];
+  const int A = collect_active(e_N, N, E, r);
+  const int warp = threadIdx.x >> 5;
+  const int tiles = (H + kWarpsPerBlock * ROWS - 1) / (kWarpsPerBlock * ROWS);
+  int64_t begin, end;
+  block_share(static_cast<int64_t>(A) * tiles, begin, end);
+  int e = -1, m = 0;
+  for (int64_t t = begin; t < end; ++t) {
+    const int a = static_cast<int>(t / tiles), tile = static_cast<int>(t % tiles);
+    if (r.active[a] != e) {  // block-uniform: every thread takes the barriers inside
+      e = r.active[a];
+      m = collect_pairs(e_N, N, e, r);
+    }
+    const int h0 = (tile * kWarpsPerBlock + warp) * ROWS;
+    if (h0 >= H) continue;
+    const size_t expert = static_cast<size_t>(e) * H * D;
+    up_rows<T, ROWS, GATED>(x_TD, r.pairs, m, scale_N, scale_dt, w1 + expert, GATED ? w3 + expert : nullptr,
+                            b1 != nullptr ? b1 + static_cast<size_t>(e) * H : nullptr, K, H, D, act, h0,
+                            sums[warp], h_NH);
+  }
+}
+
+// The whole block: V columns per thread of one column block, hidden rows [h_begin, h_end), all m pairs.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) decode_down_kernel(
-    const T* __restrict__ h_NH, const int64_t* __restrict__ e_N, const T* __restrict__ w2, int N, int H,
-    int O, int splits, float* __restrict__ part_SNO) {
+__device__ __forceinline__ void down_item(const T* __restrict__ h_NH, const int* pairs, int m,
+                                          const T* __restrict__ w2_e, int N, int H, int O, int o, int h_begin,
+                                          int h_end, int s, float (*hv)[kChunk], float* __restrict__ part_SNO) {
   constexpr int V = 16 / sizeof(T);
-  __shared__ int pairs[kMaxDecodePairs];
-  __shared__ int count;
-  __shared__ float hv[kGroup][kChunk];
-  const int e = blockIdx.z, s = blockIdx.y;
-  const int m = collect_pairs(e_N, N, e, pairs, &count);
-  if (m == 0) return;  // the same for the whole block, so the barriers below stay matched
-  const int h_begin = static_cast<int>(static_cast<int64_t>(H) * s / splits);
-  const int h_end = static_cast<int>(static_cast<int64_t>(H) * (s + 1) / splits);
-  const int o = (blockIdx.x * kThreads + threadIdx.x) * V;
   const bool active = o < O;
-  const T* w2_e = w2 + static_cast<size_t>(e) * H * O;
   for (int g0 = 0; g0 < m; g0 += kGroup) {
     const int gm = min(kGroup, m - g0);
     float acc[kGroup][V];
@@ -180,7 +242,7 @@ __global__ void __launch_bounds__(kThreads) decode_down_kernel(
       }
       __syncthreads();
       if (!active) continue;
-#pragma unroll 4
+#pragma unroll 8
       for (int c = 0; c < cn; ++c) {
         float wv[V];
         load_weights<T, V>(w2_e + static_cast<size_t>(c0 + c) * O + o, wv);
@@ -204,15 +266,47 @@ __global__ void __launch_bounds__(kThreads) decode_down_kernel(
   }
 }
 
+// Work item: (selected expert, column block of kThreads * V columns, hidden slice), slices fastest.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) decode_down_kernel(
+    const T* __restrict__ h_NH, const int64_t* __restrict__ e_N, const T* __restrict__ w2, int N, int E, int H,
+    int O, int forced_splits, int max_splits, float* __restrict__ part_SNO, int* __restrict__ splits_out) {
+  constexpr int V = 16 / sizeof(T);
+  __shared__ Routing r;
+  __shared__ float hv[kGroup][kChunk];
+  const int A = collect_active(e_N, N, E, r);
+  const int column_blocks = (O + kThreads * V - 1) / (kThreads * V);
+  int S = forced_splits > 0 ? forced_splits : static_cast<int>(gridDim.x) / max(1, A * column_blocks);
+  S = max(1, min(S, min(max_splits, H)));
+  if (blockIdx.x == 0 && threadIdx.x == 0) *splits_out = S;
+  int64_t begin, end;
+  block_share(static_cast<int64_t>(A) * column_blocks * S, begin, end);
+  int e = -1, m = 0;
+  for (int64_t t = begin; t < end; ++t) {
+    const int a = static_cast<int>(t / (static_cast<int64_t>(column_blocks) * S));
+    const int rest = static_cast<int>(t % (static_cast<int64_t>(column_blocks) * S));
+    const int c = rest / S, s = rest % S;
+    if (r.active[a] != e) {  // block-uniform
+      e = r.active[a];
+      m = collect_pairs(e_N, N, e, r);
+    }
+    const int h_begin = static_cast<int>(static_cast<int64_t>(H) * s / S);
+    const int h_end = static_cast<int>(static_cast<int64_t>(H) * (s + 1) / S);
+    down_item<T>(h_NH, r.pairs, m, w2 + static_cast<size_t>(e) * H * O, N, H, O, (c * kThreads + threadIdx.x) * V,
+                 h_begin, h_end, s, hv, part_SNO);
+  }
+}
+
 // One thread per output element. Grid: (O / threads, T).
 template <typename T>
 __global__ void decode_reduce_kernel(const float* __restrict__ part_SNO, const int64_t* __restrict__ e_N,
                                      const void* __restrict__ w_N, int w_dt, const T* __restrict__ b2, int K,
-                                     int E, int64_t N, int64_t O, int splits, void* __restrict__ y_TO,
-                                     int out_dt) {
+                                     int E, int64_t N, int64_t O, const int* __restrict__ splits_in,
+                                     void* __restrict__ y_TO, int out_dt) {
   const int64_t t = blockIdx.y;
   const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (o >= O) return;
+  const int splits = *splits_in;
   float acc = 0.f;
   for (int k = 0; k < K; ++k) {
     const int64_t n = t * K + k;
@@ -226,37 +320,60 @@ __global__ void decode_reduce_kernel(const float* __restrict__ part_SNO, const i
   store_any(y_TO, out_dt, t * O + o, acc);
 }
 
-template <typename T, int ROWS, bool GATED>
+// Blocks of `kernel` resident at once on the current device (one full wave).
+template <typename Kernel>
+int resident_blocks(Kernel kernel) {
+  int device = 0, sms = 1, per_sm = 1;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+  return max(1, sms * max(1, per_sm));
+}
+
+// Gated experts read two matrices per row: ROWS = 2 keeps the loads in flight per warp the same
+// as 4 rows of one matrix would, and small tiles keep the blocks' shares even.
+template <typename T, bool GATED>
 void up_launch(const void* x, const int64_t* e_N, const void* scale_N, DType scale_dt, const void* w1,
                const void* w3, const void* b1, int64_t N, int K, int E, int64_t H, int64_t D, Activation act,
                void* h, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((H + kWarpsPerBlock * ROWS - 1) / (kWarpsPerBlock * ROWS)), E);
-  decode_up_kernel<T, ROWS, GATED><<<grid, kThreads, 0, stream>>>(
-      static_cast<const T*>(x), e_N, scale_N, scale_dt, static_cast<const T*>(w1), static_cast<const T*>(w3),
-      static_cast<const T*>(b1), static_cast<int>(N), K, static_cast<int>(H), static_cast<int>(D), act,
-      static_cast<T*>(h));
+  constexpr int ROWS = 2;
+  auto kernel = decode_up_kernel<T, ROWS, GATED>;
+  static int blocks = resident_blocks(kernel);
+  kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(x), e_N, scale_N, scale_dt, static_cast<const T*>(w1),
+                                          static_cast<const T*>(w3), static_cast<const T*>(b1), static_cast<int>(N), K,
+                                          E, static_cast<int>(H), static_cast<int>(D), act, static_cast<T*>(h));
 }
 
 template <typename T>
 void up_for_type(const void* x, const int64_t* e_N, const void* scale_N, DType scale_dt, const void* w1,
                  const void* w3, const void* b1, int64_t N, int K, int E, int64_t H, int64_t D, Activation act,
                  void* h, cudaStream_t stream) {
-  // Gated reads two matrices per row: half the rows keep the loads in flight per warp the same.
   if (w3 != nullptr) {
-    up_launch<T, 2, true>(x, e_N, scale_N, scale_dt, w1, w3, b1, N, K, E, H, D, act, h, stream);
+    up_launch<T, true>(x, e_N, scale_N, scale_dt, w1, w3, b1, N, K, E, H, D, act, h, stream);
   } else {
-    up_launch<T, 4, false>(x, e_N, scale_N, scale_dt, w1, w3, b1, N, K, E, H, D, act, h, stream);
+    up_launch<T, false>(x, e_N, scale_N, scale_dt, w1, w3, b1, N, K, E, H, D, act, h, stream);
   }
 }
 
 template <typename T>
+int down_blocks() {
+  static int blocks = resident_blocks(decode_down_kernel<T>);
+  return blocks;
+}
+
+template <typename T>
 void down_for_type(const void* h, const int64_t* e_N, const void* w2, int64_t N, int E, int64_t H, int64_t O,
-                   int splits, float* part, cudaStream_t stream) {
+                   int splits, int max_splits, float* part, int* splits_out, cudaStream_t stream) {
+  decode_down_kernel<T><<<down_blocks<T>(), kThreads, 0, stream>>>(
+      static_cast<const T*>(h), e_N, static_cast<const T*>(w2), static_cast<int>(N), E, static_cast<int>(H),
+      static_cast<int>(O), splits, max_splits, part, splits_out);
+}
+
+template <typename T>
+int auto_max_splits(int64_t O) {
   constexpr int V = 16 / sizeof(T);
-  const dim3 grid(static_cast<unsigned>((O + kThreads * V - 1) / (kThreads * V)), splits, E);
-  decode_down_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(h), e_N, static_cast<const T*>(w2),
-                                                       static_cast<int>(N), static_cast<int>(H),
-                                                       static_cast<int>(O), splits, part);
+  const int64_t column_blocks = (O + kThreads * V - 1) / (kThreads * V);
+  return static_cast<int>(std::max<int64_t>(1, down_blocks<T>() / column_blocks));
 }
 
 }  // namespace
@@ -266,7 +383,7 @@ cudaError_t launch_decode_up(const void* x_TD, DType dt, const int64_t* e_N, con
                              int64_t N, int K, int E, int64_t H, int64_t D, Activation act, void* h_NH,
                              cudaStream_t stream) {
   if (N == 0 || E == 0 || H == 0) return cudaSuccess;
-  if (N > kMaxDecodePairs) return cudaErrorInvalidValue;
+  if (N > kMaxDecodePairs || E > kMaxDecodeExperts) return cudaErrorInvalidValue;
   switch (dt) {
     case kFloat16: up_for_type<__half>(x_TD, e_N, scale_N, scale_dt, w1_EHD, w3_EHD, b1_EH, N, K, E, H, D, act, h_NH, stream); break;
     case kBFloat16: up_for_type<__nv_bfloat16>(x_TD, e_N, scale_N, scale_dt, w1_EHD, w3_EHD, b1_EH, N, K, E, H, D, act, h_NH, stream); break;
@@ -275,34 +392,43 @@ cudaError_t launch_decode_up(const void* x_TD, DType dt, const int64_t* e_N, con
   return cudaGetLastError();
 }
 
-cudaError_t launch_decode_down(const void* h_NH, DType dt, const int64_t* e_N, const void* w2_EHO,
-                               int64_t N, int E, int64_t H, int64_t O, int splits, float* part_SNO,
-                               cudaStream_t stream) {
-  if (N == 0 || E == 0 || O == 0) return cudaSuccess;
-  if (N > kMaxDecodePairs || splits < 1 || splits > H) return cudaErrorInvalidValue;
+int decode_auto_max_splits(DType dt, int64_t O) {
   switch (dt) {
-    case kFloat16: down_for_type<__half>(h_NH, e_N, w2_EHO, N, E, H, O, splits, part_SNO, stream); break;
-    case kBFloat16: down_for_type<__nv_bfloat16>(h_NH, e_N, w2_EHO, N, E, H, O, splits, part_SNO, stream); break;
-    default: down_for_type<float>(h_NH, e_N, w2_EHO, N, E, H, O, splits, part_SNO, stream);
+    case kFloat16: return auto_max_splits<__half>(O);
+    case kBFloat16: return auto_max_splits<__nv_bfloat16>(O);
+    default: return auto_max_splits<float>(O);
+  }
+}
+
+cudaError_t launch_decode_down(const void* h_NH, DType dt, const int64_t* e_N, const void* w2_EHO,
+                               int64_t N, int E, int64_t H, int64_t O, int splits, int max_splits,
+                               float* part_SNO, int* splits_out, cudaStream_t stream) {
+  if (N == 0 || E == 0 || O == 0) return cudaSuccess;
+  if (N > kMaxDecodePairs || E > kMaxDecodeExperts || splits < 0 || max_splits < 1 || splits > max_splits)
+    return cudaErrorInvalidValue;
+  switch (dt) {
+    case kFloat16: down_for_type<__half>(h_NH, e_N, w2_EHO, N, E, H, O, splits, max_splits, part_SNO, splits_out, stream); break;
+    case kBFloat16: down_for_type<__nv_bfloat16>(h_NH, e_N, w2_EHO, N, E, H, O, splits, max_splits, part_SNO, splits_out, stream); break;
+    default: down_for_type<float>(h_NH, e_N, w2_EHO, N, E, H, O, splits, max_splits, part_SNO, splits_out, stream);
   }
   return cudaGetLastError();
 }
 
 cudaError_t launch_decode_reduce(const float* part_SNO, const int64_t* e_N, const void* w_N, DType w_dt,
                                  const void* b2_EO, DType dt, int64_t T, int K, int E, int64_t O,
-                                 int splits, void* y_TO, DType out_dt, cudaStream_t stream) {
+                                 const int* splits_in, void* y_TO, DType out_dt, cudaStream_t stream) {
   if (T == 0 || O == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>((O + kThreads - 1) / kThreads), static_cast<unsigned>(T));
   const int64_t N = T * K;
   switch (dt) {
     case kFloat16:
-      decode_reduce_kernel<__half><<<grid, kThreads, 0, stream>>>(part_SNO, e_N, w_N, w_dt, static_cast<const __half*>(b2_EO), K, E, N, O, splits, y_TO, out_dt);
+      decode_reduce_kernel<__half><<<grid, kThreads, 0, stream>>>(part_SNO, e_N, w_N, w_dt, static_cast<const __half*>(b2_EO), K, E, N, O, splits_in, y_TO, out_dt);
       break;
     case kBFloat16:
-      decode_reduce_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(part_SNO, e_N, w_N, w_dt, static_cast<const __nv_bfloat16*>(b2_EO), K, E, N, O, splits, y_TO, out_dt);
+      decode_reduce_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(part_SNO, e_N, w_N, w_dt, static_cast<const __nv_bfloat16*>(b2_EO), K, E, N, O, splits_in, y_TO, out_dt);
       break;
     default:
-      decode_reduce_kernel<float><<<grid, kThreads, 0, stream>>>(part_SNO, e_N, w_N, w_dt, static_cast<const float*>(b2_EO), K, E, N, O, splits, y_TO, out_dt);
+      decode_reduce_kernel<float><<<grid, kThreads, 0, stream>>>(part_SNO, e_N, w_N, w_dt, static_cast<const float*>(b2_EO), K, E, N, O, splits_in, y_TO, out_dt);
   }
   return cudaGetLastError();
 }

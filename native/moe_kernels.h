@@ -61,8 +61,14 @@ cudaError_t launch_gather_rows(const void* src_RD, DType dt, const int64_t* slot
 // weights' dtype and every pointer is 16-byte aligned (the bindings check both).
 enum Activation : int { kActIdentity = 0, kActRelu = 1, kActGelu = 2, kActGeluTanh = 3, kActSilu = 4, kActTanh = 5, kActSigmoid = 6 };
 
-// Largest N of the decode kernels (each block keeps its expert's pair list in shared memory).
+// Largest N of the decode kernels (each block keeps pair and expert lists in shared memory).
 constexpr int kMaxDecodePairs = 1024;
+// Largest expert count of the decode kernels (a bitmask of selected experts in shared memory).
+constexpr int kMaxDecodeExperts = 8192;
+
+// The decode kernels run one resident wave of blocks that first find the experts some pair
+// selected (A of them) and then share that work out evenly, so the launch never depends on
+// routing (nothing waits for the host) and no block sits in a second, mostly idle wave.
 
 // h_NH[n] = act(s_n * x_TD[n / K] . w1[e_n]^T + b1[e_n]) (* s_n * x_TD[n / K] . w3[e_n]^T when w3
 // is given); s_n = scale_N[n] (scale_N null: 1). x, w1, w3, b1 and h share dtype dt; scale_N in
@@ -72,17 +78,23 @@ cudaError_t launch_decode_up(const void* x_TD, DType dt, const int64_t* e_N, con
                              int64_t N, int K, int E, int64_t H, int64_t D, Activation act, void* h_NH,
                              cudaStream_t stream);
 
-// part_SNO[s, n] = fp32 partial h_NH[n] . w2[e_n][hidden slice s] for `splits` equal slices of H
-// (each slice is one block's work, so a few pairs still spread over the GPU). Rows of pairs
-// that select nothing are left unwritten.
-cudaError_t launch_decode_down(const void* h_NH, DType dt, const int64_t* e_N, const void* w2_EHO,
-                               int64_t N, int E, int64_t H, int64_t O, int splits, float* part_SNO,
-                               cudaStream_t stream);
+// Most hidden slices the down projection may cut H into when the kernel chooses (splits = 0):
+// part_SNO must have room for that many slices.
+int decode_auto_max_splits(DType dt, int64_t O);
 
-// y_TO[t] = sum_k w_n * (sum_s part_SNO[s, n] + b2[e_n]) over the pairs n = t*K + k that select an
-// expert (w_N null: 1; b2 null: 0; b2 in dt), fp32 sums in a fixed order, stored in out_dt.
+// part_SNO[s, n] = fp32 partial h_NH[n] . w2[e_n][hidden slice s of S]; splits > 0 forces
+// S = splits, splits = 0 lets the kernel pick S from A so that every resident block gets one
+// (expert, column block, slice); S is stored in *splits_out for the reduce. Rows of pairs that
+// select nothing are left unwritten.
+cudaError_t launch_decode_down(const void* h_NH, DType dt, const int64_t* e_N, const void* w2_EHO,
+                               int64_t N, int E, int64_t H, int64_t O, int splits, int max_splits,
+                               float* part_SNO, int* splits_out, cudaStream_t stream);
+
+// y_TO[t] = sum_k w_n * (sum_{s < S} part_SNO[s, n] + b2[e_n]) over the pairs n = t*K + k that
+// select an expert (w_N null: 1; b2 null: 0; b2 in dt), S = *splits_in, fp32 sums in a fixed
+// order (bitwise reproducible), stored in out_dt.
 cudaError_t launch_decode_reduce(const float* part_SNO, const int64_t* e_N, const void* w_N, DType w_dt,
                                  const void* b2_EO, DType dt, int64_t T, int K, int E, int64_t O,
-                                 int splits, void* y_TO, DType out_dt, cudaStream_t stream);
+                                 const int* splits_in, void* y_TO, DType out_dt, cudaStream_t stream);
 
 }  // namespace adaptmoe

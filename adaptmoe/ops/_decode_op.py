@@ -10,7 +10,6 @@ capture in a CUDA graph (the native path never synchronizes with the host).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -31,8 +30,9 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DECODE_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (4e-2, 4e-2)}
 
-THREADS, PAIRS_PER_PASS = 256, 8   # native/decode_kernels.cu: kThreads, kGroup
-MAX_PAIRS = 1024                   # native/moe_kernels.h: kMaxDecodePairs
+PAIRS_PER_PASS = 8    # native/decode_kernels.cu kGroup: an expert with more pairs is streamed again
+MAX_PAIRS = 1024      # native/moe_kernels.h: kMaxDecodePairs
+MAX_EXPERTS = 8192    # native/moe_kernels.h: kMaxDecodeExperts
 
 
 def activation_code(act: Callable[[Tensor], Tensor]) -> int | None:
@@ -100,6 +100,8 @@ def native_decode_blocker(x_TD: Tensor, weights: tuple, act: Callable, num_pairs
         return "custom activation (native fuses only the built-in ones)"
     if num_pairs > MAX_PAIRS:
         return f"{num_pairs} pairs > {MAX_PAIRS}"
+    if weights[0].shape[0] > MAX_EXPERTS:
+        return f"{weights[0].shape[0]} experts > {MAX_EXPERTS}"
     pack = 16 // x_TD.element_size()
     w1, w2 = weights[0], weights[1]
     if any(n % pack for n in (x_TD.shape[1], w1.shape[1], w2.shape[2])):
@@ -109,30 +111,11 @@ def native_decode_blocker(x_TD: Tensor, weights: tuple, act: Callable, num_pairs
     return None
 
 
-_sm_count: dict[int, int] = {}
-
-
-def down_splits(tokens: int, top_k: int, num_experts: int, hidden: int, out_dim: int, x_TD: Tensor,
-                expected_experts: float) -> int:
-    """Hidden slices of the down projection: enough blocks to fill the GPU twice over with the
-    experts the tokens are expected to select, while the fp32 partials stay under 1/16 of the
-    weight bytes read. Static in the shapes (graph-safe)."""
-    index = x_TD.device.index or 0
-    if index not in _sm_count:
-        _sm_count[index] = 132 if torch.compiler.is_compiling() else torch.cuda.get_device_properties(index).multi_processor_count
-    pack = 16 // x_TD.element_size()
-    column_blocks = math.ceil(out_dim / (THREADS * pack))
-    experts = max(1.0, expected_experts)
-    wanted = math.ceil(2 * _sm_count[index] / (experts * column_blocks))
-    pairs = max(1, tokens * top_k)
-    cap = int(experts * hidden * x_TD.element_size() // (16 * pairs * 4))
-    return max(1, min(wanted, cap, hidden // 64 or 1))
-
-
 def decode_ffn(x_TD: Tensor, e_TK: Tensor, w_TK: Tensor | None, postscore: bool, weights: tuple,
                act: Callable, splits: int, out_dtype: torch.dtype) -> Tensor:
     """y_TO = sum_k w_TK * ffn_{e_TK}(x_TD) (postscore) or sum_k ffn_{e_TK}(w_TK * x_TD); experts
-    outside [0, E) add nothing. ``weights``: (w1_EHD, w2_EHO, b1_EH, b2_EO, w3_EHD)."""
+    outside [0, E) add nothing. ``weights``: (w1_EHD, w2_EHO, b1_EH, b2_EO, w3_EHD). ``splits``:
+    slices of the hidden dim in the down projection, 0 = the kernel picks from the routing."""
     code = activation_code(act)
     if code is None:
         raise ValueError("decode_ffn fuses only the built-in activations "

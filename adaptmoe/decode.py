@@ -36,7 +36,6 @@ from torch import Tensor
 from . import ops
 from .expert_compute import FFNWeights, ffn_one_expert
 from .gates import select_experts
-from .ops._decode_op import PAIRS_PER_PASS
 
 METHODS = ("auto", "native", "grouped_mm", "gather", "dense")
 DECODE_MAX_TOKENS = 64          # same cap as planner.cost: beyond it every expert is hit anyway
@@ -44,6 +43,7 @@ RIDGE_ROWS = 64                 # rows per expert below which an expert GEMM is 
 GATHER_BUDGET_BYTES = 256 << 20  # transient weight copies of the gather method, per chunk
 DOWN_SPLIT_K = 1   # default split of the down projection (1 = off); callers pass split_k to change it
 SPLIT_MAX_ROWS = 64
+NATIVE_MAX_PAIRS_PER_EXPERT = 4   # auto: native while the selected experts see at most this many pairs
 
 _verified: set[tuple] = set()   # (device, dtype) where grouped_mm ran once
 _broken: set[tuple] = set()     # (device, dtype) where grouped_mm raised: use the fallbacks
@@ -115,11 +115,12 @@ def resolve_method(method: str, x_TD: Tensor, num_pairs: int, weights: FFNWeight
             raise ValueError(f"method 'native' cannot serve this call: {blocker}")
     if method != "auto":
         return method
-    # native streams an expert's weights once per PAIRS_PER_PASS of its pairs; beyond that the
-    # tensor-core grouped GEMM reads them once for all rows and wins.
+    # native streams each expert's weights at close to copy bandwidth but spends CUDA-core FMAs
+    # per pair (and streams again past PAIRS_PER_PASS pairs); with more rows per expert the
+    # tensor-core grouped GEMM wins (scripts/bench_decode.py on H100: crossover near 4).
     E = weights.w1_eHD.shape[0]
     tokens = num_pairs // max(1, top_k)
-    few_rows = num_pairs <= PAIRS_PER_PASS * max(1.0, expected_distinct_experts(tokens, E, top_k))
+    few_rows = num_pairs <= NATIVE_MAX_PAIRS_PER_EXPERT * max(1.0, expected_distinct_experts(tokens, E, top_k))
     if few_rows and ops.native_decode_blocker(x_TD, weights, act, num_pairs) is None:
         return "native"
     E, H = weights.w1_eHD.shape[0], weights.w1_eHD.shape[1]

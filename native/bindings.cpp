@@ -182,36 +182,59 @@ Tensor checked_weight(const std::optional<Tensor>& t, const Tensor& x, const cha
   return c;
 }
 
+struct DecodeInputs {
+  Tensor x, e, w1, w2, w3, b1, b2;
+  std::optional<Tensor> w;
+  int64_t T, D, E, H, O, K, N;
+};
+
+// Every check of decode_ffn, before any allocation or launch.
+DecodeInputs checked_decode_inputs(const Tensor& x_TD, const Tensor& e_TK, const std::optional<Tensor>& w_TK,
+                                   const Tensor& w1_EHD, const Tensor& w2_EHO, const std::optional<Tensor>& w3_EHD,
+                                   const std::optional<Tensor>& b1_EH, const std::optional<Tensor>& b2_EO,
+                                   int64_t act, int64_t splits, int64_t out_dtype) {
+  TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");
+  dtype_of(x_TD);
+  TORCH_CHECK(w1_EHD.dim() == 3 && w2_EHO.dim() == 3, "adaptmoe: w1_EHD and w2_EHO must be 3-D");
+  DecodeInputs in;
+  in.T = x_TD.size(0), in.D = x_TD.size(1), in.E = w1_EHD.size(0), in.H = w1_EHD.size(1), in.O = w2_EHO.size(2);
+  in.x = checked_weight(x_TD, x_TD, "x_TD", {in.T, in.D});
+  in.w1 = checked_weight(w1_EHD, x_TD, "w1_EHD", {in.E, in.H, in.D});
+  in.w2 = checked_weight(w2_EHO, x_TD, "w2_EHO", {in.E, in.H, in.O});
+  in.w3 = checked_weight(w3_EHD, x_TD, "w3_EHD", {in.E, in.H, in.D});
+  in.b1 = checked_weight(b1_EH, x_TD, "b1_EH", {in.E, in.H});
+  in.b2 = checked_weight(b2_EO, x_TD, "b2_EO", {in.E, in.O});
+  in.e = checked_slots(e_TK, x_TD);
+  TORCH_CHECK(in.e.size(0) == in.T, "adaptmoe: e_TK must have T=", in.T, " rows");
+  in.K = in.e.size(1), in.N = in.T * in.K;
+  const int64_t max_pairs = adaptmoe::kMaxDecodePairs, max_experts = adaptmoe::kMaxDecodeExperts;
+  TORCH_CHECK(in.N <= max_pairs, "adaptmoe: decode takes at most ", max_pairs, " (token, expert) pairs, got ", in.N);
+  TORCH_CHECK(in.E <= max_experts, "adaptmoe: decode takes at most ", max_experts, " experts, got ", in.E);
+  const int64_t pack = 16 / static_cast<int64_t>(x_TD.element_size());
+  TORCH_CHECK(in.D % pack == 0 && in.H % pack == 0 && in.O % pack == 0, "adaptmoe: decode needs D, H, O multiples of ",
+              pack, ", got ", in.D, ", ", in.H, ", ", in.O);
+  TORCH_CHECK(act >= adaptmoe::kActIdentity && act <= adaptmoe::kActSigmoid, "adaptmoe: unknown activation code ", act);
+  TORCH_CHECK(splits >= 0 && splits <= in.H, "adaptmoe: splits must be 0 (the kernel picks) or in [1, H=", in.H,
+              "], got ", splits);
+  TORCH_CHECK(out_dtype >= adaptmoe::kFloat32 && out_dtype <= adaptmoe::kBFloat16, "adaptmoe: unknown out_dtype code ",
+              out_dtype);
+  in.w = checked_tk(w_TK, in.e, x_TD, "w_TK");
+  return in;
+}
+
 // y_TO[t] = sum_k w_TK[t,k] * ffn_{e_TK[t,k]}(x_TD[t]) (postscore), or sum_k ffn_e(w_TK[t,k] * x_TD[t]);
 // experts outside [0, E) add nothing. Reads only the selected experts' weights; out_dtype: DType code.
 Tensor decode_ffn(const Tensor& x_TD, const Tensor& e_TK, const std::optional<Tensor>& w_TK, bool postscore,
                   const Tensor& w1_EHD, const Tensor& w2_EHO, const std::optional<Tensor>& w3_EHD,
                   const std::optional<Tensor>& b1_EH, const std::optional<Tensor>& b2_EO, int64_t act,
                   int64_t splits, int64_t out_dtype) {
-  TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");
-  const auto dt = dtype_of(x_TD);
+  const DecodeInputs in = checked_decode_inputs(x_TD, e_TK, w_TK, w1_EHD, w2_EHO, w3_EHD, b1_EH, b2_EO, act, splits,
+                                                out_dtype);
   const c10::cuda::CUDAGuard guard(x_TD.device());
-  TORCH_CHECK(w1_EHD.dim() == 3 && w2_EHO.dim() == 3, "adaptmoe: w1_EHD and w2_EHO must be 3-D");
-  const int64_t T = x_TD.size(0), D = x_TD.size(1), E = w1_EHD.size(0), H = w1_EHD.size(1), O = w2_EHO.size(2);
-  const Tensor x = checked_weight(x_TD, x_TD, "x_TD", {T, D});
-  const Tensor w1 = checked_weight(w1_EHD, x_TD, "w1_EHD", {E, H, D});
-  const Tensor w2 = checked_weight(w2_EHO, x_TD, "w2_EHO", {E, H, O});
-  const Tensor w3 = checked_weight(w3_EHD, x_TD, "w3_EHD", {E, H, D});
-  const Tensor b1 = checked_weight(b1_EH, x_TD, "b1_EH", {E, H});
-  const Tensor b2 = checked_weight(b2_EO, x_TD, "b2_EO", {E, O});
-  const Tensor e = checked_slots(e_TK, x_TD);
-  TORCH_CHECK(e.size(0) == T, "adaptmoe: e_TK must have T=", T, " rows");
-  const int64_t K = e.size(1), N = T * K;
-  TORCH_CHECK(N <= adaptmoe::kMaxDecodePairs, "adaptmoe: decode takes at most ", adaptmoe::kMaxDecodePairs,
-              " (token, expert) pairs, got ", N);
-  const int64_t pack = 16 / static_cast<int64_t>(x_TD.element_size());
-  TORCH_CHECK(D % pack == 0 && H % pack == 0 && O % pack == 0, "adaptmoe: decode needs D, H, O multiples of ",
-              pack, " for ", x_TD.scalar_type(), ", got ", D, ", ", H, ", ", O);
-  TORCH_CHECK(act >= adaptmoe::kActIdentity && act <= adaptmoe::kActSigmoid, "adaptmoe: unknown activation code ", act);
-  TORCH_CHECK(splits >= 0 && splits <= H, "adaptmoe: splits must be 0 (the kernel picks) or in [1, H=", H, "], got ", splits);
-  TORCH_CHECK(E <= adaptmoe::kMaxDecodeExperts, "adaptmoe: decode takes at most ", adaptmoe::kMaxDecodeExperts,
-              " experts, got ", E);
-  const auto w = checked_tk(w_TK, e, x_TD, "w_TK");
+  const auto dt = dtype_of(x_TD);
+  const Tensor &x = in.x, &e = in.e, &w1 = in.w1, &w2 = in.w2, &w3 = in.w3, &b1 = in.b1, &b2 = in.b2;
+  const auto& w = in.w;
+  const int64_t T = in.T, D = in.D, E = in.E, H = in.H, O = in.O, K = in.K, N = in.N;
   const auto out_dt = static_cast<adaptmoe::DType>(out_dtype);
   const auto out_type = out_dt == adaptmoe::kFloat32 ? at::kFloat : out_dt == adaptmoe::kFloat16 ? at::kHalf : at::kBFloat16;
   // Room for the slices the kernel may pick, with the fp32 partials kept under 64 MiB.

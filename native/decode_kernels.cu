@@ -25,11 +25,17 @@ constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int kGroup = 8;    // pairs per pass over an expert's weights (accumulators in registers)
 constexpr int kChunk = 128;  // hidden rows of the down projection staged in shared memory per step
 
-// A weight pack read once: cache-streaming, so the reused activations stay in L1.
+constexpr int kUnroll = 4;   // weight packs in flight per lane and matrix row (raw, 4 registers each)
+
+// A weight pack read once: cache-streaming, so the reused activations stay in L1. Kept raw until
+// use, so many loads can be in flight without holding V floats each.
+__device__ __forceinline__ int4 load_weights(const void* p) {
+  return __ldcs(reinterpret_cast<const int4*>(p));
+}
+
 template <typename T, int V>
-__device__ __forceinline__ void load_weights(const T* p, float (&f)[V]) {
+__device__ __forceinline__ void unpack(const int4& raw, float (&f)[V]) {
   static_assert(sizeof(T) * V == 16, "weight packs are 16 bytes");
-  const int4 raw = __ldcs(reinterpret_cast<const int4*>(p));
   const Pack<T, V>& pk = *reinterpret_cast<const Pack<T, V>*>(&raw);
 #pragma unroll
   for (int i = 0; i < V; ++i) f[i] = to_f<T>(pk.v[i]);
@@ -126,9 +132,9 @@ __device__ __forceinline__ void up_rows(const T* __restrict__ x_TD, const int* p
   const int lane = threadIdx.x & 31;
   for (int g0 = 0; g0 < m; g0 += kGroup) {
     const int gm = min(kGroup, m - g0);
-    const T* x_row[kGroup];
+    int token[kGroup];  // 32-bit: eight 64-bit row pointers would cost 16 registers
 #pragma unroll
-    for (int j = 0; j < kGroup; ++j) x_row[j] = x_TD + static_cast<size_t>(pairs[g0 + min(j, gm - 1)] / K) * D;
+    for (int j = 0; j < kGroup; ++j) token[j] = pairs[g0 + min(j, gm - 1)] / K;
     float a1[ROWS][kGroup], a3[R3][kGroup];
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
@@ -137,26 +143,39 @@ __device__ __forceinline__ void up_rows(const T* __restrict__ x_TD, const int* p
 #pragma unroll
       for (int r = 0; r < R3; ++r) a3[r][j] = 0.f;
     }
-#pragma unroll 4
-    for (int d = lane * V; d < D; d += 32 * V) {
-      float wv1[ROWS][V], wv3[R3][V];
+    // Same loads in flight either way: gated rows read two matrices.
+    constexpr int kSteps = GATED ? kUnroll / 2 : kUnroll;
+    for (int d0 = lane * V; d0 < D; d0 += 32 * V * kSteps) {
+      int4 raw1[kSteps][ROWS], raw3[kSteps][R3];
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        const size_t row = static_cast<size_t>(min(h0 + r, H - 1)) * D + d;  // rows past H: read, never written
-        load_weights<T, V>(w1_e + row, wv1[r]);
-        if (GATED) load_weights<T, V>(w3_e + row, wv3[r]);
+      for (int u = 0; u < kSteps; ++u) {
+        const int d = min(d0 + u * 32 * V, D - V);  // past D: a valid address, never used
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+          const size_t row = static_cast<size_t>(min(h0 + r, H - 1)) * D + d;  // rows past H: read, never written
+          raw1[u][r] = load_weights(w1_e + row);
+          if (GATED) raw3[u][r] = load_weights(w3_e + row);
+        }
       }
 #pragma unroll
-      for (int j = 0; j < kGroup; ++j) {
-        if (j < gm) {
+      for (int u = 0; u < kSteps; ++u) {
+        const int d = d0 + u * 32 * V;
+        if (d >= D) break;
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) {
+          if (j >= gm) break;
           float xv[V];
-          load_pack<T, V>(x_row[j] + d, xv);
+          load_pack<T, V>(x_TD + static_cast<size_t>(token[j]) * D + d, xv);
 #pragma unroll
           for (int r = 0; r < ROWS; ++r) {
+            float wv[V];
+            unpack<T, V>(raw1[u][r], wv);
 #pragma unroll
-            for (int v = 0; v < V; ++v) {
-              a1[r][j] = fmaf(wv1[r][v], xv[v], a1[r][j]);
-              if (GATED) a3[r][j] = fmaf(wv3[r][v], xv[v], a3[r][j]);
+            for (int v = 0; v < V; ++v) a1[r][j] = fmaf(wv[v], xv[v], a1[r][j]);
+            if (GATED) {
+              unpack<T, V>(raw3[u][r], wv);
+#pragma unroll
+              for (int v = 0; v < V; ++v) a3[r][j] = fmaf(wv[v], xv[v], a3[r][j]);
             }
           }
         }
@@ -166,6 +185,7 @@ __device__ __forceinline__ void up_rows(const T* __restrict__ x_TD, const int* p
     for (int r = 0; r < ROWS; ++r) {
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
+        if (j >= gm) break;  // uniform: only the pairs present are reduced
         const float g = warp_sum(a1[r][j]);
         const float u = GATED ? warp_sum(a3[r][j]) : 0.f;
         if (lane == 0) {
@@ -191,7 +211,7 @@ __device__ __forceinline__ void up_rows(const T* __restrict__ x_TD, const int* p
 
 // Work item: one tile of kWarpsPerBlock * ROWS hidden units of one selected expert.
 template <typename T, int ROWS, bool GATED>
-__global__ void __launch_bounds__(kThreads) decode_up_kernel(
+__global__ void __launch_bounds__(kThreads, 2) decode_up_kernel(
     const T* __restrict__ x_TD, const int64_t* __restrict__ e_N, const void* __restrict__ scale_N,
     int scale_dt, const T* __restrict__ w1, const T* __restrict__ w3, const T* __restrict__ b1, int N,
     int K, int E, int H, int D, int act, T* __restrict__ h_NH) {
@@ -242,15 +262,23 @@ __device__ __forceinline__ void down_item(const T* __restrict__ h_NH, const int*
       }
       __syncthreads();
       if (!active) continue;
-#pragma unroll 8
-      for (int c = 0; c < cn; ++c) {
-        float wv[V];
-        load_weights<T, V>(w2_e + static_cast<size_t>(c0 + c) * O + o, wv);
+      for (int c0u = 0; c0u < cn; c0u += 2 * kUnroll) {
+        int4 raw[2 * kUnroll];
 #pragma unroll
-        for (int j = 0; j < kGroup; ++j) {
-          const float a = hv[j][c];  // zero for j >= gm: a few idle FMAs instead of a branch
+        for (int u = 0; u < 2 * kUnroll; ++u)
+          raw[u] = load_weights(w2_e + static_cast<size_t>(c0 + min(c0u + u, cn - 1)) * O + o);
 #pragma unroll
-          for (int v = 0; v < V; ++v) acc[j][v] = fmaf(a, wv[v], acc[j][v]);
+        for (int u = 0; u < 2 * kUnroll; ++u) {
+          if (c0u + u >= cn) break;
+          float wv[V];
+          unpack<T, V>(raw[u], wv);
+#pragma unroll
+          for (int j = 0; j < kGroup; ++j) {
+            if (j >= gm) break;
+            const float a = hv[j][c0u + u];
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[j][v] = fmaf(a, wv[v], acc[j][v]);
+          }
         }
       }
     }
@@ -268,7 +296,7 @@ __device__ __forceinline__ void down_item(const T* __restrict__ h_NH, const int*
 
 // Work item: (selected expert, column block of kThreads * V columns, hidden slice), slices fastest.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) decode_down_kernel(
+__global__ void __launch_bounds__(kThreads, 2) decode_down_kernel(
     const T* __restrict__ h_NH, const int64_t* __restrict__ e_N, const T* __restrict__ w2, int N, int E, int H,
     int O, int forced_splits, int max_splits, float* __restrict__ part_SNO, int* __restrict__ splits_out) {
   constexpr int V = 16 / sizeof(T);

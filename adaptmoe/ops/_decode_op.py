@@ -111,6 +111,32 @@ def native_decode_blocker(x_TD: Tensor, weights: tuple, act: Callable, num_pairs
     return None
 
 
+def _check_args(x_TD, e_TK, w_TK, w1, w2, b1, b2, w3, splits, out_dtype) -> None:
+    """Clear errors (argument, allowed values) before any device work; the kernels check again."""
+    if x_TD.dim() != 2 or w1.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"x_TD must be [T, D], w1_EHD and w2_EHO [E, H, *]; got {tuple(x_TD.shape)}, "
+                         f"{tuple(w1.shape)}, {tuple(w2.shape)}")
+    T, D = x_TD.shape
+    E, H, O = w1.shape[0], w1.shape[1], w2.shape[2]
+    expected = {"w1_EHD": (w1, (E, H, D)), "w2_EHO": (w2, (E, H, O)), "w3_EHD": (w3, (E, H, D)),
+                "b1_EH": (b1, (E, H)), "b2_EO": (b2, (E, O))}
+    for name, (t, shape) in expected.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape or t.dtype != x_TD.dtype or t.device != x_TD.device:
+            raise ValueError(f"{name} must be {list(shape)} of x_TD's dtype {x_TD.dtype} on {x_TD.device}; "
+                             f"got {list(t.shape)} {t.dtype} on {t.device}")
+    if e_TK.dim() != 2 or e_TK.shape[0] != T or e_TK.dtype != torch.int64:
+        raise ValueError(f"e_TK must be int64 [T={T}, K]; got {e_TK.dtype} {list(e_TK.shape)}")
+    if w_TK is not None and w_TK.shape != e_TK.shape:
+        raise ValueError(f"w_TK must have e_TK's shape {list(e_TK.shape)}; got {list(w_TK.shape)}")
+    if isinstance(splits, bool) or not isinstance(splits, int) or not 0 <= splits <= H:
+        raise ValueError(f"splits must be 0 (the kernel picks) or an int in [1, H={H}]; got {splits!r}")
+    if out_dtype not in _DTYPE_CODES and out_dtype != torch.float64:
+        raise ValueError(f"out_dtype must be one of {sorted(map(str, _DTYPE_CODES))} (float64 on the reference "
+                         f"path); got {out_dtype}")
+
+
 def decode_ffn(x_TD: Tensor, e_TK: Tensor, w_TK: Tensor | None, postscore: bool, weights: tuple,
                act: Callable, splits: int, out_dtype: torch.dtype) -> Tensor:
     """y_TO = sum_k w_TK * ffn_{e_TK}(x_TD) (postscore) or sum_k ffn_{e_TK}(w_TK * x_TD); experts
@@ -121,4 +147,5 @@ def decode_ffn(x_TD: Tensor, e_TK: Tensor, w_TK: Tensor | None, postscore: bool,
         raise ValueError("decode_ffn fuses only the built-in activations "
                          f"{sorted(ACTIVATION_CODES)}; got a custom callable")
     w1, w2, b1, b2, w3 = weights
+    _check_args(x_TD, e_TK, w_TK, w1, w2, b1, b2, w3, splits, out_dtype)
     return decode_ffn_op(x_TD, e_TK, w_TK, postscore, w1, w2, w3, b1, b2, code, splits, out_dtype)

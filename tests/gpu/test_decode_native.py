@@ -153,8 +153,15 @@ def test_graph_capture_replays_the_same():
 
 
 def test_bad_inputs_name_the_argument():
+    """The Python wrapper names the argument before any device work; the kernels' own checks
+    (reached through the raw op) raise too, and leave the process usable."""
     x, e_TK, w_TK, weights = make_case(2, 64, 128, 8, 2, torch.bfloat16, gated=False, bias=False)
     w1, w2 = weights[0], weights[1]
+    silu = ops._decode_op.ACTIVATION_FNS["silu"]
+    with pytest.raises(ValueError, match="w2_EHO"):
+        ops.decode_ffn(x, e_TK, w_TK, True, (w1, w2.float(), None, None, None), silu, 0, torch.float32)
+    with pytest.raises(ValueError, match="splits"):
+        ops.decode_ffn(x, e_TK, w_TK, True, (w1, w2, None, None, None), silu, -1, torch.float32)
     with pytest.raises(RuntimeError, match="w2_EHO"):
         decode_ffn_op(x, e_TK, w_TK, True, w1, w2.float(), None, None, None, 1, 1, torch.float32)
     with pytest.raises(RuntimeError, match="splits"):
@@ -163,3 +170,4 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(RuntimeError, match="pairs"):
         decode_ffn_op(torch.zeros(1025, 64, dtype=torch.bfloat16, device=DEV), big, None, False, w1, w2, None, None,
                       None, 1, 1, torch.bfloat16)
+    assert torch.isfinite(decode_ffn_op(x, e_TK, w_TK, True, w1, w2, None, None, None, 1, 0, torch.float32)).all()

@@ -183,3 +183,19 @@ def test_decode_ffn_op_traces_fullgraph():
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x, indices_TK, weights_TK),
                                    fn(x, indices_TK, weights_TK))
+
+
+def test_decode_ffn_bad_arguments_are_named():
+    from adaptmoe import ops
+    layer = make_layer("ffn", torch.float32)
+    w = layer.experts.stored_weights()
+    x, e = torch.randn(2, 16), torch.zeros(2, 2, dtype=torch.long)
+    act = layer.experts.activation
+    with pytest.raises(ValueError, match="w2_EHO"):
+        ops.decode_ffn(x, e, None, False, (w.w1_eHD, w.w2_eHO.double(), None, None, None), act, 0, torch.float32)
+    with pytest.raises(ValueError, match="splits"):
+        ops.decode_ffn(x, e, None, False, tuple(w), act, -1, torch.float32)
+    with pytest.raises(ValueError, match="e_TK"):
+        ops.decode_ffn(x, e.int(), None, False, tuple(w), act, 0, torch.float32)
+    with pytest.raises(ValueError, match="out_dtype"):
+        ops.decode_ffn(x, e, None, False, tuple(w), act, 0, torch.int32)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .expert_compute import FFNWeights, ffn_one_expert
+from .expert_compute import FFNWeights, ffn_one_expert, gated_product
 from .gates import select_experts
 
 METHODS = ("auto", "native", "grouped_mm", "gather", "dense")
@@ -151,9 +151,10 @@ def _grouped_mm_ffn(x_ND: Tensor, e_N: Tensor, w: FFNWeights, act: Callable, spl
     h_NH = torch._grouped_mm(xs_ND, w.w1_eHD.transpose(1, 2), offs=ends_E)
     if w.b1_eH is not None:
         h_NH = h_NH + w.b1_eH.index_select(0, es_N)
-    h_NH = act(h_NH)
     if w.w3_eHD is not None:
-        h_NH = h_NH * torch._grouped_mm(xs_ND, w.w3_eHD.transpose(1, 2), offs=ends_E)
+        h_NH = gated_product(h_NH, torch._grouped_mm(xs_ND, w.w3_eHD.transpose(1, 2), offs=ends_E), act)
+    else:
+        h_NH = act(h_NH)
     ys_NO = _down_projection(h_NH, w.w2_eHO, ends_E, split_k)
     if w.b2_eO is not None:
         ys_NO = ys_NO + w.b2_eO.index_select(0, es_N)

@@ -213,18 +213,20 @@ class ServingMoE(nn.Module):
 
     def warmup(self, max_tokens: int, *, dtype: torch.dtype | None = None, gate_index: int = 0,
                top_k: int | None = None, capacity_factor: float | None = None) -> list[BucketChoice]:
-        """Plan every bucket up to ``max_tokens`` and run one call at each bucket's largest size,
-        as a server does at start-up: first-use costs (library handles, kernel selection, the
-        caching allocator growing to the largest buffers) are paid here instead of by the first
-        request of each size. Outputs are discarded; parameters are not touched."""
+        """Plan every bucket up to ``max_tokens`` and run a few calls in each (just past half the
+        bucket, three quarters, the bucket), as a server does at start-up: first-use costs
+        (library handles, lazily loaded kernels that GEMM libraries pick by size, the caching
+        allocator growing to the largest buffers) are paid here instead of by the first request
+        of a size. Outputs are discarded; parameters are not touched."""
         knobs = dict(gate_index=gate_index, top_k=top_k, capacity_factor=capacity_factor)
         choices = self.prepare(max_tokens, dtype=dtype, **knobs)
         param = next(self.layer.parameters())
         dtype = dtype or param.dtype
         with torch.no_grad():
             for choice in choices:
-                size = min(choice.bucket, max_tokens)
-                self(torch.randn(size, self.layer.config.model_dim, device=param.device, dtype=dtype), **knobs)
+                b = choice.bucket
+                for size in sorted({min(t, max_tokens) for t in (b // 2 + 1, (3 * b) // 4, b) if t > 0}):
+                    self(torch.randn(size, self.layer.config.model_dim, device=param.device, dtype=dtype), **knobs)
         return choices
 
     def _choice(self, key: PlanKey, tokens: int, device: torch.device) -> BucketChoice:
@@ -394,4 +396,6 @@ class CudaGraphRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 y_BO = self.module(x_BD, **call)
+            graph.replay()   # the first launch uploads the graph (~ms): pay it here, not in a request
+            torch.cuda.current_stream(device).synchronize()
         return _Captured(graph, x_BD, n_valid, y_BO)

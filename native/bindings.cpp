@@ -182,6 +182,24 @@ Tensor checked_weight(const std::optional<Tensor>& t, const Tensor& x, const cha
   return c;
 }
 
+// act(g) * u elementwise (inference: no autograd); act: Activation code.
+Tensor act_mul(const Tensor& g, const Tensor& u, int64_t act) {
+  TORCH_CHECK(g.is_cuda() && u.is_cuda() && g.device() == u.device(), "adaptmoe: act_mul takes g, u on one CUDA device");
+  TORCH_CHECK(g.sizes() == u.sizes() && g.scalar_type() == u.scalar_type(), "adaptmoe: act_mul needs g and u of one shape and dtype");
+  TORCH_CHECK(act >= adaptmoe::kActIdentity && act <= adaptmoe::kActSigmoid, "adaptmoe: unknown activation code");
+  const auto dt = dtype_of(g);
+  const c10::cuda::CUDAGuard guard(g.device());
+  const Tensor gc = g.contiguous(), uc = u.contiguous();
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(gc.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(uc.data_ptr()) % 16 == 0,
+              "adaptmoe: act_mul needs 16-byte aligned g and u");
+  Tensor out = at::empty_like(gc);
+  check_launch(adaptmoe::launch_act_mul(gc.data_ptr(), uc.data_ptr(), dt, gc.numel(),
+                                        static_cast<adaptmoe::Activation>(act), out.data_ptr(),
+                                        c10::cuda::getCurrentCUDAStream()),
+               "act_mul");
+  return out;
+}
+
 struct DecodeInputs {
   Tensor x, e, w1, w2, w3, b1, b2;
   std::optional<Tensor> w;
@@ -273,6 +291,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("assign_slots", &assign_slots, "slot locations in GShard priority order");
   m.def("scatter_rows", &scatter_rows, "token rows -> expert-major rows (optional scale, optional dots)");
   m.def("gather_rows", &gather_rows, "expert-major rows -> weighted sum per token (optional dots)");
+  m.def("act_mul", &act_mul, "act(g) * u elementwise, one rounding");
   m.def("decode_ffn", &decode_ffn, "expert FFN of a few tokens over the selected experts only");
   m.attr("max_decode_pairs") = adaptmoe::kMaxDecodePairs;
   m.attr("max_topk_experts") = adaptmoe::kMaxTopkExperts;

@@ -61,6 +61,11 @@ cudaError_t launch_gather_rows(const void* src_RD, DType dt, const int64_t* slot
 // weights' dtype and every pointer is 16-byte aligned (the bindings check both).
 enum Activation : int { kActIdentity = 0, kActRelu = 1, kActGelu = 2, kActGeluTanh = 3, kActSilu = 4, kActTanh = 5, kActSigmoid = 6 };
 
+// out[i] = act(g[i]) * u[i] (the gated FFN's product) with one rounding; g, u, out of dtype dt,
+// 16-byte aligned. Replaces an activation pass and a multiply pass over [rows, H].
+cudaError_t launch_act_mul(const void* g, const void* u, DType dt, int64_t n, Activation act, void* out,
+                           cudaStream_t stream);
+
 // Largest N of the decode kernels (each block keeps pair and expert lists in shared memory).
 constexpr int kMaxDecodePairs = 1024;
 // Largest expert count of the decode kernels (a bitmask of selected experts in shared memory).

@@ -84,6 +84,33 @@ def _(x_TD, e_TK, w_TK, postscore, w1_EHD, w2_EHO, w3_EHD, b1_EH, b2_EO, activat
     return x_TD.new_empty(x_TD.shape[0], w2_EHO.shape[2], dtype=out_dtype)
 
 
+@torch.library.custom_op("adaptmoe::act_mul", mutates_args=())
+def act_mul_op(g: Tensor, u: Tensor, activation: int) -> Tensor:
+    """act(g) * u in one pass (inference: no autograd)."""
+    native = _native.for_tensor(g)
+    if native is not None:
+        return native.act_mul(g, u, activation)
+    return _FN_OF_CODE[activation](g) * u
+
+
+@act_mul_op.register_fake
+def _(g, u, activation):
+    return torch.empty_like(g)
+
+
+def act_mul(g: Tensor, u: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+    """act(g) * u, the gated FFN's product: one native pass (one rounding) on CUDA when no
+    gradient is needed, else the PyTorch expression (two passes and a temporary)."""
+    code = activation_code(act)
+    grad = torch.is_grad_enabled() and (g.requires_grad or u.requires_grad)
+    if (code is None or grad or not g.is_cuda or g.dtype not in _DTYPE_CODES or g.shape != u.shape
+            or g.dtype != u.dtype or not g.is_contiguous() or not u.is_contiguous()
+            or g.data_ptr() % 16 or u.data_ptr() % 16):
+        return act(g) * u
+    loaded = _native.loaded() if torch.compiler.is_compiling() else _native.load()
+    return act_mul_op(g, u, code) if loaded is not None else act(g) * u
+
+
 def native_decode_blocker(x_TD: Tensor, weights: tuple, act: Callable, num_pairs: int) -> str | None:
     """None when the native decode kernels can serve this call, else why not (no device work;
     while tracing, only an extension loaded earlier counts)."""

@@ -171,3 +171,16 @@ def test_bad_inputs_name_the_argument():
         decode_ffn_op(torch.zeros(1025, 64, dtype=torch.bfloat16, device=DEV), big, None, False, w1, w2, None, None,
                       None, 1, 1, torch.bfloat16)
     assert torch.isfinite(decode_ffn_op(x, e_TK, w_TK, True, w1, w2, None, None, None, 1, 0, torch.float32)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [8, 1000, 4099])   # 4099: a tail shorter than one 16-byte pack
+def test_act_mul_matches_reference(dtype, n):
+    from adaptmoe.ops._decode_op import act_mul_op
+    g = torch.randn(n, device=DEV, dtype=dtype)
+    u = torch.randn(n, device=DEV, dtype=dtype)
+    for name in ("silu", "gelu", "relu"):
+        poison(4 * n)
+        got = act_mul_op(g, u, ACTIVATION_CODES[name])
+        ref = ops._decode_op.ACTIVATION_FNS[name](g.double()) * u.double()
+        assert_close_scaled(got.view(-1), ref.view(-1), dtype)

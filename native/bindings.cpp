@@ -16,23 +16,40 @@ namespace {
 
 using at::Tensor;
 
+// Error text built here, not by TORCH_CHECK's stream formatting: with the device machine's torch
+// build, a TORCH_CHECK whose message streams an integer crashed the process (segfault) instead
+// of raising; strings, dtypes and devices formatted first are safe.
+inline std::string piece(const char* v) { return v; }
+inline std::string piece(const std::string& v) { return v; }
+inline std::string piece(at::ScalarType v) { return c10::toString(v); }
+inline std::string piece(const c10::Device& v) { return v.str(); }
+inline std::string piece(at::IntArrayRef v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+std::string piece(T v) { return std::to_string(v); }
+template <typename... Args>
+std::string text(const Args&... args) { return (std::string() + ... + piece(args)); }
+
 adaptmoe::DType dtype_of(const Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return adaptmoe::kFloat32;
     case at::kHalf: return adaptmoe::kFloat16;
     case at::kBFloat16: return adaptmoe::kBFloat16;
-    default: TORCH_CHECK(false, "adaptmoe native ops take float32, float16 or bfloat16, got ", t.scalar_type());
+    default: TORCH_CHECK(false, text("adaptmoe native ops take float32, float16 or bfloat16, got ", t.scalar_type()));
   }
   return adaptmoe::kFloat32;
 }
 
 void check_cuda(const Tensor& t, const char* name, const Tensor& like) {
-  TORCH_CHECK(t.is_cuda(), "adaptmoe: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == like.device(), "adaptmoe: ", name, " is on ", t.device(), ", expected ", like.device());
+  TORCH_CHECK(t.is_cuda(), text("adaptmoe: ", name, " must be a CUDA tensor"));
+  TORCH_CHECK(t.device() == like.device(), text("adaptmoe: ", name, " is on ", t.device(), ", expected ", like.device()));
 }
 
 void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "adaptmoe native ", what, " failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, text("adaptmoe native ", what, " failed: ", cudaGetErrorString(err)));
 }
 
 Tensor checked_slots(const Tensor& slots_TK, const Tensor& like) {
@@ -45,7 +62,7 @@ Tensor checked_slots(const Tensor& slots_TK, const Tensor& like) {
 std::optional<Tensor> checked_tk(const std::optional<Tensor>& w, const Tensor& slots, const Tensor& like, const char* name) {
   if (!w.has_value()) return std::nullopt;
   check_cuda(*w, name, like);
-  TORCH_CHECK(w->sizes() == slots.sizes(), "adaptmoe: ", name, " must have the shape of slots_TK");
+  TORCH_CHECK(w->sizes() == slots.sizes(), text("adaptmoe: ", name, " must have the shape of slots_TK"));
   dtype_of(*w);
   return w->contiguous();
 }
@@ -58,8 +75,8 @@ std::vector<Tensor> route_topk(const Tensor& logits_TE, int64_t k, int64_t score
   const c10::cuda::CUDAGuard guard(logits_TE.device());
   const Tensor logits = logits_TE.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1);
-  TORCH_CHECK(E >= 1 && E <= adaptmoe::kMaxTopkExperts, "adaptmoe: native top-k takes 1..", adaptmoe::kMaxTopkExperts, " experts, got ", E);
-  TORCH_CHECK(k >= 1 && k <= E, "adaptmoe: top_k must be in [1, E], got ", k);
+  TORCH_CHECK(E >= 1 && E <= adaptmoe::kMaxTopkExperts, text("adaptmoe: native top-k takes 1..", adaptmoe::kMaxTopkExperts, " experts, got ", E));
+  TORCH_CHECK(k >= 1 && k <= E, text("adaptmoe: top_k must be in [1, E], got ", k));
   TORCH_CHECK(T * k < INT32_MAX, "adaptmoe: T*k must fit in int32");
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto lopt = logits.options().dtype(at::kLong);
@@ -86,8 +103,8 @@ std::vector<Tensor> route_topk(const Tensor& logits_TE, int64_t k, int64_t score
 std::vector<Tensor> assign_slots(const Tensor& indices_TK, int64_t num_experts, int64_t capacity) {
   TORCH_CHECK(indices_TK.is_cuda() && indices_TK.dim() == 2 && indices_TK.scalar_type() == at::kLong,
               "adaptmoe: indices_TK must be a 2-D int64 CUDA tensor");
-  TORCH_CHECK(num_experts >= 1 && num_experts <= adaptmoe::kMaxLocateExperts, "adaptmoe: native slot assignment takes 1..",
-              adaptmoe::kMaxLocateExperts, " experts, got ", num_experts);
+  TORCH_CHECK(num_experts >= 1 && num_experts <= adaptmoe::kMaxLocateExperts, text("adaptmoe: native slot assignment takes 1..",
+              adaptmoe::kMaxLocateExperts, " experts, got ", num_experts));
   const c10::cuda::CUDAGuard guard(indices_TK.device());
   const Tensor idx = indices_TK.contiguous();
   const int64_t T = idx.size(0), K = idx.size(1);
@@ -173,12 +190,12 @@ std::vector<Tensor> gather_rows(const Tensor& src_RD, const Tensor& slots_TK, co
 Tensor checked_weight(const std::optional<Tensor>& t, const Tensor& x, const char* name, std::vector<int64_t> shape) {
   if (!t.has_value()) return Tensor();
   check_cuda(*t, name, x);
-  TORCH_CHECK(t->scalar_type() == x.scalar_type(), "adaptmoe: ", name, " must have x's dtype ", x.scalar_type(),
-              ", got ", t->scalar_type());
-  TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), "adaptmoe: ", name, " must have shape ", at::IntArrayRef(shape),
-              ", got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == x.scalar_type(), text("adaptmoe: ", name, " must have x's dtype ", x.scalar_type(),
+              ", got ", t->scalar_type()));
+  TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), text("adaptmoe: ", name, " must have shape ", at::IntArrayRef(shape),
+              ", got ", t->sizes()));
   Tensor c = t->contiguous();
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0, "adaptmoe: ", name, " must be 16-byte aligned");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0, text("adaptmoe: ", name, " must be 16-byte aligned"));
   return c;
 }
 
@@ -223,19 +240,19 @@ DecodeInputs checked_decode_inputs(const Tensor& x_TD, const Tensor& e_TK, const
   in.b1 = checked_weight(b1_EH, x_TD, "b1_EH", {in.E, in.H});
   in.b2 = checked_weight(b2_EO, x_TD, "b2_EO", {in.E, in.O});
   in.e = checked_slots(e_TK, x_TD);
-  TORCH_CHECK(in.e.size(0) == in.T, "adaptmoe: e_TK must have T=", in.T, " rows");
+  TORCH_CHECK(in.e.size(0) == in.T, text("adaptmoe: e_TK must have T=", in.T, " rows"));
   in.K = in.e.size(1), in.N = in.T * in.K;
   const int64_t max_pairs = adaptmoe::kMaxDecodePairs, max_experts = adaptmoe::kMaxDecodeExperts;
-  TORCH_CHECK(in.N <= max_pairs, "adaptmoe: decode takes at most ", max_pairs, " (token, expert) pairs, got ", in.N);
-  TORCH_CHECK(in.E <= max_experts, "adaptmoe: decode takes at most ", max_experts, " experts, got ", in.E);
+  TORCH_CHECK(in.N <= max_pairs, text("adaptmoe: decode takes at most ", max_pairs, " (token, expert) pairs, got ", in.N));
+  TORCH_CHECK(in.E <= max_experts, text("adaptmoe: decode takes at most ", max_experts, " experts, got ", in.E));
   const int64_t pack = 16 / static_cast<int64_t>(x_TD.element_size());
-  TORCH_CHECK(in.D % pack == 0 && in.H % pack == 0 && in.O % pack == 0, "adaptmoe: decode needs D, H, O multiples of ",
-              pack, ", got ", in.D, ", ", in.H, ", ", in.O);
-  TORCH_CHECK(act >= adaptmoe::kActIdentity && act <= adaptmoe::kActSigmoid, "adaptmoe: unknown activation code ", act);
-  TORCH_CHECK(splits >= 0 && splits <= in.H, "adaptmoe: splits must be 0 (the kernel picks) or in [1, H=", in.H,
-              "], got ", splits);
-  TORCH_CHECK(out_dtype >= adaptmoe::kFloat32 && out_dtype <= adaptmoe::kBFloat16, "adaptmoe: unknown out_dtype code ",
-              out_dtype);
+  TORCH_CHECK(in.D % pack == 0 && in.H % pack == 0 && in.O % pack == 0, text("adaptmoe: decode needs D, H, O multiples of ",
+              pack, ", got ", in.D, ", ", in.H, ", ", in.O));
+  TORCH_CHECK(act >= adaptmoe::kActIdentity && act <= adaptmoe::kActSigmoid, text("adaptmoe: unknown activation code ", act));
+  TORCH_CHECK(splits >= 0 && splits <= in.H, text("adaptmoe: splits must be 0 (the kernel picks) or in [1, H=", in.H,
+              "], got ", splits));
+  TORCH_CHECK(out_dtype >= adaptmoe::kFloat32 && out_dtype <= adaptmoe::kBFloat16, text("adaptmoe: unknown out_dtype code ",
+              out_dtype));
   in.w = checked_tk(w_TK, in.e, x_TD, "w_TK");
   return in;
 }

@@ -21,7 +21,7 @@ from . import _native
 # Activation codes of native/moe_kernels.h (enum Activation), by the function the experts hold.
 ACTIVATION_CODES: dict[str, int] = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swish": 4,
                                     "tanh": 5, "sigmoid": 6}
-_CODE_OF_FN = {id(ACTIVATION_FNS[name]): code for name, code in ACTIVATION_CODES.items()}
+_CODE_OF_FN = tuple((ACTIVATION_FNS[name], code) for name, code in ACTIVATION_CODES.items())
 _FN_OF_CODE = {code: ACTIVATION_FNS[name] for name, code in ACTIVATION_CODES.items()}
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -36,8 +36,12 @@ MAX_EXPERTS = 8192    # native/moe_kernels.h: kMaxDecodeExperts
 
 
 def activation_code(act: Callable[[Tensor], Tensor]) -> int | None:
-    """The kernels' code for one of the built-in activations, None for any other callable."""
-    return _CODE_OF_FN.get(id(act))
+    """The kernels' code for one of the built-in activations, None for any other callable
+    (identity tests only: torch.compile traces them, not ``id()`` or hashing of functions)."""
+    for fn, code in _CODE_OF_FN:
+        if act is fn:
+            return code
+    return None
 
 
 def _ffn_of_pairs(x_ND: Tensor, e_N: Tensor, w1, w2, w3, b1, b2, act: Callable) -> Tensor:
@@ -101,14 +105,15 @@ def _(g, u, activation):
 def act_mul(g: Tensor, u: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
     """act(g) * u, the gated FFN's product: one native pass (one rounding) on CUDA when no
     gradient is needed, else the PyTorch expression (two passes and a temporary)."""
+    if torch.compiler.is_compiling():   # inductor fuses the expression itself
+        return act(g) * u
     code = activation_code(act)
     grad = torch.is_grad_enabled() and (g.requires_grad or u.requires_grad)
     if (code is None or grad or not g.is_cuda or g.dtype not in _DTYPE_CODES or g.shape != u.shape
             or g.dtype != u.dtype or not g.is_contiguous() or not u.is_contiguous()
             or g.data_ptr() % 16 or u.data_ptr() % 16):
         return act(g) * u
-    loaded = _native.loaded() if torch.compiler.is_compiling() else _native.load()
-    return act_mul_op(g, u, code) if loaded is not None else act(g) * u
+    return act_mul_op(g, u, code) if _native.load() is not None else act(g) * u
 
 
 def native_decode_blocker(x_TD: Tensor, weights: tuple, act: Callable, num_pairs: int) -> str | None:

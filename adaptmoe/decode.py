@@ -36,6 +36,7 @@ from torch import Tensor
 from . import ops
 from .expert_compute import FFNWeights, ffn_one_expert, gated_product
 from .gates import select_experts
+from .routing import fusable_gate
 
 METHODS = ("auto", "native", "grouped_mm", "gather", "dense")
 DECODE_MAX_TOKENS = 64          # same cap as planner.cost: beyond it every expert is hit anyway
@@ -325,7 +326,14 @@ def route_tokens(layer, x_TD: Tensor, *, top_k: int, gate_index: int = 0) -> tup
     gate_cfg = layer.config.gates[gate_index]
     with torch.autocast(device_type=x_TD.device.type, enabled=False):
         logits_TE = layer.gates[gate_index](x_TD)
-        indices_TK, weights_TK, _ = select_experts(logits_TE, gate_cfg, top_k, False)
+        if x_TD.is_cuda and fusable_gate(gate_cfg, False):
+            # one fused kernel instead of softmax, top-k, gather and renormalisation: at T=1 the
+            # launches, not the arithmetic, are what routing costs
+            sigmoid = gate_cfg.kind in ("sigmoid", "sinkmoid")
+            indices_TK, weights_TK = ops.route_topk(logits_TE, top_k, "sigmoid" if sigmoid else "softmax",
+                                                    gate_cfg.normalize_topk and top_k > 1, None)[:2]
+        else:
+            indices_TK, weights_TK, _ = select_experts(logits_TE, gate_cfg, top_k, False)
     return indices_TK, weights_TK
 
 

@@ -284,14 +284,21 @@ def valid_mask(num_tokens: int, num_valid_tokens: Tensor | int | None, device: t
 
 def selected_expert_ffn(x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, weights: FFNWeights,
                         act: Callable[[Tensor], Tensor], *, is_postscore: bool = True,
-                        valid_T: Tensor | None = None, method: str = "auto",
-                        split_k: int | None = None) -> Tensor:
+                        valid_T: Tensor | None = None, num_valid_tokens: Tensor | int | None = None,
+                        method: str = "auto", split_k: int | None = None) -> Tensor:
     """y_TO[t] = sum_k weights_TK[t, k] * expert_{indices_TK[t, k]}(x_TD[t]) (post-score), or the
     expert of the scaled input (pre-score). Tokens where ``valid_T`` is False (padding of a CUDA
-    graph bucket) touch no expert and come back as zeros. ``split_k``: see ``split_k_for``."""
+    graph bucket) touch no expert and come back as zeros; ``num_valid_tokens`` says the same as a
+    count (the first tokens are real), which the native kernels read on the device instead of
+    masking first. ``split_k``: see ``split_k_for``."""
     T, K = indices_TK.shape
     E, H = weights.w1_eHD.shape[0], weights.w1_eHD.shape[1]
     resolved = resolve_method(method, x_TD, T * K, weights, act, K)
+    if resolved == "native" and valid_T is None:
+        count = None if num_valid_tokens is None else torch.as_tensor(num_valid_tokens, device=x_TD.device).long()
+        return _native_ffn(x_TD, indices_TK, weights_TK, weights, act, is_postscore, count)
+    if valid_T is None and num_valid_tokens is not None:
+        valid_T = valid_mask(T, num_valid_tokens, x_TD.device)
     e_TK = indices_TK if valid_T is None else torch.where(valid_T.unsqueeze(1), indices_TK, E)
     if resolved == "native":
         return _native_ffn(x_TD, e_TK, weights_TK, weights, act, is_postscore)
@@ -312,12 +319,13 @@ def selected_expert_ffn(x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, we
 
 
 def _native_ffn(x_TD: Tensor, e_TK: Tensor, weights_TK: Tensor, w: FFNWeights, act: Callable,
-                is_postscore: bool) -> Tensor:
+                is_postscore: bool, num_valid_tokens: Tensor | None = None) -> Tensor:
     if any(t is not None and t.dtype != x_TD.dtype for t in w):   # autocast: fp32 weights, bf16 x
         w = FFNWeights(*[None if t is None else t.to(x_TD.dtype) for t in w])
     out_dtype = torch.promote_types(x_TD.dtype, weights_TK.dtype) if is_postscore else x_TD.dtype
     # masked tokens carry expert E: they select nothing and come back as zeros
-    return ops.decode_ffn(x_TD.contiguous(), e_TK, weights_TK, is_postscore, tuple(w), act, 0, out_dtype)
+    return ops.decode_ffn(x_TD.contiguous(), e_TK, weights_TK, is_postscore, tuple(w), act, 0, out_dtype,
+                          num_valid_tokens)
 
 
 def route_tokens(layer, x_TD: Tensor, *, top_k: int, gate_index: int = 0) -> tuple[Tensor, Tensor]:
@@ -347,11 +355,12 @@ def decode_supported(layer) -> str | None:
 
 
 def decode_forward(layer, x_TD: Tensor, *, top_k: int, gate_index: int = 0, valid_T: Tensor | None = None,
-                   method: str = "auto", split_k: int | None = None) -> Tensor:
+                   num_valid_tokens: Tensor | int | None = None, method: str = "auto",
+                   split_k: int | None = None) -> Tensor:
     """One dropless inference call of ``layer`` on ``x_TD`` ([T, D] in the compute dtype) through
     the decode path; returns y_TO in the compute dtype."""
     indices_TK, weights_TK = route_tokens(layer, x_TD, top_k=top_k, gate_index=gate_index)
     experts = layer.experts
     return selected_expert_ffn(x_TD, indices_TK, weights_TK, experts.stored_weights(), experts.activation,
-                               is_postscore=layer.config.is_postscore, valid_T=valid_T, method=method,
-                               split_k=split_k)
+                               is_postscore=layer.config.is_postscore, valid_T=valid_T,
+                               num_valid_tokens=num_valid_tokens, method=method, split_k=split_k)

@@ -257,9 +257,8 @@ class ServingMoE(nn.Module):
         # The decode kernel routes by inference rules; a train-mode call (under no_grad) must see the
         # layer's training routing (noise, expert dropout, Sinkhorn), so it runs through the layer.
         if choice.kernel == "decode" and not (self.layer.training and num_valid_tokens is None):
-            valid_T = decode.valid_mask(x_TD.shape[0], num_valid_tokens, x_TD.device)
             y_TO = decode.decode_forward(self.layer, x_TD, top_k=knobs.top_k, gate_index=gate_index,
-                                         valid_T=valid_T, method=self.decode_method,
+                                         num_valid_tokens=num_valid_tokens, method=self.decode_method,
                                          split_k=self.decode_split_k)
             return y_TO.reshape(*lead, *self._tail(x, reserve_dims)).to(x.dtype)
         parallel = self.layer.layout.world_size > 1

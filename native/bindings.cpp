@@ -262,9 +262,17 @@ DecodeInputs checked_decode_inputs(const Tensor& x_TD, const Tensor& e_TK, const
 Tensor decode_ffn(const Tensor& x_TD, const Tensor& e_TK, const std::optional<Tensor>& w_TK, bool postscore,
                   const Tensor& w1_EHD, const Tensor& w2_EHO, const std::optional<Tensor>& w3_EHD,
                   const std::optional<Tensor>& b1_EH, const std::optional<Tensor>& b2_EO, int64_t act,
-                  int64_t splits, int64_t out_dtype) {
+                  int64_t splits, int64_t out_dtype, const std::optional<Tensor>& num_valid_tokens) {
   const DecodeInputs in = checked_decode_inputs(x_TD, e_TK, w_TK, w1_EHD, w2_EHO, w3_EHD, b1_EH, b2_EO, act, splits,
                                                 out_dtype);
+  Tensor num_valid;
+  if (num_valid_tokens.has_value()) {
+    check_cuda(*num_valid_tokens, "num_valid_tokens", x_TD);
+    TORCH_CHECK(num_valid_tokens->numel() == 1 && num_valid_tokens->scalar_type() == at::kLong,
+                "adaptmoe: num_valid_tokens must be one int64 element");
+    num_valid = num_valid_tokens->contiguous();
+  }
+  const int64_t* valid_ptr = num_valid.defined() ? num_valid.data_ptr<int64_t>() : nullptr;
   const c10::cuda::CUDAGuard guard(x_TD.device());
   const auto dt = dtype_of(x_TD);
   const Tensor &x = in.x, &e = in.e, &w1 = in.w1, &w2 = in.w2, &w3 = in.w3, &b1 = in.b1, &b2 = in.b2;
@@ -286,16 +294,16 @@ Tensor decode_ffn(const Tensor& x_TD, const Tensor& e_TK, const std::optional<Te
   check_launch(adaptmoe::launch_decode_up(x.data_ptr(), dt, e.data_ptr<int64_t>(), postscore ? nullptr : w_ptr, w_dt,
                                           w1.data_ptr(), ptr(w3), ptr(b1), N, static_cast<int>(K),
                                           static_cast<int>(E), H, D, static_cast<adaptmoe::Activation>(act),
-                                          h.data_ptr(), stream),
+                                          valid_ptr, h.data_ptr(), stream),
                "decode up projection");
   check_launch(adaptmoe::launch_decode_down(h.data_ptr(), dt, e.data_ptr<int64_t>(), w2.data_ptr(), N,
-                                            static_cast<int>(E), H, O, static_cast<int>(splits),
-                                            static_cast<int>(max_splits), part.data_ptr<float>(),
+                                            static_cast<int>(K), static_cast<int>(E), H, O, static_cast<int>(splits),
+                                            static_cast<int>(max_splits), valid_ptr, part.data_ptr<float>(),
                                             splits_used.data_ptr<int>(), stream),
                "decode down projection");
   check_launch(adaptmoe::launch_decode_reduce(part.data_ptr<float>(), e.data_ptr<int64_t>(), postscore ? w_ptr : nullptr,
                                               w_dt, ptr(b2), dt, T, static_cast<int>(K), static_cast<int>(E), O,
-                                              splits_used.data_ptr<int>(), y.data_ptr(), out_dt, stream),
+                                              splits_used.data_ptr<int>(), valid_ptr, y.data_ptr(), out_dt, stream),
                "decode reduce");
   return y;
 }

@@ -113,6 +113,14 @@ __device__ int collect_pairs(const int64_t* __restrict__ e_N, int N, int e, Rout
   return r.num_pairs;
 }
 
+// Pairs that belong to real tokens: the first num_valid tokens' when a count is given (CUDA-graph
+// buckets pad the batch; reading the count here saves the masking kernels before the op).
+__device__ __forceinline__ int used_pairs(int N, int K, const int64_t* __restrict__ num_valid) {
+  if (num_valid == nullptr) return N;
+  const int64_t tokens = min(max(*num_valid, int64_t{0}), static_cast<int64_t>(N / max(K, 1)));
+  return static_cast<int>(tokens * K);
+}
+
 // Contiguous share [begin, end) of `work` equal items for this block.
 __device__ __forceinline__ void block_share(int64_t work, int64_t& begin, int64_t& end) {
   const int64_t per_block = (work + gridDim.x - 1) / gridDim.x;
@@ -214,10 +222,11 @@ template <typename T, int ROWS, bool GATED>
 __global__ void __launch_bounds__(kThreads, 2) decode_up_kernel(
     const T* __restrict__ x_TD, const int64_t* __restrict__ e_N, const void* __restrict__ scale_N,
     int scale_dt, const T* __restrict__ w1, const T* __restrict__ w3, const T* __restrict__ b1, int N,
-    int K, int E, int H, int D, int act, T* __restrict__ h_NH) {
+    int K, int E, int H, int D, int act, const int64_t* __restrict__ num_valid, T* __restrict__ h_NH) {
   static_assert(ROWS * kGroup <= 32, "one lane per (row, pair) in the epilogue");
   __shared__ Routing r;
   __shared__ float sums[kWarpsPerBlock][2][ROWS * kGroup];
+  N = used_pairs(N, K, num_valid);
   const int A = collect_active(e_N, N, E, r);
   const int warp = threadIdx.x >> 5;
   const int tiles = (H + kWarpsPerBlock * ROWS - 1) / (kWarpsPerBlock * ROWS);
@@ -297,11 +306,14 @@ __device__ __forceinline__ void down_item(const T* __restrict__ h_NH, const int*
 // Work item: (selected expert, column block of kThreads * V columns, hidden slice), slices fastest.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) decode_down_kernel(
-    const T* __restrict__ h_NH, const int64_t* __restrict__ e_N, const T* __restrict__ w2, int N, int E, int H,
-    int O, int forced_splits, int max_splits, float* __restrict__ part_SNO, int* __restrict__ splits_out) {
+    const T* __restrict__ h_NH, const int64_t* __restrict__ e_N, const T* __restrict__ w2, int N, int K, int E,
+    int H, int O, int forced_splits, int max_splits, const int64_t* __restrict__ num_valid,
+    float* __restrict__ part_SNO, int* __restrict__ splits_out) {
   constexpr int V = 16 / sizeof(T);
   __shared__ Routing r;
   __shared__ float hv[kGroup][kChunk];
+  const int stride_N = N;  // partial rows stay indexed by the full pair count
+  N = used_pairs(N, K, num_valid);
   const int A = collect_active(e_N, N, E, r);
   const int column_blocks = (O + kThreads * V - 1) / (kThreads * V);
   int S = forced_splits > 0 ? forced_splits : static_cast<int>(gridDim.x) / max(1, A * column_blocks);
@@ -320,7 +332,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_down_kernel(
     }
     const int h_begin = static_cast<int>(static_cast<int64_t>(H) * s / S);
     const int h_end = static_cast<int>(static_cast<int64_t>(H) * (s + 1) / S);
-    down_item<T>(h_NH, r.pairs, m, w2 + static_cast<size_t>(e) * H * O, N, H, O, (c * kThreads + threadIdx.x) * V,
+    down_item<T>(h_NH, r.pairs, m, w2 + static_cast<size_t>(e) * H * O, stride_N, H, O, (c * kThreads + threadIdx.x) * V,
                  h_begin, h_end, s, hv, part_SNO);
   }
 }
@@ -330,13 +342,14 @@ template <typename T>
 __global__ void decode_reduce_kernel(const float* __restrict__ part_SNO, const int64_t* __restrict__ e_N,
                                      const void* __restrict__ w_N, int w_dt, const T* __restrict__ b2, int K,
                                      int E, int64_t N, int64_t O, const int* __restrict__ splits_in,
-                                     void* __restrict__ y_TO, int out_dt) {
+                                     const int64_t* __restrict__ num_valid, void* __restrict__ y_TO, int out_dt) {
   const int64_t t = blockIdx.y;
   const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (o >= O) return;
   const int splits = *splits_in;
+  const int valid_k = num_valid != nullptr && t >= *num_valid ? 0 : K;  // padding tokens: zeros
   float acc = 0.f;
-  for (int k = 0; k < K; ++k) {
+  for (int k = 0; k < valid_k; ++k) {
     const int64_t n = t * K + k;
     const int64_t e = e_N[n];
     if (e < 0 || e >= E) continue;
@@ -363,23 +376,24 @@ int resident_blocks(Kernel kernel) {
 template <typename T, bool GATED>
 void up_launch(const void* x, const int64_t* e_N, const void* scale_N, DType scale_dt, const void* w1,
                const void* w3, const void* b1, int64_t N, int K, int E, int64_t H, int64_t D, Activation act,
-               void* h, cudaStream_t stream) {
+               const int64_t* num_valid, void* h, cudaStream_t stream) {
   constexpr int ROWS = 2;
   auto kernel = decode_up_kernel<T, ROWS, GATED>;
   static int blocks = resident_blocks(kernel);
   kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(x), e_N, scale_N, scale_dt, static_cast<const T*>(w1),
                                           static_cast<const T*>(w3), static_cast<const T*>(b1), static_cast<int>(N), K,
-                                          E, static_cast<int>(H), static_cast<int>(D), act, static_cast<T*>(h));
+                                          E, static_cast<int>(H), static_cast<int>(D), act, num_valid,
+                                          static_cast<T*>(h));
 }
 
 template <typename T>
 void up_for_type(const void* x, const int64_t* e_N, const void* scale_N, DType scale_dt, const void* w1,
                  const void* w3, const void* b1, int64_t N, int K, int E, int64_t H, int64_t D, Activation act,
-                 void* h, cudaStream_t stream) {
+                 const int64_t* num_valid, void* h, cudaStream_t stream) {
   if (w3 != nullptr) {
-    up_launch<T, true>(x, e_N, scale_N, scale_dt, w1, w3, b1, N, K, E, H, D, act, h, stream);
+    up_launch<T, true>(x, e_N, scale_N, scale_dt, w1, w3, b1, N, K, E, H, D, act, num_valid, h, stream);
   } else {
-    up_launch<T, false>(x, e_N, scale_N, scale_dt, w1, w3, b1, N, K, E, H, D, act, h, stream);
+    up_launch<T, false>(x, e_N, scale_N, scale_dt, w1, w3, b1, N, K, E, H, D, act, num_valid, h, stream);
   }
 }
 
@@ -390,11 +404,12 @@ int down_blocks() {
 }
 
 template <typename T>
-void down_for_type(const void* h, const int64_t* e_N, const void* w2, int64_t N, int E, int64_t H, int64_t O,
-                   int splits, int max_splits, float* part, int* splits_out, cudaStream_t stream) {
+void down_for_type(const void* h, const int64_t* e_N, const void* w2, int64_t N, int K, int E, int64_t H,
+                   int64_t O, int splits, int max_splits, const int64_t* num_valid, float* part, int* splits_out,
+                   cudaStream_t stream) {
   decode_down_kernel<T><<<down_blocks<T>(), kThreads, 0, stream>>>(
-      static_cast<const T*>(h), e_N, static_cast<const T*>(w2), static_cast<int>(N), E, static_cast<int>(H),
-      static_cast<int>(O), splits, max_splits, part, splits_out);
+      static_cast<const T*>(h), e_N, static_cast<const T*>(w2), static_cast<int>(N), K, E, static_cast<int>(H),
+      static_cast<int>(O), splits, max_splits, num_valid, part, splits_out);
 }
 
 template <typename T>
@@ -449,14 +464,14 @@ cudaError_t launch_act_mul(const void* g, const void* u, DType dt, int64_t n, Ac
 
 cudaError_t launch_decode_up(const void* x_TD, DType dt, const int64_t* e_N, const void* scale_N,
                              DType scale_dt, const void* w1_EHD, const void* w3_EHD, const void* b1_EH,
-                             int64_t N, int K, int E, int64_t H, int64_t D, Activation act, void* h_NH,
-                             cudaStream_t stream) {
+                             int64_t N, int K, int E, int64_t H, int64_t D, Activation act,
+                             const int64_t* num_valid, void* h_NH, cudaStream_t stream) {
   if (N == 0 || E == 0 || H == 0) return cudaSuccess;
   if (N > kMaxDecodePairs || E > kMaxDecodeExperts) return cudaErrorInvalidValue;
   switch (dt) {
-    case kFloat16: up_for_type<__half>(x_TD, e_N, scale_N, scale_dt, w1_EHD, w3_EHD, b1_EH, N, K, E, H, D, act, h_NH, stream); break;
-    case kBFloat16: up_for_type<__nv_bfloat16>(x_TD, e_N, scale_N, scale_dt, w1_EHD, w3_EHD, b1_EH, N, K, E, H, D, act, h_NH, stream); break;
-    default: up_for_type<float>(x_TD, e_N, scale_N, scale_dt, w1_EHD, w3_EHD, b1_EH, N, K, E, H, D, act, h_NH, stream);
+    case kFloat16: up_for_type<__half>(x_TD, e_N, scale_N, scale_dt, w1_EHD, w3_EHD, b1_EH, N, K, E, H, D, act, num_valid, h_NH, stream); break;
+    case kBFloat16: up_for_type<__nv_bfloat16>(x_TD, e_N, scale_N, scale_dt, w1_EHD, w3_EHD, b1_EH, N, K, E, H, D, act, num_valid, h_NH, stream); break;
+    default: up_for_type<float>(x_TD, e_N, scale_N, scale_dt, w1_EHD, w3_EHD, b1_EH, N, K, E, H, D, act, num_valid, h_NH, stream);
   }
   return cudaGetLastError();
 }
@@ -470,34 +485,35 @@ int decode_auto_max_splits(DType dt, int64_t O) {
 }
 
 cudaError_t launch_decode_down(const void* h_NH, DType dt, const int64_t* e_N, const void* w2_EHO,
-                               int64_t N, int E, int64_t H, int64_t O, int splits, int max_splits,
-                               float* part_SNO, int* splits_out, cudaStream_t stream) {
+                               int64_t N, int K, int E, int64_t H, int64_t O, int splits, int max_splits,
+                               const int64_t* num_valid, float* part_SNO, int* splits_out, cudaStream_t stream) {
   if (N == 0 || E == 0 || O == 0) return cudaSuccess;
   if (N > kMaxDecodePairs || E > kMaxDecodeExperts || splits < 0 || max_splits < 1 || splits > max_splits)
     return cudaErrorInvalidValue;
   switch (dt) {
-    case kFloat16: down_for_type<__half>(h_NH, e_N, w2_EHO, N, E, H, O, splits, max_splits, part_SNO, splits_out, stream); break;
-    case kBFloat16: down_for_type<__nv_bfloat16>(h_NH, e_N, w2_EHO, N, E, H, O, splits, max_splits, part_SNO, splits_out, stream); break;
-    default: down_for_type<float>(h_NH, e_N, w2_EHO, N, E, H, O, splits, max_splits, part_SNO, splits_out, stream);
+    case kFloat16: down_for_type<__half>(h_NH, e_N, w2_EHO, N, K, E, H, O, splits, max_splits, num_valid, part_SNO, splits_out, stream); break;
+    case kBFloat16: down_for_type<__nv_bfloat16>(h_NH, e_N, w2_EHO, N, K, E, H, O, splits, max_splits, num_valid, part_SNO, splits_out, stream); break;
+    default: down_for_type<float>(h_NH, e_N, w2_EHO, N, K, E, H, O, splits, max_splits, num_valid, part_SNO, splits_out, stream);
   }
   return cudaGetLastError();
 }
 
 cudaError_t launch_decode_reduce(const float* part_SNO, const int64_t* e_N, const void* w_N, DType w_dt,
                                  const void* b2_EO, DType dt, int64_t T, int K, int E, int64_t O,
-                                 const int* splits_in, void* y_TO, DType out_dt, cudaStream_t stream) {
+                                 const int* splits_in, const int64_t* num_valid, void* y_TO, DType out_dt,
+                                 cudaStream_t stream) {
   if (T == 0 || O == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>((O + kThreads - 1) / kThreads), static_cast<unsigned>(T));
   const int64_t N = T * K;
   switch (dt) {
     case kFloat16:
-      decode_reduce_kernel<__half><<<grid, kThreads, 0, stream>>>(part_SNO, e_N, w_N, w_dt, static_cast<const __half*>(b2_EO), K, E, N, O, splits_in, y_TO, out_dt);
+      decode_reduce_kernel<__half><<<grid, kThreads, 0, stream>>>(part_SNO, e_N, w_N, w_dt, static_cast<const __half*>(b2_EO), K, E, N, O, splits_in, num_valid, y_TO, out_dt);
       break;
     case kBFloat16:
-      decode_reduce_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(part_SNO, e_N, w_N, w_dt, static_cast<const __nv_bfloat16*>(b2_EO), K, E, N, O, splits_in, y_TO, out_dt);
+      decode_reduce_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(part_SNO, e_N, w_N, w_dt, static_cast<const __nv_bfloat16*>(b2_EO), K, E, N, O, splits_in, num_valid, y_TO, out_dt);
       break;
     default:
-      decode_reduce_kernel<float><<<grid, kThreads, 0, stream>>>(part_SNO, e_N, w_N, w_dt, static_cast<const float*>(b2_EO), K, E, N, O, splits_in, y_TO, out_dt);
+      decode_reduce_kernel<float><<<grid, kThreads, 0, stream>>>(part_SNO, e_N, w_N, w_dt, static_cast<const float*>(b2_EO), K, E, N, O, splits_in, num_valid, y_TO, out_dt);
   }
   return cudaGetLastError();
 }

@@ -58,7 +58,9 @@ cudaError_t launch_gather_rows(const void* src_RD, DType dt, const int64_t* slot
 // Decode (few tokens): each kernel reads only the weights of experts some (t, k) pair selected;
 // blocks of unselected experts return at once. N = T*K pairs, pair n is token n / K; an expert
 // index outside [0, E) (a padded token) selects nothing. D, H, O are multiples of 16 bytes of the
-// weights' dtype and every pointer is 16-byte aligned (the bindings check both).
+// weights' dtype and every pointer is 16-byte aligned (the bindings check both). num_valid
+// (device int64, may be null): only the first *num_valid tokens are real; the rest select nothing
+// and their outputs are zeros (padded CUDA-graph buckets).
 enum Activation : int { kActIdentity = 0, kActRelu = 1, kActGelu = 2, kActGeluTanh = 3, kActSilu = 4, kActTanh = 5, kActSigmoid = 6 };
 
 // out[i] = act(g[i]) * u[i] (the gated FFN's product) with one rounding; g, u, out of dtype dt,
@@ -80,8 +82,8 @@ constexpr int kMaxDecodeExperts = 8192;
 // scale_dt. Rows of h for pairs that select nothing are left unwritten.
 cudaError_t launch_decode_up(const void* x_TD, DType dt, const int64_t* e_N, const void* scale_N,
                              DType scale_dt, const void* w1_EHD, const void* w3_EHD, const void* b1_EH,
-                             int64_t N, int K, int E, int64_t H, int64_t D, Activation act, void* h_NH,
-                             cudaStream_t stream);
+                             int64_t N, int K, int E, int64_t H, int64_t D, Activation act,
+                             const int64_t* num_valid, void* h_NH, cudaStream_t stream);
 
 // Most hidden slices the down projection may cut H into when the kernel chooses (splits = 0):
 // part_SNO must have room for that many slices.
@@ -92,14 +94,15 @@ int decode_auto_max_splits(DType dt, int64_t O);
 // (expert, column block, slice); S is stored in *splits_out for the reduce. Rows of pairs that
 // select nothing are left unwritten.
 cudaError_t launch_decode_down(const void* h_NH, DType dt, const int64_t* e_N, const void* w2_EHO,
-                               int64_t N, int E, int64_t H, int64_t O, int splits, int max_splits,
-                               float* part_SNO, int* splits_out, cudaStream_t stream);
+                               int64_t N, int K, int E, int64_t H, int64_t O, int splits, int max_splits,
+                               const int64_t* num_valid, float* part_SNO, int* splits_out, cudaStream_t stream);
 
 // y_TO[t] = sum_k w_n * (sum_{s < S} part_SNO[s, n] + b2[e_n]) over the pairs n = t*K + k that
 // select an expert (w_N null: 1; b2 null: 0; b2 in dt), S = *splits_in, fp32 sums in a fixed
 // order (bitwise reproducible), stored in out_dt.
 cudaError_t launch_decode_reduce(const float* part_SNO, const int64_t* e_N, const void* w_N, DType w_dt,
                                  const void* b2_EO, DType dt, int64_t T, int K, int E, int64_t O,
-                                 const int* splits_in, void* y_TO, DType out_dt, cudaStream_t stream);
+                                 const int* splits_in, const int64_t* num_valid, void* y_TO, DType out_dt,
+                                 cudaStream_t stream);
 
 }  // namespace adaptmoe

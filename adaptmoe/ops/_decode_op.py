@@ -60,8 +60,11 @@ def _ffn_of_pairs(x_ND: Tensor, e_N: Tensor, w1, w2, w3, b1, b2, act: Callable) 
 
 def decode_ffn_reference(x_TD: Tensor, e_TK: Tensor, w_TK: Tensor | None, postscore: bool, w1: Tensor, w2: Tensor,
                          w3: Tensor | None, b1: Tensor | None, b2: Tensor | None, activation: int,
-                         out_dtype: torch.dtype) -> Tensor:
+                         out_dtype: torch.dtype, num_valid_tokens: Tensor | None = None) -> Tensor:
     T, K = e_TK.shape
+    if num_valid_tokens is not None:   # padding tokens select nothing
+        real_T = torch.arange(T, device=e_TK.device) < num_valid_tokens.reshape(())
+        e_TK = torch.where(real_T.unsqueeze(1), e_TK, w1.shape[0])
     x_ND = x_TD.repeat_interleave(K, dim=0)
     if not postscore and w_TK is not None:
         x_ND = x_ND * w_TK.reshape(-1, 1).to(x_ND.dtype)
@@ -74,17 +77,18 @@ def decode_ffn_reference(x_TD: Tensor, e_TK: Tensor, w_TK: Tensor | None, postsc
 @torch.library.custom_op("adaptmoe::decode_ffn", mutates_args=())
 def decode_ffn_op(x_TD: Tensor, e_TK: Tensor, w_TK: Tensor | None, postscore: bool, w1_EHD: Tensor, w2_EHO: Tensor,
                   w3_EHD: Tensor | None, b1_EH: Tensor | None, b2_EO: Tensor | None, activation: int, splits: int,
-                  out_dtype: torch.dtype) -> Tensor:
+                  out_dtype: torch.dtype, num_valid_tokens: Tensor | None = None) -> Tensor:
     native = _native.for_tensor(x_TD)
     if native is not None:
         return native.decode_ffn(x_TD, e_TK, w_TK, postscore, w1_EHD, w2_EHO, w3_EHD, b1_EH, b2_EO, activation,
-                                 splits, _DTYPE_CODES[out_dtype])
+                                 splits, _DTYPE_CODES[out_dtype], num_valid_tokens)
     return decode_ffn_reference(x_TD, e_TK, w_TK, postscore, w1_EHD, w2_EHO, w3_EHD, b1_EH, b2_EO, activation,
-                                out_dtype)
+                                out_dtype, num_valid_tokens)
 
 
 @decode_ffn_op.register_fake
-def _(x_TD, e_TK, w_TK, postscore, w1_EHD, w2_EHO, w3_EHD, b1_EH, b2_EO, activation, splits, out_dtype):
+def _(x_TD, e_TK, w_TK, postscore, w1_EHD, w2_EHO, w3_EHD, b1_EH, b2_EO, activation, splits, out_dtype,
+      num_valid_tokens=None):
     return x_TD.new_empty(x_TD.shape[0], w2_EHO.shape[2], dtype=out_dtype)
 
 
@@ -170,14 +174,20 @@ def _check_args(x_TD, e_TK, w_TK, w1, w2, b1, b2, w3, splits, out_dtype) -> None
 
 
 def decode_ffn(x_TD: Tensor, e_TK: Tensor, w_TK: Tensor | None, postscore: bool, weights: tuple,
-               act: Callable, splits: int, out_dtype: torch.dtype) -> Tensor:
+               act: Callable, splits: int, out_dtype: torch.dtype, num_valid_tokens: Tensor | None = None) -> Tensor:
     """y_TO = sum_k w_TK * ffn_{e_TK}(x_TD) (postscore) or sum_k ffn_{e_TK}(w_TK * x_TD); experts
     outside [0, E) add nothing. ``weights``: (w1_EHD, w2_EHO, b1_EH, b2_EO, w3_EHD). ``splits``:
-    slices of the hidden dim in the down projection, 0 = the kernel picks from the routing."""
+    slices of the hidden dim in the down projection, 0 = the kernel picks from the routing.
+    ``num_valid_tokens`` (int64 device scalar): only the first tokens are real, the rest come back
+    as zeros and read no weights (padded CUDA-graph buckets, without masking kernels)."""
     code = activation_code(act)
     if code is None:
         raise ValueError("decode_ffn fuses only the built-in activations "
                          f"{sorted(ACTIVATION_CODES)}; got a custom callable")
     w1, w2, b1, b2, w3 = weights
     _check_args(x_TD, e_TK, w_TK, w1, w2, b1, b2, w3, splits, out_dtype)
-    return decode_ffn_op(x_TD, e_TK, w_TK, postscore, w1, w2, w3, b1, b2, code, splits, out_dtype)
+    if num_valid_tokens is not None and (num_valid_tokens.numel() != 1 or num_valid_tokens.dtype != torch.int64
+                                         or num_valid_tokens.device != x_TD.device):
+        raise ValueError(f"num_valid_tokens must be one int64 element on {x_TD.device}; got "
+                         f"{num_valid_tokens.dtype} {list(num_valid_tokens.shape)} on {num_valid_tokens.device}")
+    return decode_ffn_op(x_TD, e_TK, w_TK, postscore, w1, w2, w3, b1, b2, code, splits, out_dtype, num_valid_tokens)

@@ -110,6 +110,13 @@ def test_padding_tokens_come_back_zero(dtype):
                          ACTIVATION_CODES["silu"], 2, torch.float32)
     assert torch.equal(full[-3:], torch.zeros_like(full[-3:]))
     assert torch.equal(full[:5], got)   # bitwise: fixed summation order, padding changes nothing
+    # the same padding given as a device count: the kernels skip the tail themselves
+    e_all = e_TK.clone()
+    e_all[-3:] = 0                       # padding rows may hold any expert: the count decides
+    counted = decode_ffn_op(x, e_all, w_TK, True, weights[0], weights[1], weights[2], None, None,
+                            ACTIVATION_CODES["silu"], 2, torch.float32, torch.tensor(5, device=DEV))
+    assert torch.equal(counted[-3:], torch.zeros_like(counted[-3:]))
+    assert torch.equal(counted[:5], got)
 
 
 def test_unselected_experts_are_never_read():

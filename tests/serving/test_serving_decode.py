@@ -156,6 +156,10 @@ def test_decode_ffn_op_equals_brute_force(kind, postscore):
                                       layer.experts.activation, 1, torch.float64)
         assert torch.equal(y_masked[-1], torch.zeros_like(y_masked[-1]))
         torch.testing.assert_close(y_masked[:-1], expected[:-1], rtol=1e-12, atol=1e-12)
+        with torch.no_grad():
+            y_counted = ops.decode_ffn(x, indices_TK, weights_TK, postscore, tuple(layer.experts.stored_weights()),
+                                       layer.experts.activation, 1, torch.float64, torch.tensor(T - 1))
+        assert torch.equal(y_counted, y_masked)
 
 
 def test_native_method_says_why_it_cannot_serve():

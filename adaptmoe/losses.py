@@ -12,10 +12,9 @@ def gshard_loss(scores_TE: Tensor, indices_TK: Tensor) -> Tensor:
     """E * sum_e mean_t(p_te) * fraction of tokens whose first choice is e (1.0 when balanced)."""
     T, E = scores_TE.shape
     mean_prob_E = scores_TE.float().mean(dim=0)
-    # scatter_add, not bincount: bincount reads its output size on the host (a sync on CUDA).
-    top1_count_E = mean_prob_E.new_zeros(E).scatter_add_(0, indices_TK[:, 0], mean_prob_E.new_ones(T))
-    top1_fraction_E = top1_count_E / T
-    return E * torch.sum(mean_prob_E * top1_fraction_E)
+    # sum_e mean_e * count_e / T == sum_t mean[first choice of t] / T: one gather instead of a
+    # histogram (no bincount host sync, and fewer launches on every call)
+    return mean_prob_E.index_select(0, indices_TK[:, 0]).sum() * (E / max(T, 1))
 
 
 def _cv_squared(values_E: Tensor) -> Tensor:

@@ -191,7 +191,8 @@ def decode_ffn(x_TD: Tensor, e_TK: Tensor, w_TK: Tensor | None, postscore: bool,
                                          or num_valid_tokens.device != x_TD.device):
         raise ValueError(f"num_valid_tokens must be one int64 element on {x_TD.device}; got "
                          f"{num_valid_tokens.dtype} {list(num_valid_tokens.shape)} on {num_valid_tokens.device}")
-    if x_TD.is_cuda and not torch.compiler.is_compiling() and _native.load() is not None:
+    if (x_TD.is_cuda and x_TD.dtype in _DTYPE_CODES and out_dtype in _DTYPE_CODES
+            and not torch.compiler.is_compiling() and _native.load() is not None):
         # eager: straight to the kernels (torch.library's dispatch costs ~0.15 ms of host time)
         return _native.load().decode_ffn(x_TD, e_TK, w_TK, postscore, w1, w2, w3, b1, b2, code, splits,
                                          _DTYPE_CODES[out_dtype], num_valid_tokens)

@@ -12,7 +12,9 @@ import torch
 
 from adaptmoe.examples.bench_layer import build_layer, fused_forward
 
-CFG = dict(T=8192, D=2048, H=1024, E=64, K=8, dtype="bfloat16")
+from adaptmoe.examples.bench_layer import CONFIGS  # noqa: E402
+
+CFG = CONFIGS["fine64"]
 
 
 def main() -> None:

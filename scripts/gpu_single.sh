@@ -17,3 +17,5 @@ case "${1:-tests}" in
     timeout 200 python3 -m adaptmoe.examples.bench_planner --iters 10 --warmup 3 2>&1 | tee "$OUT/bench_planner.log"
     ;;
 esac
+# Note: the device machine's copy of .git can be stale; pass ADAPTMOE_COMMIT=<hash> from the
+# checkout that launched the run (the benchmarks print it).

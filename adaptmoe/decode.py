@@ -117,14 +117,13 @@ def resolve_method(method: str, x_TD: Tensor, num_pairs: int, weights: FFNWeight
     if method != "auto":
         return method
     # native streams each expert's weights at close to copy bandwidth but spends CUDA-core FMAs
-    # per pair (and streams again past PAIRS_PER_PASS pairs); with more rows per expert the
+    # per pair (and streams again past 8 pairs); with more rows per expert the
     # tensor-core grouped GEMM wins (scripts/bench_decode.py on H100: crossover near 4).
-    E = weights.w1_eHD.shape[0]
+    E, H = weights.w1_eHD.shape[0], weights.w1_eHD.shape[1]
     tokens = num_pairs // max(1, top_k)
     few_rows = num_pairs <= NATIVE_MAX_PAIRS_PER_EXPERT * max(1.0, expected_distinct_experts(tokens, E, top_k))
     if few_rows and ops.native_decode_blocker(x_TD, weights, act, num_pairs) is None:
         return "native"
-    E, H = weights.w1_eHD.shape[0], weights.w1_eHD.shape[1]
     if grouped_mm_supported(x_TD, H, weights.w2_eHO.shape[2]):
         return "grouped_mm"
     # gather reads, writes and re-reads each pair's expert: ~3N expert passes against E.
@@ -294,8 +293,9 @@ def selected_expert_ffn(x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, we
     T, K = indices_TK.shape
     E, H = weights.w1_eHD.shape[0], weights.w1_eHD.shape[1]
     resolved = resolve_method(method, x_TD, T * K, weights, act, K)
-    if resolved == "native" and valid_T is None:
-        count = None if num_valid_tokens is None else torch.as_tensor(num_valid_tokens, device=x_TD.device).long()
+    if resolved == "native" and valid_T is None and (num_valid_tokens is None or isinstance(num_valid_tokens, Tensor)):
+        # a device count is read by the kernels; a Python int takes the mask below (no H2D copy)
+        count = None if num_valid_tokens is None else num_valid_tokens.to(device=x_TD.device, dtype=torch.int64)
         return _native_ffn(x_TD, indices_TK, weights_TK, weights, act, is_postscore, count)
     if valid_T is None and num_valid_tokens is not None:
         valid_T = valid_mask(T, num_valid_tokens, x_TD.device)

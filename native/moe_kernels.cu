@@ -230,69 +230,48 @@ __global__ void inverse_slots_kernel(const int64_t* __restrict__ slots, int64_t 
   }
 }
 
-// kRowsPerBlock output rows per block, every thread loading its pack of all of them before it
-// stores any: one row per block kept too few loads in flight (1.5-1.6 TB/s; see NOTES.md).
-constexpr int kRowsPerBlock = 4;
-
 template <typename T, int N>
 __global__ void scatter_by_rows_kernel(const T* __restrict__ src, const int* __restrict__ inv,
                                        const void* __restrict__ w, int w_dt, const T* __restrict__ dot_src,
-                                       int K, int64_t D, int64_t R, T* __restrict__ out,
-                                       void* __restrict__ dot_out, int dot_dt) {
-  constexpr int RB = kRowsPerBlock;
-  __shared__ float s_part[RB][32];
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * RB;
+                                       int K, int64_t D, T* __restrict__ out, void* __restrict__ dot_out,
+                                       int dot_dt) {
+  __shared__ float s_part[32];
+  const int64_t r = blockIdx.x;
   const int64_t nv = D / N;
-  int src_i[RB];     // (token, choice) feeding the row; -1: the row stays 0
-  bool live[RB];     // the row exists (r < R)
-  float wk[RB], acc[RB];
+  const int i = inv[r];
+  T* orow = out + r * D;
+  if (i < 0) {
+    float z[N];
 #pragma unroll
-  for (int rr = 0; rr < RB; ++rr) {
-    live[rr] = r0 + rr < R;
-    src_i[rr] = live[rr] ? inv[r0 + rr] : -1;
-    wk[rr] = (src_i[rr] >= 0 && w != nullptr) ? load_any(w, w_dt, src_i[rr]) : 1.f;
-    acc[rr] = 0.f;
+    for (int j = 0; j < N; ++j) z[j] = 0.f;
+    for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) store_pack<T, N>(orow + v * N, z);
+    return;
   }
+  const T* srow = src + static_cast<int64_t>(i / K) * D;
+  const float wk = w != nullptr ? load_any(w, w_dt, i) : 1.f;
+  float acc = 0.f;
   for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
-    float f[RB][N];
+    float f[N];
+    load_pack<T, N>(srow + v * N, f);
+    if (dot_out != nullptr) {
+      float d[N];
+      load_pack<T, N>(dot_src + r * D + v * N, d);
 #pragma unroll
-    for (int rr = 0; rr < RB; ++rr) {
-      if (src_i[rr] >= 0) {
-        load_pack<T, N>(src + static_cast<int64_t>(src_i[rr] / K) * D + v * N, f[rr]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < N; ++j) f[rr][j] = 0.f;
-      }
+      for (int j = 0; j < N; ++j) acc = fmaf(f[j], d[j], acc);
     }
 #pragma unroll
-    for (int rr = 0; rr < RB; ++rr) {
-      if (!live[rr]) continue;
-      if (dot_out != nullptr && src_i[rr] >= 0) {
-        float d[N];
-        load_pack<T, N>(dot_src + (r0 + rr) * D + v * N, d);
-#pragma unroll
-        for (int j = 0; j < N; ++j) acc[rr] = fmaf(f[rr][j], d[j], acc[rr]);
-      }
-#pragma unroll
-      for (int j = 0; j < N; ++j) f[rr][j] *= wk[rr];
-      store_pack<T, N>(out + (r0 + rr) * D + v * N, f[rr]);
-    }
+    for (int j = 0; j < N; ++j) f[j] *= wk;
+    store_pack<T, N>(orow + v * N, f);
   }
   if (dot_out != nullptr) {
+    acc = warp_sum(acc);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int rr = 0; rr < RB; ++rr) {
-      const float total = warp_sum(acc[rr]);
-      if (lane == 0) s_part[rr][warp] = total;
-    }
+    if (lane == 0) s_part[warp] = acc;
     __syncthreads();
     if (warp == 0) {
-#pragma unroll
-      for (int rr = 0; rr < RB; ++rr) {
-        float v = lane < static_cast<int>(blockDim.x >> 5) ? s_part[rr][lane] : 0.f;
-        v = warp_sum(v);
-        if (lane == 0 && src_i[rr] >= 0) store_any(dot_out, dot_dt, src_i[rr], v);
-      }
+      acc = lane < static_cast<int>(blockDim.x >> 5) ? s_part[lane] : 0.f;
+      acc = warp_sum(acc);
+      if (lane == 0) store_any(dot_out, dot_dt, i, acc);
     }
   }
 }
@@ -405,14 +384,12 @@ cudaError_t scatter_t(const void* src, const int64_t* slots, const void* w, DTyp
     if (err != cudaSuccess) return err;
   }
   if (vec) {
-    scatter_by_rows_kernel<T, NV><<<static_cast<unsigned>((R + kRowsPerBlock - 1) / kRowsPerBlock),
-                                    row_threads(D / NV), 0, stream>>>(
-        static_cast<const T*>(src), workspace, w, w_dt, static_cast<const T*>(dot_src), K, D, R,
+    scatter_by_rows_kernel<T, NV><<<static_cast<unsigned>(R), row_threads(D / NV), 0, stream>>>(
+        static_cast<const T*>(src), workspace, w, w_dt, static_cast<const T*>(dot_src), K, D,
         static_cast<T*>(out), dot_out, dot_dt);
   } else {
-    scatter_by_rows_kernel<T, 1><<<static_cast<unsigned>((R + kRowsPerBlock - 1) / kRowsPerBlock),
-                                   row_threads(D), 0, stream>>>(
-        static_cast<const T*>(src), workspace, w, w_dt, static_cast<const T*>(dot_src), K, D, R,
+    scatter_by_rows_kernel<T, 1><<<static_cast<unsigned>(R), row_threads(D), 0, stream>>>(
+        static_cast<const T*>(src), workspace, w, w_dt, static_cast<const T*>(dot_src), K, D,
         static_cast<T*>(out), dot_out, dot_dt);
   }
   return cudaGetLastError();

@@ -8,7 +8,6 @@
 
 #include <cub/block/block_scan.cuh>
 
-#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdlib>
@@ -277,62 +276,6 @@ __global__ void scatter_by_rows_kernel(const T* __restrict__ src, const int* __r
   }
 }
 
-// Token-major form for the plain dispatch (no dots): each token row is read once and written to
-// its K slots; the row-major form reads a token once per choice (K times, scattered).
-constexpr int kTokensPerBlock = 2;
-
-template <typename T, int N>
-__global__ void scatter_by_tokens_kernel(const T* __restrict__ src, const int64_t* __restrict__ slots,
-                                         const void* __restrict__ w, int w_dt, int64_t num_tokens, int K,
-                                         int64_t D, int64_t R, T* __restrict__ out) {
-  extern __shared__ unsigned char smem_raw[];
-  int64_t* s_slot = reinterpret_cast<int64_t*>(smem_raw);           // [kTokensPerBlock][K]
-  float* s_w = reinterpret_cast<float*>(s_slot + kTokensPerBlock * K);
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTokensPerBlock;
-  for (int i = threadIdx.x; i < kTokensPerBlock * K; i += blockDim.x) {
-    const int64_t t = t0 + i / K;
-    const int64_t s = t < num_tokens ? slots[t * K + i % K] : -1;
-    s_slot[i] = (s >= 0 && s < R) ? s : -1;
-    s_w[i] = (w != nullptr && t < num_tokens) ? load_any(w, w_dt, t * K + i % K) : 1.f;
-  }
-  __syncthreads();
-  const int64_t nv = D / N;
-  for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
-    float f[kTokensPerBlock][N];
-#pragma unroll
-    for (int tt = 0; tt < kTokensPerBlock; ++tt)
-      if (t0 + tt < num_tokens) load_pack<T, N>(src + (t0 + tt) * D + v * N, f[tt]);
-#pragma unroll
-    for (int tt = 0; tt < kTokensPerBlock; ++tt) {
-      if (t0 + tt >= num_tokens) break;
-      for (int k = 0; k < K; ++k) {
-        const int64_t s = s_slot[tt * K + k];
-        if (s < 0) continue;
-        const float wk = s_w[tt * K + k];
-        float g[N];
-#pragma unroll
-        for (int j = 0; j < N; ++j) g[j] = f[tt][j] * wk;
-        store_pack<T, N>(out + s * D + v * N, g);
-      }
-    }
-  }
-}
-
-// Rows no slot names (capacity padding) become zeros: one warp per row, rows with a source skipped.
-template <typename T, int N>
-__global__ void zero_unfed_rows_kernel(const int* __restrict__ inv, int64_t R, int64_t D, T* __restrict__ out) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
-  const int64_t nv = D / N;
-  float z[N];
-#pragma unroll
-  for (int j = 0; j < N; ++j) z[j] = 0.f;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); r < R; r += warps) {
-    if (inv[r] >= 0) continue;
-    for (int64_t v = lane; v < nv; v += 32) store_pack<T, N>(out + r * D + v * N, z);
-  }
-}
-
 template <typename T, int N>
 __global__ void gather_rows_kernel(const T* __restrict__ src, const int64_t* __restrict__ slots,
                                    const void* __restrict__ w, int w_dt, const T* __restrict__ dot_src,
@@ -440,17 +383,7 @@ cudaError_t scatter_t(const void* src, const int64_t* slots, const void* w, DTyp
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  if (vec && dot_out == nullptr && K <= 64) {
-    const int64_t zero_blocks = std::min<int64_t>((R + 7) / 8, 4096);
-    zero_unfed_rows_kernel<T, NV><<<static_cast<unsigned>(zero_blocks), 256, 0, stream>>>(
-        workspace, R, D, static_cast<T*>(out));
-    if (T_ > 0) {
-      const size_t smem = static_cast<size_t>(kTokensPerBlock) * K * (sizeof(int64_t) + sizeof(float));
-      scatter_by_tokens_kernel<T, NV><<<static_cast<unsigned>((T_ + kTokensPerBlock - 1) / kTokensPerBlock),
-                                        row_threads(D / NV), smem, stream>>>(
-          static_cast<const T*>(src), slots, w, w_dt, T_, K, D, R, static_cast<T*>(out));
-    }
-  } else if (vec) {
+  if (vec) {
     scatter_by_rows_kernel<T, NV><<<static_cast<unsigned>(R), row_threads(D / NV), 0, stream>>>(
         static_cast<const T*>(src), workspace, w, w_dt, static_cast<const T*>(dot_src), K, D,
         static_cast<T*>(out), dot_out, dot_dt);

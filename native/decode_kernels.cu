@@ -41,18 +41,6 @@ __device__ __forceinline__ void unpack(const int4& raw, float (&f)[V]) {
   for (int i = 0; i < V; ++i) f[i] = to_f<T>(pk.v[i]);
 }
 
-__device__ __forceinline__ float activate(float v, int act) {
-  switch (act) {
-    case kActRelu: return fmaxf(v, 0.f);
-    case kActGelu: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
-    case kActGeluTanh: return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-    case kActSilu: return v / (1.f + __expf(-v));
-    case kActTanh: return tanhf(v);
-    case kActSigmoid: return 1.f / (1.f + __expf(-v));
-    default: return v;
-  }
-}
-
 // Block-shared view of the routing: the selected experts (ascending) and the pairs of one expert.
 struct Routing {
   unsigned bits[kMaxDecodeExperts / 32];
@@ -361,15 +349,6 @@ __global__ void decode_reduce_kernel(const float* __restrict__ part_SNO, const i
   store_any(y_TO, out_dt, t * O + o, acc);
 }
 
-// Blocks of `kernel` resident at once on the current device (one full wave).
-template <typename Kernel>
-int resident_blocks(Kernel kernel) {
-  int device = 0, sms = 1, per_sm = 1;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
-  return max(1, sms * max(1, per_sm));
-}
 
 // Gated experts read two matrices per row: ROWS = 2 keeps the loads in flight per warp the same
 // as 4 rows of one matrix would, and small tiles keep the blocks' shares even.
@@ -379,7 +358,7 @@ void up_launch(const void* x, const int64_t* e_N, const void* scale_N, DType sca
                const int64_t* num_valid, void* h, cudaStream_t stream) {
   constexpr int ROWS = 2;
   auto kernel = decode_up_kernel<T, ROWS, GATED>;
-  static int blocks = resident_blocks(kernel);
+  static int blocks = resident_blocks(kernel, kThreads);
   kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(x), e_N, scale_N, scale_dt, static_cast<const T*>(w1),
                                           static_cast<const T*>(w3), static_cast<const T*>(b1), static_cast<int>(N), K,
                                           E, static_cast<int>(H), static_cast<int>(D), act, num_valid,
@@ -399,7 +378,7 @@ void up_for_type(const void* x, const int64_t* e_N, const void* scale_N, DType s
 
 template <typename T>
 int down_blocks() {
-  static int blocks = resident_blocks(decode_down_kernel<T>);
+  static int blocks = resident_blocks(decode_down_kernel<T>, kThreads);
   return blocks;
 }
 
@@ -420,47 +399,7 @@ int auto_max_splits(int64_t O) {
 }
 
 
-// out[i] = act(g[i]) * u[i] in fp32, one rounding; V elements per thread and step.
-template <typename T>
-__global__ void act_mul_kernel(const T* __restrict__ g, const T* __restrict__ u, int64_t n, int act,
-                               T* __restrict__ out) {
-  constexpr int V = 16 / sizeof(T);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * V;
-  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < n; i += stride) {
-    if (i + V <= n) {
-      float gv[V], uv[V];
-      load_pack<T, V>(g + i, gv);
-      load_pack<T, V>(u + i, uv);
-#pragma unroll
-      for (int v = 0; v < V; ++v) gv[v] = activate(gv[v], act) * uv[v];
-      store_pack<T, V>(out + i, gv);
-    } else {
-      for (int64_t j = i; j < n; ++j) out[j] = from_f<T>(activate(to_f<T>(g[j]), act) * to_f<T>(u[j]));
-    }
-  }
-}
-
-template <typename T>
-void act_mul_for_type(const void* g, const void* u, int64_t n, int act, void* out, cudaStream_t stream) {
-  constexpr int V = 16 / sizeof(T);
-  static int blocks = resident_blocks(act_mul_kernel<T>);
-  const int64_t needed = (n + static_cast<int64_t>(kThreads) * V - 1) / (static_cast<int64_t>(kThreads) * V);
-  act_mul_kernel<T><<<static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(needed, 4 * blocks))), kThreads, 0,
-                      stream>>>(static_cast<const T*>(g), static_cast<const T*>(u), n, act, static_cast<T*>(out));
-}
-
 }  // namespace
-
-cudaError_t launch_act_mul(const void* g, const void* u, DType dt, int64_t n, Activation act, void* out,
-                           cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  switch (dt) {
-    case kFloat16: act_mul_for_type<__half>(g, u, n, act, out, stream); break;
-    case kBFloat16: act_mul_for_type<__nv_bfloat16>(g, u, n, act, out, stream); break;
-    default: act_mul_for_type<float>(g, u, n, act, out, stream);
-  }
-  return cudaGetLastError();
-}
 
 cudaError_t launch_decode_up(const void* x_TD, DType dt, const int64_t* e_N, const void* scale_N,
                              DType scale_dt, const void* w1_EHD, const void* w3_EHD, const void* b1_EH,

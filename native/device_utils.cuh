@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "moe_kernels.h"
@@ -70,6 +71,30 @@ __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
   return v;
+}
+
+// The Activation codes of moe_kernels.h, in fp32.
+__device__ __forceinline__ float activate(float v, int act) {
+  switch (act) {
+    case kActRelu: return fmaxf(v, 0.f);
+    case kActGelu: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    case kActGeluTanh: return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    case kActSilu: return v / (1.f + __expf(-v));
+    case kActTanh: return tanhf(v);
+    case kActSigmoid: return 1.f / (1.f + __expf(-v));
+    default: return v;
+  }
+}
+
+// Blocks of `kernel` (launched with `threads` threads) resident at once on the current device:
+// one full wave.
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int threads) {
+  int device = 0, sms = 1, per_sm = 1;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+  return max(1, sms * max(1, per_sm));
 }
 
 }  // namespace

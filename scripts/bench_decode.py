@@ -70,7 +70,7 @@ def main() -> None:
     x = torch.randn(16, D, device="cuda", dtype=bf)
     w_TK, e_TK = torch.rand(16, E, device="cuda").topk(K, dim=1)
     weights = FFNWeights(w1, w2, None, None, w3)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
         for _ in range(10):
             decode_ffn(x, e_TK, w_TK, True, tuple(weights), silu, 0, torch.float32)
         torch.cuda.synchronize()

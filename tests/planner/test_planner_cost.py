@@ -201,15 +201,22 @@ def test_every_breakdown_adds_up(sig, tokens, cluster):
 
 
 def test_a_call_takes_the_longer_of_host_time_and_device_work():
+    """total = longer + f * shorter of (host time, device work); f = host_exposed_fraction."""
     import dataclasses
     topo = Topology.from_cluster(1, 1, 300, 25)
     sig = LayerSignature(1024, 4096, 8, 2, training=True)
     device_ms, parts = estimate(Plan(1, 1), sig, 4096, topo, H100)
-    assert parts["host"] == 0.0
+    assert parts["host"] == 0.0                     # no host time measured: nothing to add
+    f = H100.host_exposed_fraction
     slow_host = dataclasses.replace(H100, train_call_overhead_us=(device_ms + 2.0) * 1e3)
     ms, parts = estimate(Plan(1, 1), sig, 4096, topo, slow_host)
-    assert ms == pytest.approx(device_ms + 2.0) and parts["host"] == pytest.approx(2.0)
+    assert ms == pytest.approx(device_ms + 2.0 + f * device_ms)
+    assert parts["host"] == pytest.approx(2.0 + f * device_ms)
     fast_host = dataclasses.replace(H100, train_call_overhead_us=0.5 * device_ms * 1e3)
-    assert estimate(Plan(1, 1), sig, 4096, topo, fast_host)[0] == pytest.approx(device_ms)
+    assert estimate(Plan(1, 1), sig, 4096, topo, fast_host)[0] == pytest.approx(device_ms * (1 + 0.5 * f))
+    hidden = dataclasses.replace(fast_host, host_exposed_fraction=0.0)   # perfect overlap: the longer only
+    assert estimate(Plan(1, 1), sig, 4096, topo, hidden)[0] == pytest.approx(device_ms)
+    with pytest.raises(ValueError, match="host_exposed_fraction"):
+        dataclasses.replace(H100, host_exposed_fraction=1.5)
     inference = dataclasses.replace(sig, training=False)
     assert estimate(Plan(1, 1), inference, 4096, topo, slow_host)[1]["host"] == 0.0   # forward has its own

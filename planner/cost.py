@@ -242,8 +242,8 @@ def estimate(plan: Plan, signature: LayerSignature, tokens_per_rank: int,
     The breakdown sums to the total: gate + dispatch + combine + sync + a2a + experts +
     weight_gather - overlap_hidden (the communication the pipeline hid behind compute) + host
     (the part of the measured host-side cost of a call that the device work does not cover: the
-    host enqueues work while the device runs, so a call takes the longer of the two, plus the
-    share ``host_exposed_fraction`` of the shorter that does not overlap).
+    host enqueues work while the device runs, so a call takes the longer of the two, plus, in one
+    process, the share ``host_exposed_fraction`` of the shorter that does not overlap).
     Raises ValueError for a plan whose layout is invalid (see `feasibility`).
     """
     structural = structural_reasons(plan, signature, tokens_per_rank, topology)
@@ -264,5 +264,8 @@ def estimate(plan: Plan, signature: LayerSignature, tokens_per_rank: int,
     seconds["overlap_hidden"] = max(raw_middle - middle["makespan"], 0.0)
     device_s = sum(v for k, v in seconds.items() if k != "overlap_hidden") - seconds["overlap_hidden"]
     host_s = 1e-6 * (device.train_call_overhead_us if signature.training else device.call_overhead_us)
-    seconds["host"] = max(host_s - device_s, 0.0) + device.host_exposed_fraction * min(host_s, device_s)
+    # One process: the host's Python between kernels is partly exposed even when the device work is
+    # longer (1 x H100 sweep). With collectives in the call their waits absorb it (2 x H200 sweep).
+    exposed = device.host_exposed_fraction * min(host_s, device_s) if topology.world_size == 1 else 0.0
+    seconds["host"] = max(host_s - device_s, 0.0) + exposed
     return (device_s + seconds["host"]) * 1e3, {k: v * 1e3 for k, v in seconds.items()}

@@ -28,9 +28,10 @@ class DeviceModel:
     call_overhead_us: float = 0.0   # the shortest a layer call can take however little work it
     train_call_overhead_us: float = 0.0  # has (host code, launches, small collectives); the runtime
                                     # times a tiny call, forward and forward + backward, to set them
-    host_exposed_fraction: float = 0.3  # share of the shorter of host time and device work that
-                                    # the longer does not hide (autograd's host work between
-                                    # backward kernels, launch gaps); fitted on the 1 x H100 sweep
+    host_exposed_fraction: float = 0.3  # one process: share of the shorter of host time and device
+                                    # work that the longer does not hide (autograd's host work
+                                    # between backward kernels); fitted on the 1 x H100 sweep, 0 with
+                                    # collectives in the call (2 x H200 sweep)
 
     def __post_init__(self) -> None:
         for name in ("gemm_tflops", "mem_bw_gbps", "memory_gib", "rows_half"):

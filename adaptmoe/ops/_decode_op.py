@@ -1,5 +1,6 @@
-"""torch.library registration of adaptmoe::decode_ffn: the expert FFN of a few tokens that reads
-only the selected experts' weights (native CUDA kernels in native/decode_kernels.cu).
+"""torch.library registrations of adaptmoe::decode_ffn, the expert FFN of a few tokens that reads
+only the selected experts' weights (native/decode_kernels.cu), and adaptmoe::act_mul, the gated
+FFN's act(g) * u in one pass (native/elementwise_kernels.cu).
 
 Legend: T tokens, K top-k, N = T*K pairs, E experts, D model dim, H expert hidden, O output dim.
 
@@ -30,7 +31,6 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DECODE_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (4e-2, 4e-2)}
 
-PAIRS_PER_PASS = 8    # native/decode_kernels.cu kGroup: an expert with more pairs is streamed again
 MAX_PAIRS = 1024      # native/moe_kernels.h: kMaxDecodePairs
 MAX_EXPERTS = 8192    # native/moe_kernels.h: kMaxDecodeExperts
 

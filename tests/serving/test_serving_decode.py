@@ -203,3 +203,15 @@ def test_decode_ffn_bad_arguments_are_named():
         ops.decode_ffn(x, e.int(), None, False, tuple(w), act, 0, torch.float32)
     with pytest.raises(ValueError, match="out_dtype"):
         ops.decode_ffn(x, e, None, False, tuple(w), act, 0, torch.int32)
+
+
+def test_act_mul_reference_and_trace():
+    """adaptmoe::act_mul off CUDA is the PyTorch expression; it traces as one opaque op."""
+    from adaptmoe.ops._decode_op import ACTIVATION_CODES, ACTIVATION_FNS, act_mul_op
+    torch._dynamo.reset()
+    g, u = torch.randn(5, 24), torch.randn(5, 24)
+    for name in ("silu", "gelu", "relu"):
+        expected = ACTIVATION_FNS[name](g) * u
+        torch.testing.assert_close(act_mul_op(g, u, ACTIVATION_CODES[name]), expected)
+    compiled = torch.compile(lambda a, b: act_mul_op(a, b, ACTIVATION_CODES["silu"]), fullgraph=True)
+    torch.testing.assert_close(compiled(g, u), ACTIVATION_FNS["silu"](g) * u)

@@ -25,7 +25,7 @@ class FFNWeights(NamedTuple):
 
 def gated_product(g: Tensor, u: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
     """act(g) * u; on CUDA without autograd one native pass instead of two (see ops.act_mul)."""
-    if g.is_cuda and not (torch.is_grad_enabled() and (g.requires_grad or u.requires_grad)):
+    if g.is_cuda:
         from .ops._decode_op import act_mul   # lazy: ops imports this module's users
         return act_mul(g, u, act)
     return act(g) * u

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..experts import ACTIVATION_FNS
 from . import _native
+from ._ops import bypasses_dispatcher
 
 # Activation codes of native/moe_kernels.h (enum Activation), by the function the experts hold.
 ACTIVATION_CODES: dict[str, int] = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swish": 4,
@@ -74,16 +75,18 @@ def decode_ffn_reference(x_TD: Tensor, e_TK: Tensor, w_TK: Tensor | None, postsc
     return y_TKO.to(out_dtype).sum(1)
 
 
-@torch.library.custom_op("adaptmoe::decode_ffn", mutates_args=())
-def decode_ffn_op(x_TD: Tensor, e_TK: Tensor, w_TK: Tensor | None, postscore: bool, w1_EHD: Tensor, w2_EHO: Tensor,
+def decode_ffn_impl(x_TD: Tensor, e_TK: Tensor, w_TK: Tensor | None, postscore: bool, w1_EHD: Tensor, w2_EHO: Tensor,
                   w3_EHD: Tensor | None, b1_EH: Tensor | None, b2_EO: Tensor | None, activation: int, splits: int,
                   out_dtype: torch.dtype, num_valid_tokens: Tensor | None = None) -> Tensor:
     native = _native.for_tensor(x_TD)
-    if native is not None:
+    if native is not None and x_TD.dtype in _DTYPE_CODES and out_dtype in _DTYPE_CODES:
         return native.decode_ffn(x_TD, e_TK, w_TK, postscore, w1_EHD, w2_EHO, w3_EHD, b1_EH, b2_EO, activation,
                                  splits, _DTYPE_CODES[out_dtype], num_valid_tokens)
     return decode_ffn_reference(x_TD, e_TK, w_TK, postscore, w1_EHD, w2_EHO, w3_EHD, b1_EH, b2_EO, activation,
                                 out_dtype, num_valid_tokens)
+
+
+decode_ffn_op = torch.library.custom_op("adaptmoe::decode_ffn", mutates_args=())(decode_ffn_impl)
 
 
 @decode_ffn_op.register_fake
@@ -92,13 +95,15 @@ def _(x_TD, e_TK, w_TK, postscore, w1_EHD, w2_EHO, w3_EHD, b1_EH, b2_EO, activat
     return x_TD.new_empty(x_TD.shape[0], w2_EHO.shape[2], dtype=out_dtype)
 
 
-@torch.library.custom_op("adaptmoe::act_mul", mutates_args=())
-def act_mul_op(g: Tensor, u: Tensor, activation: int) -> Tensor:
+def act_mul_impl(g: Tensor, u: Tensor, activation: int) -> Tensor:
     """act(g) * u in one pass (inference: no autograd)."""
     native = _native.for_tensor(g)
     if native is not None:
         return native.act_mul(g, u, activation)
     return _FN_OF_CODE[activation](g) * u
+
+
+act_mul_op = torch.library.custom_op("adaptmoe::act_mul", mutates_args=())(act_mul_impl)
 
 
 @act_mul_op.register_fake
@@ -109,16 +114,13 @@ def _(g, u, activation):
 def act_mul(g: Tensor, u: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
     """act(g) * u, the gated FFN's product: one native pass (one rounding) on CUDA when no
     gradient is needed, else the PyTorch expression (two passes and a temporary)."""
-    if torch.compiler.is_compiling():   # inductor fuses the expression itself
+    if not bypasses_dispatcher(g, g, u):   # autograd or a trace (inductor fuses the expression)
         return act(g) * u
     code = activation_code(act)
-    grad = torch.is_grad_enabled() and (g.requires_grad or u.requires_grad)
-    if (code is None or grad or not g.is_cuda or g.dtype not in _DTYPE_CODES or g.shape != u.shape
-            or g.dtype != u.dtype or not g.is_contiguous() or not u.is_contiguous()
-            or g.data_ptr() % 16 or u.data_ptr() % 16):
+    if (code is None or g.dtype not in _DTYPE_CODES or g.shape != u.shape or g.dtype != u.dtype
+            or not g.is_contiguous() or not u.is_contiguous() or g.data_ptr() % 16 or u.data_ptr() % 16):
         return act(g) * u
-    native = _native.load()
-    return native.act_mul(g, u, code) if native is not None else act(g) * u   # eager: no op dispatch
+    return act_mul_impl(g, u, code)
 
 
 def native_decode_blocker(x_TD: Tensor, weights: tuple, act: Callable, num_pairs: int) -> str | None:
@@ -191,9 +193,7 @@ def decode_ffn(x_TD: Tensor, e_TK: Tensor, w_TK: Tensor | None, postscore: bool,
                                          or num_valid_tokens.device != x_TD.device):
         raise ValueError(f"num_valid_tokens must be one int64 element on {x_TD.device}; got "
                          f"{num_valid_tokens.dtype} {list(num_valid_tokens.shape)} on {num_valid_tokens.device}")
-    if (x_TD.is_cuda and x_TD.dtype in _DTYPE_CODES and out_dtype in _DTYPE_CODES
-            and not torch.compiler.is_compiling() and _native.load() is not None):
-        # eager: straight to the kernels (torch.library's dispatch costs ~0.15 ms of host time)
-        return _native.load().decode_ffn(x_TD, e_TK, w_TK, postscore, w1, w2, w3, b1, b2, code, splits,
-                                         _DTYPE_CODES[out_dtype], num_valid_tokens)
+    if bypasses_dispatcher(x_TD):   # inference only: nothing for autograd to record
+        return decode_ffn_impl(x_TD, e_TK, w_TK, postscore, w1, w2, w3, b1, b2, code, splits, out_dtype,
+                               num_valid_tokens)
     return decode_ffn_op(x_TD, e_TK, w_TK, postscore, w1, w2, w3, b1, b2, code, splits, out_dtype, num_valid_tokens)

@@ -277,12 +277,12 @@ def decode_variants(layer: MoELayer, args: argparse.Namespace) -> dict[str, Call
         out[name] = ServingMoE(layer, **options)
         if args.device == "cuda":
             runner = CudaGraphRunner(ServingMoE(layer, **options), max_graph_tokens=max(args.max_decode, 64))
-            _capture_graphs(runner, [], args)
+            _prepare_strategy(runner, [], args)
             out[f"{name}+graphs"] = runner
     return out
 
 
-def _capture_graphs(fn: Callable, sizes: list[int], args: argparse.Namespace) -> float:
+def _prepare_strategy(fn: Callable, sizes: list[int], args: argparse.Namespace) -> float:
     """Capture every bucket the stream and the floors use (graph runners) or warm every bucket
     up (eager ServingMoE) before timing, as a server does at start-up; returns the seconds it took."""
     t0 = time.perf_counter()
@@ -310,7 +310,7 @@ def main(argv=None) -> dict:
     results: dict = {"args": vars(args), "device": name, "streams": {}}
     sizes = request_sizes(args)
     for label, fn in fns.items():
-        results.setdefault("capture_s", {})[label] = _capture_graphs(fn, sizes, args)
+        results.setdefault("prepare_s", {})[label] = _prepare_strategy(fn, sizes, args)
     if not args.skip_stream:
         tables = {}
         for label, fn in fns.items():

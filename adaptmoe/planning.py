@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from planner import DeviceModel, LayerSignature, Plan, PlanCache, rank_plans, token_bucket
 from planner.cache import fingerprint_key, hardware_fingerprint, nearest_fingerprint
+from planner.cost import structural_reasons
 
 from . import probe
 
@@ -183,16 +184,34 @@ class LayerPlanner:
     def calibrated(self, sig: LayerSignature) -> DeviceModel:
         """The device model plus this layer's shortest possible call, measured once per mode
         (forward, or forward + backward) on a tiny call; the cost model takes the longer of that
-        host-bound time and the device work it predicts."""
-        field_name = "train_call_overhead_us" if sig.training else "call_overhead_us"
+        host-bound time and the device work it predicts. With more than one rank, also what one
+        more overlap chunk adds (a tiny call at d=2 against d=1)."""
         if sig.training not in self._calibrated_modes:
             self._calibrated_modes.add(sig.training)
+            prefix = "train_" if sig.training else ""
             tokens = max(self.layer.config.num_experts, 8)
             overhead_us = measure_call_ms(self.layer, tokens, sig, self._device) * 1e3
-            self.device_model = dataclasses.replace(self.device_model, **{field_name: overhead_us})
-            log.info("shortest call (%s): %.0f us", "train" if sig.training else "forward", overhead_us)
+            measured = {f"{prefix}call_overhead_us": overhead_us}
+            chunk_us = self._chunk_overhead_us(sig)
+            if chunk_us is not None:
+                measured[f"{prefix}chunk_overhead_us"] = chunk_us
+            self.device_model = dataclasses.replace(self.device_model, **measured)
+            log.info("shortest call (%s): %.0f us; each extra overlap chunk: %s", "train" if sig.training
+                     else "forward", overhead_us, "n/a" if chunk_us is None else f"{chunk_us:.0f} us")
         return self.device_model
 
+    def _chunk_overhead_us(self, sig: LayerSignature) -> float | None:
+        """Extra time of a tiny call at overlap degree 2 over degree 1 (expert parallel, flat);
+        None in one process or where that plan cannot run on a tiny call."""
+        if self.layer.layout.world_size == 1:
+            return None
+        tokens = 4 * max(self.layer.config.num_experts, 8)     # >= 2 capacity slots per expert
+        kernel = "bmm" if sig.capacity_factor > 0 else "grouped"
+        if structural_reasons(Plan(adaptive_r=1, overlap_degree=2, expert_kernel=kernel), sig, tokens, self.topology):
+            return None
+        times = [measure_call_ms(self.layer, tokens, sig, self._device, adaptive_r=1, a2a_ffn_overlap_degree=d,
+                                 a2a_algo="flat") for d in (1, 2)]
+        return max(times[1] - times[0], 0.0) * 1e3
 
     def _tuning_step(self, key: str, tuning: _Tuning, device: torch.device) -> tuple[Plan, CallTimer | None]:
         index, timed = tuning.current(self.options.trials)
@@ -233,10 +252,11 @@ class LayerPlanner:
                             measured_ms=measured_ms, source="measured" if measured_ms is not None else "model")
 
 
-def measure_call_ms(layer, tokens: int, sig: LayerSignature, device: torch.device, reps: int = 5) -> float:
-    """Median ms of one tiny call of ``layer`` with its default knobs (forward, plus backward when
-    training), the slowest rank's. Leaves no trace: gradients are returned, not accumulated, and
-    the layer's last-call attributes are restored."""
+def measure_call_ms(layer, tokens: int, sig: LayerSignature, device: torch.device, reps: int = 5,
+                    **knobs) -> float:
+    """Median ms of one tiny call of ``layer`` with its default knobs, or ``knobs`` (forward, plus
+    backward when training), the slowest rank's. Leaves no trace: gradients are returned, not
+    accumulated, and the layer's last-call attributes are restored."""
     saved = (layer.l_aux, layer.losses, layer.last_routing)
     dtype = next(layer.parameters()).dtype
     x = torch.randn(tokens, layer.config.model_dim, device=device, dtype=dtype, requires_grad=sig.training)
@@ -244,7 +264,7 @@ def measure_call_ms(layer, tokens: int, sig: LayerSignature, device: torch.devic
 
     def call():
         with torch.set_grad_enabled(sig.training):
-            y = layer(x, plan="fixed", top_k=sig.top_k, capacity_factor=sig.capacity_factor)
+            y = layer(x, plan="fixed", top_k=sig.top_k, capacity_factor=sig.capacity_factor, **knobs)
             if sig.training:
                 torch.autograd.grad(y.float().sum(), [x, *params], allow_unused=True)
 

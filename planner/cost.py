@@ -187,6 +187,13 @@ def expert_seconds(plan: Plan, shape: CallShape, signature: LayerSignature,
     return max(gemm, weights) + passes + _launches(device, kernels)
 
 
+def chunk_seconds(plan: Plan, signature: LayerSignature, device: DeviceModel) -> float:
+    """Fixed cost of the overlap chunks beyond the first, in series with the call: each adds its
+    own all-to-all calls, permutes and launches (measured by the runtime on a tiny call)."""
+    per_chunk_us = device.train_chunk_overhead_us if signature.training else device.chunk_overhead_us
+    return (plan.overlap_degree - 1) * per_chunk_us * 1e-6
+
+
 def gather_seconds(plan: Plan, shape: CallShape, topology: Topology, collective: str) -> float:
     """One transient weight all-gather (forward) or its gradient reduce-scatter (backward)."""
     if shape.gather_bytes == 0:
@@ -240,7 +247,8 @@ def estimate(plan: Plan, signature: LayerSignature, tokens_per_rank: int,
     """(predicted ms, breakdown in ms) of one call: forward, or forward+backward when training.
 
     The breakdown sums to the total: gate + dispatch + combine + sync + a2a + experts +
-    weight_gather - overlap_hidden (the communication the pipeline hid behind compute) + host
+    weight_gather + chunks (the measured fixed cost of each overlap chunk beyond the first)
+    - overlap_hidden (the communication the pipeline hid behind compute) + host
     (the part of the measured host-side cost of a call that the device work does not cover: the
     host enqueues work while the device runs, so a call takes the longer of the two, plus, in one
     process, the share ``host_exposed_fraction`` of the shorter that does not overlap).
@@ -256,16 +264,19 @@ def estimate(plan: Plan, signature: LayerSignature, tokens_per_rank: int,
         "dispatch": passes * dispatch_seconds(shape, signature, tokens_per_rank, device),
         "combine": passes * combine_seconds(shape, signature, tokens_per_rank, device),
         "sync": sync_seconds(plan, signature, topology, device),
+        "chunks": chunk_seconds(plan, signature, device),
     }
     middle = _pipelined_parts(plan, shape, signature, topology, device)
     seconds.update(a2a=middle["a2a"], experts=middle["experts"],
                    weight_gather=middle["weight_gather"])
     raw_middle = middle["a2a"] + middle["experts"] + middle["weight_gather"]
     seconds["overlap_hidden"] = max(raw_middle - middle["makespan"], 0.0)
-    device_s = sum(v for k, v in seconds.items() if k != "overlap_hidden") - seconds["overlap_hidden"]
+    # Chunk costs run in series with the call (collective calls wait on each other), so the host
+    # time is compared with the rest of the device work only.
+    device_s = sum(v for k, v in seconds.items() if k not in ("overlap_hidden", "chunks")) - seconds["overlap_hidden"]
     host_s = 1e-6 * (device.train_call_overhead_us if signature.training else device.call_overhead_us)
     # One process: the host's Python between kernels is partly exposed even when the device work is
     # longer (1 x H100 sweep). With collectives in the call their waits absorb it (2 x H200 sweep).
     exposed = device.host_exposed_fraction * min(host_s, device_s) if topology.world_size == 1 else 0.0
     seconds["host"] = max(host_s - device_s, 0.0) + exposed
-    return (device_s + seconds["host"]) * 1e3, {k: v * 1e3 for k, v in seconds.items()}
+    return (device_s + seconds["chunks"] + seconds["host"]) * 1e3, {k: v * 1e3 for k, v in seconds.items()}

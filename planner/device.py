@@ -28,6 +28,11 @@ class DeviceModel:
     call_overhead_us: float = 0.0   # the shortest a layer call can take however little work it
     train_call_overhead_us: float = 0.0  # has (host code, launches, small collectives); the runtime
                                     # times a tiny call, forward and forward + backward, to set them
+    chunk_overhead_us: float = 0.0  # what each overlap chunk beyond the first adds to a call
+    train_chunk_overhead_us: float = 0.0  # (its own collective calls, permutes and launches, in
+                                    # series with the call); the runtime times a tiny call at d=2
+                                    # against d=1. 2 x H200: d=2 lost ~1 ms per step where links
+                                    # and GEMMs alone predicted a gain
     host_exposed_fraction: float = 0.3  # one process: share of the shorter of host time and device
                                     # work that the longer does not hide (autograd's host work
                                     # between backward kernels); fitted on the 1 x H100 sweep, 0 with
@@ -37,6 +42,9 @@ class DeviceModel:
         for name in ("gemm_tflops", "mem_bw_gbps", "memory_gib", "rows_half"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("call_overhead_us", "train_call_overhead_us", "chunk_overhead_us", "train_chunk_overhead_us"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.host_exposed_fraction <= 1.0:
             raise ValueError(f"host_exposed_fraction must be in [0, 1], got {self.host_exposed_fraction!r}")
 

@@ -7,8 +7,10 @@ For each config (shapes of anchor-figures.md at several token counts and k): the
 plans from its cost model (no tuning); every feasible plan is then timed on a training step
 (fwd + bwd, bf16, CUDA events, median after warmup) with its knobs passed explicitly. Printed:
 the pick, its predicted and measured ms, the best measured plan, pick/best, and Tutel's default
-(adaptive_r=1, d=1, flat) for comparison. Summary: share of configs whose pick is within 5% of
-the best, and the median |predicted - measured| / measured of the picks.
+(adaptive_r=1, d=1, flat) for comparison; an indented line gives the calibration (shortest
+training call, extra cost of one overlap chunk) and every plan's predicted and measured ms.
+Summary: share of configs whose pick (and tuned pick) is within 5% of the best, and the
+|predicted - measured| / measured of the model's picks and of the tuned picks.
 """
 from __future__ import annotations
 
@@ -75,10 +77,14 @@ def run_config(name, T, D, H, E, k, world, device, dtype, iters, warmup):
     tuned = min((c.plan for c in ranked[:TUNED_CANDIDATES]), key=measured.get)
     tutel = measured.get(next((c.plan for c in ranked if (c.plan.adaptive_r, c.plan.overlap_degree,
                                                           c.plan.a2a_algo) == (1, 1, "flat")), pick.plan))
+    predicted = {c.plan: c.predicted_ms for c in ranked}
+    model = planner.device_model
     return dict(config=f"{name} T={T} D={D} H={H} E={E} k={k} W={world}", pick=pick.plan.label(),
                 predicted=pick.predicted_ms, measured=measured[pick.plan], best=best.label(),
                 best_ms=measured[best], tutel_ms=tutel, candidates=len(ranked), tuned=tuned.label(),
-                tuned_ms=measured[tuned])
+                tuned_ms=measured[tuned], tuned_predicted=predicted[tuned],
+                plans=[(p.label(), predicted[p], measured[p]) for p in measured],
+                calibration=(model.train_call_overhead_us, model.train_chunk_overhead_us))
 
 
 def main(argv=None) -> None:
@@ -101,10 +107,14 @@ def main(argv=None) -> None:
                   f"| best {r['best']:<22} {r['best_ms']:8.3f} | pick/best {r['measured'] / r['best_ms']:.3f} "
                   f"| tuned {r['tuned']:<22} {r['tuned_ms']:8.3f} | tutel-default {r['tutel_ms']:8.3f} "
                   f"| {r['candidates']} plans", flush=True)
+            print(f"    shortest train call {r['calibration'][0]:.0f} us, extra overlap chunk "
+                  f"{r['calibration'][1]:.0f} us; " + "; ".join(f"{label}: pred {p:.3f} meas {m:.3f}"
+                                                            for label, p, m in r["plans"]), flush=True)
     if rank == 0 and rows:
         within = sum(r["measured"] <= 1.05 * r["best_ms"] for r in rows)
         tuned_within = sum(r["tuned_ms"] <= 1.05 * r["best_ms"] for r in rows)
         errors = [abs(r["predicted"] - r["measured"]) / r["measured"] for r in rows]
+        tuned_errors = [abs(r["tuned_predicted"] - r["tuned_ms"]) / r["tuned_ms"] for r in rows]
         worse_than_tutel = max(r["measured"] / r["tutel_ms"] for r in rows)
         tuned_vs_tutel = max(r["tuned_ms"] / r["tutel_ms"] for r in rows)
         print(f"\ndevice {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, world {world}, "
@@ -112,7 +122,9 @@ def main(argv=None) -> None:
         print(f"pick within 5% of best: {within}/{len(rows)}; median |pred-meas|/meas of picks: "
               f"{statistics.median(errors):.1%} (max {max(errors):.1%}); worst pick/tutel-default: {worse_than_tutel:.3f}")
         print(f"after warmup tuning (top {TUNED_CANDIDATES} measured): within 5% of best: {tuned_within}/{len(rows)}; "
-              f"worst tuned/tutel-default: {tuned_vs_tutel:.3f}")
+              f"worst tuned/tutel-default: {tuned_vs_tutel:.3f}; |pred-meas|/meas of tuned picks: median "
+              f"{statistics.median(tuned_errors):.1%}, max {max(tuned_errors):.1%}, within 25%: "
+              f"{sum(e <= 0.25 for e in tuned_errors)}/{len(rows)}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -35,6 +35,12 @@ def agreement_worker(rank: int, world_size: int, cache_path: str) -> None:
     layer = _layer(cache_path)
     _train(layer, 12)
     assert layer.planner.tuning_calls > 0 and not layer.planner.tuning, "tuning did not finish"
+    # The calibration timed a tiny call at overlap degree 2 against 1 (slowest rank's figures).
+    model = layer.planner.device_model
+    overheads = [None] * world_size
+    dist.all_gather_object(overheads, (model.train_call_overhead_us, model.train_chunk_overhead_us))
+    assert overheads[0][0] > 0 and overheads[0][1] >= 0, overheads
+    assert all(o == overheads[0] for o in overheads), f"ranks calibrated differently: {overheads}"
     labels = [None] * world_size
     dist.all_gather_object(labels, sorted(p.label() for p in layer.planner.chosen.values()))
     assert all(lab == labels[0] for lab in labels), f"ranks chose different plans: {labels}"

@@ -220,3 +220,25 @@ def test_a_call_takes_the_longer_of_host_time_and_device_work():
         dataclasses.replace(H100, host_exposed_fraction=1.5)
     inference = dataclasses.replace(sig, training=False)
     assert estimate(Plan(1, 1), inference, 4096, topo, slow_host)[1]["host"] == 0.0   # forward has its own
+
+
+def test_each_extra_overlap_chunk_adds_its_measured_cost_in_series():
+    """d chunks add (d - 1) x chunk overhead on top of the longer of host time and device work."""
+    import dataclasses
+    topo = Topology.from_cluster(1, 2, 300, 25)
+    sig = LayerSignature(1024, 4096, 8, 2, training=True)
+    base = {d: estimate(Plan(1, d), sig, 4096, topo, H100)[0] for d in (1, 2, 4)}
+    chunky = dataclasses.replace(H100, train_chunk_overhead_us=1500.0, chunk_overhead_us=200.0)
+    for d in (1, 2, 4):
+        ms, parts = estimate(Plan(1, d), sig, 4096, topo, chunky)
+        assert parts["chunks"] == pytest.approx(1.5 * (d - 1))
+        assert ms == pytest.approx(base[d] + 1.5 * (d - 1))
+    # A host-bound call still pays the chunks: they run in series with the call.
+    host_bound = dataclasses.replace(chunky, train_call_overhead_us=(base[2] + 5.0) * 1e3)
+    ms, parts = estimate(Plan(1, 2), sig, 4096, topo, host_bound)
+    assert ms == pytest.approx(base[2] + 5.0 + 1.5)
+    # Forward-only calls use the forward figure.
+    assert estimate(Plan(1, 2), dataclasses.replace(sig, training=False), 4096, topo, chunky)[1]["chunks"] \
+        == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="train_chunk_overhead_us"):
+        dataclasses.replace(H100, train_chunk_overhead_us=-1.0)

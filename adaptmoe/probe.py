@@ -13,7 +13,9 @@ import torch.distributed as dist
 
 from planner import DeviceModel, Topology
 
-PROBE_BYTES_GPU = (1 << 16, 1 << 20, 1 << 23)
+# Up to 64 MiB per rank: NVLink moves 8 MiB in tens of microseconds, where launch and sync noise
+# swamped the slope (2 x H200: bandwidth fitted 4x low, weight-gather plans predicted 2x slow).
+PROBE_BYTES_GPU = (1 << 16, 1 << 20, 1 << 23, 1 << 26)
 PROBE_BYTES_CPU = (1 << 12, 1 << 16, 1 << 18)
 
 
@@ -56,7 +58,7 @@ def _time_cuda(fn, device: torch.device, reps: int = 10) -> float:
     return start.elapsed_time(end) / 1e3 / reps
 
 
-def _time_collective(fn, device: torch.device, reps: int = 3) -> float:
+def _time_collective(fn, device: torch.device, reps: int = 5) -> float:
     fn()
     samples = []
     for _ in range(reps):

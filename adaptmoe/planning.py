@@ -252,7 +252,7 @@ class LayerPlanner:
                             measured_ms=measured_ms, source="measured" if measured_ms is not None else "model")
 
 
-def measure_call_ms(layer, tokens: int, sig: LayerSignature, device: torch.device, reps: int = 5,
+def measure_call_ms(layer, tokens: int, sig: LayerSignature, device: torch.device, reps: int = 9,
                     **knobs) -> float:
     """Median ms of one tiny call of ``layer`` with its default knobs, or ``knobs`` (forward, plus
     backward when training), the slowest rank's. Leaves no trace: gradients are returned, not
@@ -269,12 +269,12 @@ def measure_call_ms(layer, tokens: int, sig: LayerSignature, device: torch.devic
                 torch.autograd.grad(y.float().sum(), [x, *params], allow_unused=True)
 
     clock, samples = CallTimer(device), []
-    for _ in range(reps + 2):
+    for _ in range(reps + 3):    # 3 untimed: the first calls after a large one run slow
         start = clock.mark()
         call()
         samples.append(clock.elapsed_ms(start, clock.mark()))
     layer.l_aux, layer.losses, layer.last_routing = saved
-    return float(max_over_ranks(torch.tensor([sorted(samples[2:])[reps // 2]], dtype=torch.float64), layer))
+    return float(max_over_ranks(torch.tensor([sorted(samples[3:])[reps // 2]], dtype=torch.float64), layer))
 
 
 def max_over_ranks(values: torch.Tensor, layer) -> torch.Tensor:

@@ -124,8 +124,11 @@ class MoELayer(nn.Module):
             knobs, timer = self._planned_knobs(knobs, x_TD, explicit)
             if timer is not None:
                 timer.start()
-        routing, losses = self._route(x_TD, knobs)
+        routing, loss_inputs = self._route(x_TD, knobs)
         y_TO = self._run(x_TD, routing, knobs)
+        # Losses are enqueued after the experts: their small kernels then run under the expert
+        # GEMMs instead of delaying the dispatch (fine64 forward on an H100: ~0.25 ms earlier).
+        losses = self._losses(knobs, routing, loss_inputs)
         if timer is not None:
             timer.stop_forward(x_TD, y_TO)
         y = y_TO.reshape(*lead_shape, *self._output_tail(y_TO, x, reserve_dims)).to(x.dtype)
@@ -170,7 +173,8 @@ class MoELayer(nn.Module):
             return tuple(x.shape[x.dim() - reserve_dims:])
         return (y_TO.shape[1],)
 
-    def _route(self, x_TD: Tensor, knobs: executor.CallKnobs) -> tuple[Routing, dict[str, Tensor]]:
+    def _route(self, x_TD: Tensor, knobs: executor.CallKnobs) -> tuple[Routing, tuple[Tensor, Tensor, Tensor]]:
+        """Routing of the call, and (clean logits, noisy logits, scores) for `_losses`."""
         gate_cfg = self.config.gates[knobs.gate_index]
         # Routing decides discrete choices: keep it out of autocast so bf16 rounding cannot flip them.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
@@ -183,9 +187,15 @@ class MoELayer(nn.Module):
                 priority_T = confidence_rank(probs_TE.detach()) if gate_cfg.batch_prioritized else None
                 routing = build_routing(indices_TK, weights_TK, self.config.num_experts, knobs.capacity_factor,
                                         priority_T)
-            losses = compute_losses(gate_cfg.losses, clean_logits_TE=logits_TE, noisy_logits_TE=noisy_TE,
-                                    scores_TE=probs_TE, indices_TK=routing.indices_TK, noise_std=gate_cfg.noise_std)
-        return routing, losses
+        return routing, (logits_TE, noisy_TE, probs_TE)
+
+    def _losses(self, knobs: executor.CallKnobs, routing: Routing,
+                loss_inputs: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
+        gate_cfg = self.config.gates[knobs.gate_index]
+        logits_TE, noisy_TE, probs_TE = loss_inputs
+        with torch.autocast(device_type=logits_TE.device.type, enabled=False):
+            return compute_losses(gate_cfg.losses, clean_logits_TE=logits_TE, noisy_logits_TE=noisy_TE,
+                                  scores_TE=probs_TE, indices_TK=routing.indices_TK, noise_std=gate_cfg.noise_std)
 
     def _run(self, x_TD: Tensor, routing: Routing, knobs: executor.CallKnobs) -> Tensor:
         if self.layout.world_size == 1:

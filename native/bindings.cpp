@@ -10,6 +10,7 @@
 #include <optional>
 #include <tuple>
 
+#include "blaslt.h"
 #include "moe_kernels.h"
 
 namespace {
@@ -317,6 +318,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scatter_rows", &scatter_rows, "token rows -> expert-major rows (optional scale, optional dots)");
   m.def("gather_rows", &gather_rows, "expert-major rows -> weighted sum per token (optional dots)");
   m.def("act_mul", &act_mul, "act(g) * u elementwise, one rounding");
+  m.def("bmm_nt_act", &adaptmoe::bmm_nt_act, "act(x @ w^T + b) per expert, activation in cuBLASLt's epilogue");
   m.def("decode_ffn", &decode_ffn, "expert FFN of a few tokens over the selected experts only");
   m.attr("max_decode_pairs") = adaptmoe::kMaxDecodePairs;
   m.attr("max_topk_experts") = adaptmoe::kMaxTopkExperts;

@@ -6,9 +6,32 @@ import os
 from pathlib import Path
 
 NATIVE_DIR = Path(__file__).resolve().parent
-SOURCES = ("moe_kernels.cu", "decode_kernels.cu", "elementwise_kernels.cu", "bindings.cpp")
+SOURCES = ("moe_kernels.cu", "decode_kernels.cu", "elementwise_kernels.cu", "blaslt.cpp", "bindings.cpp")
 CXX_FLAGS = ["-O3", "-std=c++17"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
+
+
+def cublaslt_link_flags() -> list[str]:
+    """Linker flags for cuBLASLt (blaslt.cpp): the toolkit's library, else the pip wheel's
+    (nvidia/cublas/lib). Empty when neither is found: torch has loaded cuBLASLt by then, and the
+    extension's symbols resolve against it at load time."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    dirs = []
+    if CUDA_HOME:
+        dirs += [Path(CUDA_HOME) / sub for sub in ("lib64", "lib", "targets/x86_64-linux/lib")]
+    try:
+        import nvidia.cublas  # type: ignore[import-not-found]
+        dirs += [Path(p) / "lib" for p in nvidia.cublas.__path__]
+    except ImportError:
+        pass
+    for d in dirs:
+        if (d / "libcublasLt.so").exists():
+            return [f"-L{d}", "-lcublasLt"]
+        versioned = sorted(d.glob("libcublasLt.so.*"), key=lambda p: len(p.name))
+        if versioned:
+            return [f"-L{d}", f"-l:{versioned[0].name}"]
+    return []
 
 
 def source_paths() -> list[str]:
@@ -26,5 +49,6 @@ def extension_for_setup():
         sources=sources,
         include_dirs=[str(NATIVE_DIR)],
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+        extra_link_args=cublaslt_link_flags(),
     )
     return [ext], {"build_ext": BuildExtension}

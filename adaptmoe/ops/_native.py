@@ -69,6 +69,7 @@ def _load() -> tuple[ModuleType | None, str]:
             extra_include_paths=[str(_NATIVE_DIR)],
             extra_cflags=desc.CXX_FLAGS,
             extra_cuda_cflags=desc.NVCC_FLAGS,
+            extra_ldflags=desc.cublaslt_link_flags(),
             build_directory=_build_directory(),
             verbose=False,
         )

@@ -1,0 +1,184 @@
+// Batched expert GEMM with the activation fused into cuBLASLt's epilogue:
+//   h_eCH = act(x_eCD @ w_eHD^T + b_eH)
+// The first GEMM of a capacity-padded 2-matrix FFN; without the fusion the activation is its own
+// pass over e*C*H elements (read + write; 0.09 ms per fine-grained forward on an H100).
+//
+// cuBLASLt is column-major, so the row-major product is computed as its transpose:
+//   h^T [H x C] = w [H x D] (stored row-major = column-major D x H, op T) * x^T [D x C]
+// Algorithms come from cuBLASLt's heuristic once per shape and are cached (the heuristic call
+// costs tens of microseconds of host time).
+#include "blaslt.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cublasLt.h>
+
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+namespace adaptmoe {
+namespace {
+
+constexpr size_t kWorkspaceBytes = 32u << 20;   // what cuBLAS asks for on Hopper
+
+std::string status_text(cublasStatus_t s) { return std::to_string(static_cast<int>(s)); }
+
+void check(cublasStatus_t s, const char* what) {
+  TORCH_CHECK(s == CUBLAS_STATUS_SUCCESS, std::string("bmm_nt_act: ") + what + " failed with cuBLAS status " +
+                                              status_text(s));
+}
+
+cudaDataType_t cuda_type(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return CUDA_R_16BF;
+    case at::kHalf: return CUDA_R_16F;
+    case at::kFloat: return CUDA_R_32F;
+    default: TORCH_CHECK(false, std::string("bmm_nt_act: dtype must be float32, float16 or bfloat16, got ") +
+                                    c10::toString(t));
+  }
+  return CUDA_R_32F;
+}
+
+int alignment_of(const void* p) {
+  auto v = reinterpret_cast<uintptr_t>(p);
+  int a = 256;
+  while (a > 1 && v % a) a /= 2;
+  return a;
+}
+
+// RAII holders: descriptors are released on every path, errors included.
+struct Desc {
+  cublasLtMatmulDesc_t d = nullptr;
+  ~Desc() { if (d) cublasLtMatmulDescDestroy(d); }
+};
+struct Layout {
+  cublasLtMatrixLayout_t l = nullptr;
+  ~Layout() { if (l) cublasLtMatrixLayoutDestroy(l); }
+};
+struct Pref {
+  cublasLtMatmulPreference_t p = nullptr;
+  ~Pref() { if (p) cublasLtMatmulPreferenceDestroy(p); }
+};
+
+void make_layout(Layout& out, cudaDataType_t type, int64_t rows, int64_t cols, int64_t ld, int batch,
+                 int64_t batch_stride) {
+  check(cublasLtMatrixLayoutCreate(&out.l, type, rows, cols, ld), "layout create");
+  check(cublasLtMatrixLayoutSetAttribute(out.l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof(batch)),
+        "layout batch count");
+  check(cublasLtMatrixLayoutSetAttribute(out.l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &batch_stride,
+                                         sizeof(batch_stride)),
+        "layout batch stride");
+}
+
+using AlgoKey = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int, int, int, bool>;
+std::map<AlgoKey, cublasLtMatmulAlgo_t>& algo_cache() {
+  static std::map<AlgoKey, cublasLtMatmulAlgo_t> cache;
+  return cache;
+}
+std::mutex& algo_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+}  // namespace
+
+at::Tensor bmm_nt_act(const at::Tensor& x_eCD, const at::Tensor& w_eHD, const c10::optional<at::Tensor>& b_eH,
+                      int64_t act, bool allow_tf32) {
+  TORCH_CHECK(x_eCD.is_cuda() && w_eHD.is_cuda(), "bmm_nt_act: x and w must be CUDA tensors");
+  TORCH_CHECK(x_eCD.dim() == 3 && w_eHD.dim() == 3, "bmm_nt_act: x must be [e, C, D] and w [e, H, D]");
+  TORCH_CHECK(x_eCD.scalar_type() == w_eHD.scalar_type(), "bmm_nt_act: x and w must share a dtype");
+  TORCH_CHECK(x_eCD.is_contiguous() && w_eHD.is_contiguous(), "bmm_nt_act: x and w must be contiguous");
+  TORCH_CHECK(act == kActIdentity || act == kActRelu, "bmm_nt_act: act must be 0 (identity) or 1 (relu), got " +
+                                                          std::to_string(act));
+  const int64_t e = x_eCD.size(0), C = x_eCD.size(1), D = x_eCD.size(2), H = w_eHD.size(1);
+  TORCH_CHECK(w_eHD.size(0) == e && w_eHD.size(2) == D,
+              "bmm_nt_act: w must be [" + std::to_string(e) + ", H, " + std::to_string(D) + "]");
+  const bool has_bias = b_eH.has_value() && b_eH->defined();
+  if (has_bias) {
+    TORCH_CHECK(b_eH->is_contiguous() && b_eH->scalar_type() == x_eCD.scalar_type() && b_eH->dim() == 2 &&
+                    b_eH->size(0) == e && b_eH->size(1) == H,
+                "bmm_nt_act: bias must be a contiguous [e, H] tensor of x's dtype");
+  }
+  c10::cuda::CUDAGuard guard(x_eCD.device());
+  auto h_eCH = at::empty({e, C, H}, x_eCD.options());
+  if (h_eCH.numel() == 0) return h_eCH;
+  if (D == 0) {   // empty reduction: act(bias) or act(0)
+    auto base = has_bias ? b_eH->unsqueeze(1).expand({e, C, H}) : at::zeros_like(h_eCH);
+    return act == kActRelu ? at::relu(base).contiguous() : base.contiguous();
+  }
+  TORCH_CHECK(e <= INT32_MAX, "bmm_nt_act: too many experts for one cuBLASLt call");
+
+  const cudaDataType_t type = cuda_type(x_eCD.scalar_type());
+  const bool tf32 = type == CUDA_R_32F && allow_tf32;
+  const cublasComputeType_t compute = type == CUDA_R_32F
+                                          ? (tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F)
+                                          : CUBLAS_COMPUTE_32F;
+  Desc op;
+  check(cublasLtMatmulDescCreate(&op.d, compute, CUDA_R_32F), "matmul desc create");
+  const cublasOperation_t trans_w = CUBLAS_OP_T, trans_x = CUBLAS_OP_N;
+  check(cublasLtMatmulDescSetAttribute(op.d, CUBLASLT_MATMUL_DESC_TRANSA, &trans_w, sizeof(trans_w)), "transa");
+  check(cublasLtMatmulDescSetAttribute(op.d, CUBLASLT_MATMUL_DESC_TRANSB, &trans_x, sizeof(trans_x)), "transb");
+  cublasLtEpilogue_t epilogue = act == kActRelu ? (has_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU)
+                                                : (has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT);
+  check(cublasLtMatmulDescSetAttribute(op.d, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)),
+        "epilogue");
+  if (has_bias) {
+    const void* bias = b_eH->data_ptr();
+    const int64_t bias_stride = H;
+    const cudaDataType_t bias_type = type;
+    check(cublasLtMatmulDescSetAttribute(op.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "bias");
+    check(cublasLtMatmulDescSetAttribute(op.d, CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, &bias_stride,
+                                         sizeof(bias_stride)),
+          "bias batch stride");
+    check(cublasLtMatmulDescSetAttribute(op.d, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)),
+          "bias dtype");
+  }
+  const int batch = static_cast<int>(e);
+  Layout w_layout, x_layout, h_layout;
+  make_layout(w_layout, type, D, H, D, batch, H * D);   // column-major D x H per expert, op T -> H x D
+  make_layout(x_layout, type, D, C, D, batch, C * D);   // column-major D x C (x^T)
+  make_layout(h_layout, type, H, C, H, batch, C * H);   // column-major H x C (h^T)
+
+  auto workspace = at::empty({static_cast<int64_t>(kWorkspaceBytes)}, x_eCD.options().dtype(at::kByte));
+  const int align_w = alignment_of(w_eHD.data_ptr()), align_x = alignment_of(x_eCD.data_ptr()),
+            align_h = alignment_of(h_eCH.data_ptr());
+  const AlgoKey key{static_cast<int>(type), static_cast<int>(epilogue), e, C, D, H, align_w, align_x, align_h, tf32};
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  cublasLtMatmulAlgo_t algo;
+  {
+    std::lock_guard<std::mutex> lock(algo_mutex());
+    auto found = algo_cache().find(key);
+    if (found != algo_cache().end()) {
+      algo = found->second;
+    } else {
+      Pref pref;
+      check(cublasLtMatmulPreferenceCreate(&pref.p), "preference create");
+      size_t ws = kWorkspaceBytes;
+      check(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)),
+            "workspace preference");
+      const uint32_t aw = align_w, ax = align_x, ah = align_h;
+      cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aw, sizeof(aw));
+      cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ax, sizeof(ax));
+      cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ah, sizeof(ah));
+      cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ah, sizeof(ah));
+      cublasLtMatmulHeuristicResult_t result{};
+      int found_count = 0;
+      check(cublasLtMatmulAlgoGetHeuristic(handle, op.d, w_layout.l, x_layout.l, h_layout.l, h_layout.l, pref.p, 1,
+                                           &result, &found_count),
+            "heuristic");
+      TORCH_CHECK(found_count > 0, "bmm_nt_act: cuBLASLt has no algorithm for this shape");
+      algo = result.algo;
+      algo_cache().emplace(key, algo);
+    }
+  }
+  const float one = 1.0f, zero = 0.0f;
+  check(cublasLtMatmul(handle, op.d, &one, w_eHD.data_ptr(), w_layout.l, x_eCD.data_ptr(), x_layout.l, &zero,
+                       h_eCH.data_ptr(), h_layout.l, h_eCH.data_ptr(), h_layout.l, &algo, workspace.data_ptr(),
+                       kWorkspaceBytes, at::cuda::getCurrentCUDAStream()),
+        "matmul");
+  return h_eCH;
+}
+
+}  // namespace adaptmoe

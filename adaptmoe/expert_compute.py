@@ -33,8 +33,8 @@ def gated_product(g: Tensor, u: Tensor, act: Callable[[Tensor], Tensor]) -> Tens
 
 def ffn_padded(x_eCD: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor:
     """Batched FFN over a capacity-padded buffer [e, C, D] -> [e, C, O]."""
-    h_eCH = _fc1_fused(x_eCD, w, act) if w.w3_eHD is None else None
-    if h_eCH is None:
+    y_eCO = _relu_ffn_fused(x_eCD, w, act) if w.w3_eHD is None else None
+    if y_eCO is None:
         h_eCH = _bmm_nt(x_eCD, w.w1_eHD)
         if w.b1_eH is not None:
             h_eCH = h_eCH + w.b1_eH.unsqueeze(1)
@@ -42,18 +42,18 @@ def ffn_padded(x_eCD: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) ->
             h_eCH = gated_product(h_eCH, _bmm_nt(x_eCD, w.w3_eHD), act)
         else:
             h_eCH = act(h_eCH)
-    y_eCO = torch.bmm(h_eCH, w.w2_eHO)
+        y_eCO = torch.bmm(h_eCH, w.w2_eHO)
     if w.b2_eO is not None:
         y_eCO = y_eCO + w.b2_eO.unsqueeze(1)
     return y_eCO
 
 
-def _fc1_fused(x_eCD: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor | None:
-    """act(x w1^T + b1) in one cuBLASLt kernel on CUDA (relu), else None."""
+def _relu_ffn_fused(x_eCD: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor | None:
+    """relu(x w1^T + b1) w2 with the relu in the first GEMM's epilogue on CUDA, else None."""
     if not x_eCD.is_cuda:
         return None
-    from .ops._fused_gemm import fused_fc1   # lazy: ops imports this module's users
-    return fused_fc1(x_eCD, w.w1_eHD, w.b1_eH, act)
+    from .ops._fused_gemm import fused_relu_ffn   # lazy: ops imports this module's users
+    return fused_relu_ffn(x_eCD, w.w1_eHD, w.b1_eH, w.w2_eHO, act)
 
 
 class _BmmNT(torch.autograd.Function):

@@ -12,6 +12,8 @@ Rows per config and capacity mode (cf=1 and dropless):
   fused : the same layer's parameters through adaptmoe.ops.route_topk (fused gating + top-k +
           slot assignment) -> ops.dispatch -> experts -> ops.combine; what the layer reaches once
           its routing uses the fused op.
+  layer_unfused : the layer with the relu-in-epilogue first GEMM turned off (bmm, relu, bmm;
+          an A/B row for adaptmoe.ops._fused_gemm, same run, same floor).
 Timing: CUDA events around each call, warmup, median of --iters (>= 50 unless --quick).
 fwd is timed under no_grad; fwd+bwd with grads for x and all parameters. TFLOP/s counts
 4*T*K*D*H per forward (x3 for fwd+bwd). Ratio = time / floor (fwd floor; 3x it for fwd+bwd).
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from adaptmoe.examples.timing import median_ms
+from adaptmoe.ops import _fused_gemm
 
 CONFIGS = {
     "mixtral": dict(T=8192, D=4096, H=14336, E=8, K=2, dtype="bf16"),
@@ -110,9 +113,10 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
     floor_ms = median_ms(floor, "cuda", iters, warmup)
     rows = []
     for path in paths:
+        _fused_gemm.set_enabled(path != "layer_unfused")
         for mode, cf in (("cf=1", 1.0), ("dropless", 0.0)):
             def fwd(path=path, cf=cf):
-                if path == "layer":
+                if path in ("layer", "layer_unfused"):
                     return layer(x_in, capacity_factor=cf)
                 return fused_forward(layer, x_in, K, cf)
 
@@ -143,6 +147,7 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
                         fwd()
                 _profile(fwd_nograd, f"{name} {mode} {path} fwd")
                 _profile(step, f"{name} {mode} {path} fwd+bwd")
+    _fused_gemm.set_enabled(True)
     del layer, x, xf
     torch.cuda.empty_cache()
     return floor_ms, rows
@@ -163,7 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
     ap.add_argument("--quick", action="store_true", help="10 timed iterations, 3 warmup (not for reporting)")
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--paths", default="layer,fused", help="comma list of layer,fused")
+    ap.add_argument("--paths", default="layer,fused", help="comma list of layer,fused,layer_unfused")
     ap.add_argument("--profile", default="", help="comma list of configs to profile (torch.profiler)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -190,13 +195,13 @@ def main(argv=None) -> int:
 
 
 def _print_table(results) -> None:
-    hdr = (f"{'config':<12} {'dtype':<5} {'mode':<9} {'path':<6} {'fwd ms':>8} {'x floor':>8} {'fwd TF/s':>9} "
+    hdr = (f"{'config':<12} {'dtype':<5} {'mode':<9} {'path':<13} {'fwd ms':>8} {'x floor':>8} {'fwd TF/s':>9} "
            f"{'f+b ms':>8} {'x 3floor':>8} {'f+b TF/s':>9} {'peak GiB':>9} {'floor ms':>9}")
     print(hdr)
     for name, cfg, floor_ms, rows in results:
         flops = 4 * cfg["T"] * cfg["K"] * cfg["D"] * cfg["H"]
         for r in rows:
-            print(f"{name:<12} {cfg['dtype']:<5} {r.mode:<9} {r.path:<6} {r.fwd_ms:8.3f} {r.fwd_ms / floor_ms:8.2f} "
+            print(f"{name:<12} {cfg['dtype']:<5} {r.mode:<9} {r.path:<13} {r.fwd_ms:8.3f} {r.fwd_ms / floor_ms:8.2f} "
                   f"{flops / r.fwd_ms / 1e9:9.1f} {r.fwdbwd_ms:8.3f} {r.fwdbwd_ms / (3 * floor_ms):8.2f} "
                   f"{3 * flops / r.fwdbwd_ms / 1e9:9.1f} {r.peak_gib:9.2f} {floor_ms:9.3f}")
     sys.stdout.flush()

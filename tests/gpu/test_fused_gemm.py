@@ -1,5 +1,5 @@
-"""The capacity-padded relu FFN with relu in cuBLASLt's epilogue (native bmm_nt_act) against a
-float64 reference, its gradients, graph capture, and the inputs it refuses (run on the device
+"""The capacity-padded relu FFN with relu in cuBLASLt's epilogue (native bmm_nt_act, inference
+only) against a float64 reference, graph capture, and the inputs it refuses (run on the device
 machine: `pytest -m gpu tests/gpu`).
 
 Legend: e experts, C rows per expert, D model dim, H hidden, O output dim.
@@ -66,21 +66,13 @@ def test_forward_matches_float64(e, C, D, H, dtype, bias):
     torch.testing.assert_close(y.double(), torch.bmm(h.double(), w2.double()), **tol(dtype))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bias", [False, True])
-def test_gradients_match_float64(dtype, bias):
-    e, C, D, H = 4, 40, 64, 96
-    x, w1, b1, w2 = operands(e, C, D, H, dtype, bias, seed=1)
-    g = torch.randn(e, C, D, device=DEV, dtype=dtype)
-    leaves = [t.clone().requires_grad_(True) for t in (x, w1, b1, w2) if t is not None]
-    ref = [t.detach().double().requires_grad_(True) for t in leaves]
-    unpack = (lambda t: (t[0], t[1], t[2], t[3])) if bias else (lambda t: (t[0], t[1], None, t[2]))
-    fused_relu_ffn(*unpack(leaves), F.relu).backward(g)
-    rx, rw1, rb1, rw2 = unpack(ref)
-    torch.bmm(reference_hidden(rx, rw1, rb1), rw2).backward(g.double())
-    for got, want in zip(leaves, ref):
-        assert got.grad.is_contiguous() and got.grad.dtype == dtype
-        torch.testing.assert_close(got.grad.double(), want.grad, **tol(dtype, 4.0))
+def test_calls_that_need_a_gradient_take_the_unfused_path():
+    x, w1, b1, w2 = operands(4, 40, 64, 96, torch.bfloat16, True, seed=1)
+    w1.requires_grad_(True)
+    assert "gradient" in fused_ffn_blocker(x, w1, b1, w2, F.relu)
+    assert fused_relu_ffn(x, w1, b1, w2, F.relu) is None
+    with torch.no_grad():
+        assert fused_ffn_blocker(x, w1, b1, w2, F.relu) is None
 
 
 def test_ffn_padded_takes_the_fused_path_and_matches_the_unfused_one():

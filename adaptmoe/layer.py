@@ -127,7 +127,7 @@ class MoELayer(nn.Module):
         routing, loss_inputs = self._route(x_TD, knobs)
         y_TO = self._run(x_TD, routing, knobs)
         # Losses are enqueued after the experts: their small kernels then run under the expert
-        # GEMMs instead of delaying the dispatch (fine64 forward on an H100: ~0.25 ms earlier).
+        # GEMMs instead of delaying the dispatch (fine64 forward on an H100: dispatch 0.28 ms earlier).
         losses = self._losses(knobs, routing, loss_inputs)
         if timer is not None:
             timer.stop_forward(x_TD, y_TO)

@@ -6,10 +6,11 @@ Legend: e experts, C rows per expert (capacity), D model dim, H hidden, O output
 ``y_eCO = relu(x_eCD @ w1_eHD^T + b1_eH) @ w2_eHO``: the relu is no longer its own pass over
 e*C*H elements (read + write). H100, bf16, no_grad forward of the layer, A/B in one run
 (docs/results/2026-11-22/h100_bench_layer_fused_relu_ab.log): fine64 -2.5%, Mixtral -5.6%,
-DeepSeek-V3 -3.0%, Tutel's README layer -22%. Calls that need a gradient keep the unfused path:
-a single autograd node for the fused FFN (hidden gradient masked in place) measured fwd+bwd +28% on
-the README layer and up to +2.25 GiB of peak memory on DeepSeek-V3 (its saved tensors live until
-the whole node's backward ends, where the unfused graph frees the hidden activation earlier).
+DeepSeek-V3 -3.0% (host-bound layers moved up to 15% between processes, too noisy to count).
+Calls that need a gradient keep the unfused path: a single autograd node for the fused FFN (hidden
+gradient masked in place) measured peak memory +0.37 / +0.56 / +2.25 GiB on fine64 / Mixtral /
+DeepSeek-V3 (its saved tensors live until the whole node's backward ends, where the unfused graph
+frees the hidden activation after the second GEMM's backward) and no fwd+bwd gain.
 Eager CUDA only: traced calls (torch.compile) keep the unfused expression, which inductor fuses.
 """
 from __future__ import annotations

@@ -18,17 +18,17 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _native
+from ._decode_op import _DTYPE_CODES, ACTIVATION_CODES, activation_code
 
 # (rtol, atol) of the fused GEMM against a float64 reference of the same inputs, per dtype: one
 # rounding of the output plus fp32 accumulation over D (the GPU tests read these).
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2)}
 
-_RELU_CODE = 1          # Activation code of native/moe_kernels.h
+_RELU_CODE = ACTIVATION_CODES["relu"]
 _enabled = True
 
 
@@ -36,10 +36,6 @@ def set_enabled(enabled: bool) -> None:
     """Turns the fused GEMM off (the unfused bmm, relu, bmm run) or back on, for A/B benchmarks."""
     global _enabled
     _enabled = bool(enabled)
-
-
-def _is_relu(act: Callable[[Tensor], Tensor]) -> bool:
-    return act is F.relu or act is torch.relu
 
 
 def fused_ffn_blocker(x_eCD: Tensor, w1_eHD: Tensor, b1_eH: Tensor | None, w2_eHO: Tensor,
@@ -51,14 +47,14 @@ def fused_ffn_blocker(x_eCD: Tensor, w1_eHD: Tensor, b1_eH: Tensor | None, w2_eH
         return "not a CUDA tensor"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_eCD, w1_eHD, b1_eH, w2_eHO)):
         return "a gradient is needed (training keeps bmm, relu, bmm: see the module docstring)"
-    if not _is_relu(act):
+    if activation_code(act) != _RELU_CODE:
         return "activation is not relu (the only epilogue wired)"
     if torch.compiler.is_compiling():
         return "traced call (inductor fuses the activation itself)"
     if torch.is_autocast_enabled("cuda"):
         return "autocast is on (operand dtypes are decided per op)"
     dtype = x_eCD.dtype
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if dtype not in _DTYPE_CODES:
         return f"dtype {dtype} (float32, float16 or bfloat16 only)"
     if any(t is not None and t.dtype != dtype for t in (w1_eHD, b1_eH, w2_eHO)):
         return "x, w1, b1 and w2 do not share one dtype"

@@ -75,18 +75,23 @@ def test_calls_that_need_a_gradient_take_the_unfused_path():
         assert fused_ffn_blocker(x, w1, b1, w2, F.relu) is None
 
 
-def test_ffn_padded_takes_the_fused_path_and_matches_the_unfused_one():
+def test_ffn_padded_takes_the_fused_path_and_matches_the_unfused_one(monkeypatch):
     x, w1, b1, w2 = operands(8, 64, 128, 256, torch.bfloat16, True, seed=2)
     b2 = torch.randn(8, 128, device=DEV, dtype=torch.bfloat16)
     w = FFNWeights(w1, w2, b1, b2)
+    calls = []
+    real_fc1_relu = _fused_gemm.fc1_relu
+    monkeypatch.setattr(_fused_gemm, "fc1_relu", lambda *args: calls.append(1) or real_fc1_relu(*args))
     with torch.no_grad():
         fused = ffn_padded(x, w, F.relu)
+        assert calls == [1], "ffn_padded did not take the fused GEMM"
         _fused_gemm.set_enabled(False)
         try:
             assert "turned off" in fused_ffn_blocker(x, w1, b1, w2, F.relu)
             unfused = ffn_padded(x, w, F.relu)
         finally:
             _fused_gemm.set_enabled(True)
+        assert calls == [1], "the switch did not turn the fused GEMM off"
     torch.testing.assert_close(fused, unfused, **tol(torch.bfloat16, 2.0))
 
 

@@ -32,10 +32,20 @@ def agreement_worker(rank: int, world_size: int, cache_path: str) -> None:
 
     planning.LayerPlanner._tuning_step = tagged_step
     planning.CallTimer.total_ms = lambda self: 10.0 + (self.fake_index - rank) % 3
+    timed_degrees = []
+    original_measure = planning.measure_call_ms
+
+    def recording_measure(layer, tokens, sig, device, **knobs):
+        timed_degrees.append(knobs.get("a2a_ffn_overlap_degree"))
+        return original_measure(layer, tokens, sig, device, **knobs)
+
+    planning.measure_call_ms = recording_measure
     layer = _layer(cache_path)
     _train(layer, 12)
     assert layer.planner.tuning_calls > 0 and not layer.planner.tuning, "tuning did not finish"
     # The calibration timed a tiny call at overlap degree 2 against 1 (slowest rank's figures).
+    assert {1, 2} <= set(timed_degrees), f"no d=2 vs d=1 calibration: {timed_degrees}"
+    planning.measure_call_ms = original_measure
     model = layer.planner.device_model
     overheads = [None] * world_size
     dist.all_gather_object(overheads, (model.train_call_overhead_us, model.train_chunk_overhead_us))

@@ -39,7 +39,8 @@ def gate_scales(routing: Routing, is_postscore: bool) -> tuple[Tensor | None, Te
 def run_experts_local(x_RD: Tensor, routing: Routing, experts, num_experts: int) -> Tensor:
     """Experts over the expert-major buffer of this process (all experts are local)."""
     if routing.dropless:
-        return experts.forward_grouped(x_RD, routing.counts_E)
+        # a token picks an expert at most once: T bounds every expert's row count
+        return experts.forward_grouped(x_RD, routing.counts_E, max_rows_per_expert=routing.slots_TK.shape[0])
     capacity = routing.capacity
     y = experts(x_RD.view(num_experts, capacity, x_RD.shape[1]))
     return y.reshape(num_experts * capacity, math.prod(y.shape[2:]))

@@ -81,25 +81,40 @@ def _bmm_nt(x_eCD: Tensor, w_eHD: Tensor) -> Tensor:
     return _BmmNT.apply(x_eCD, w_eHD)
 
 
-def ffn_grouped(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor:
+def ffn_grouped(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor],
+                max_rows_per_expert: int | None = None) -> Tensor:
     """FFN over exactly the routed rows: rows of expert i are contiguous, ``counts_e[i]`` of them
-    (device tensor; their sum is R).
+    (device tensor; their sum is R). ``max_rows_per_expert``, when the caller knows one (a token
+    picks an expert at most once, so T bounds every count), lets the sync-free paths pad less.
 
-    CUDA, bf16 (or bf16 autocast), sm90+: ``torch._grouped_mm`` with device-side int32 cumulative
-    offsets, no host synchronization. Other CUDA dtypes (``_grouped_mm`` is bf16-only): a padded
-    batched matmul with R rows per expert (sync-free) when the experts are few (e <= 4), else one
-    matmul per expert (reads counts on the host). CPU: one matmul per expert."""
-    if x_RD.shape[0] == 0:   # a rank or call with no routed rows: nothing to compute (shape is static)
+    When e * max_rows_per_expert == R every count must equal the bound (top_k == num_experts):
+    the grouped rows are then exactly a padded [e, bound] buffer and run as one (faster) batched
+    matmul. Else on CUDA, bf16 (or bf16 autocast), sm90+: ``torch._grouped_mm`` with device-side
+    int32 cumulative offsets, no host synchronization. Other CUDA dtypes (``_grouped_mm`` is
+    bf16-only): a padded batched matmul with min(R, bound) rows per expert (sync-free) when that
+    pads at most ``_PADDED_MAX_WASTE``-fold or a CUDA graph is being captured, else one matmul per
+    expert (reads counts on the host: eager calls trade one sync for up to e/top_k-fold less
+    arithmetic). CPU: one matmul per expert."""
+    R = x_RD.shape[0]
+    if R == 0:   # a rank or call with no routed rows: nothing to compute (shape is static)
         return x_RD.new_zeros(0, w.w2_eHO.shape[2])
+    e = counts_e.numel()
+    rows_per_expert = R if max_rows_per_expert is None else min(R, max_rows_per_expert)
+    if e * rows_per_expert == R:
+        y_eCO = ffn_padded(x_RD.view(e, rows_per_expert, x_RD.shape[1]), w, act)
+        return y_eCO.reshape(R, y_eCO.shape[2])
     if x_RD.is_cuda:
         if _grouped_mm_usable(x_RD, w):
             return _ffn_grouped_mm(x_RD, counts_e, w, act)
-        if counts_e.numel() <= _PADDED_MAX_EXPERTS:
-            return _ffn_grouped_padded(x_RD, counts_e, w, act)
+        # Under CUDA-graph capture a host read of the counts is impossible: pad whatever it costs.
+        if e * rows_per_expert <= _PADDED_MAX_WASTE * R or torch.cuda.is_current_stream_capturing():
+            return _ffn_grouped_padded(x_RD, counts_e, w, act, rows_per_expert)
     return ffn_grouped_loop(x_RD, counts_e, w, act)
 
 
-_PADDED_MAX_EXPERTS = 4
+# The padded fallback computes e * rows_per_expert rows for R real ones; past 4x, one matmul per
+# expert (a host sync) is cheaper.
+_PADDED_MAX_WASTE = 4
 
 
 def _weight_tensors(w: FFNWeights) -> list[Tensor]:
@@ -147,18 +162,19 @@ def _ffn_grouped_mm(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable
     return y_RO
 
 
-def _ffn_grouped_padded(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor:
-    """Sync-free: every expert gets R padded rows (an expert holds at most R of the R rows)."""
+def _ffn_grouped_padded(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor],
+                        rows_per_expert: int) -> Tensor:
+    """Sync-free: every expert gets ``rows_per_expert`` padded rows (a bound on every count)."""
     e = counts_e.numel()
     R, D = x_RD.shape
     offs_e = torch.cumsum(counts_e, 0)
     rows_e = _row_experts(offs_e, R)
     start_e = offs_e - counts_e
     r_R = torch.arange(R, device=x_RD.device)
-    padded_R = rows_e * R + (r_R - start_e.index_select(0, rows_e))
-    x_eCD = x_RD.new_zeros(e * R, D).index_copy(0, padded_R, x_RD).view(e, R, D)
+    padded_R = rows_e * rows_per_expert + (r_R - start_e.index_select(0, rows_e))
+    x_eCD = x_RD.new_zeros(e * rows_per_expert, D).index_copy(0, padded_R, x_RD).view(e, rows_per_expert, D)
     y_eCO = ffn_padded(x_eCD, w, act)
-    return y_eCO.reshape(e * R, -1).index_select(0, padded_R)
+    return y_eCO.reshape(e * rows_per_expert, -1).index_select(0, padded_R)
 
 
 def ffn_one_expert(x_nD: Tensor, w: FFNWeights, e: int, act: Callable[[Tensor], Tensor]) -> Tensor:

@@ -91,8 +91,9 @@ class FFNExperts(nn.Module):
     def forward(self, x_eCD: Tensor, weights: FFNWeights | None = None) -> Tensor:
         return ffn_padded(x_eCD, weights or self.stored_weights(), self.activation)
 
-    def forward_grouped(self, x_RD: Tensor, counts_e: Tensor, weights: FFNWeights | None = None) -> Tensor:
-        return ffn_grouped(x_RD, counts_e, weights or self.stored_weights(), self.activation)
+    def forward_grouped(self, x_RD: Tensor, counts_e: Tensor, weights: FFNWeights | None = None,
+                        max_rows_per_expert: int | None = None) -> Tensor:
+        return ffn_grouped(x_RD, counts_e, weights or self.stored_weights(), self.activation, max_rows_per_expert)
 
     def extra_repr(self) -> str:
         kind = "gated_ffn" if self.gated else "ffn"
@@ -112,7 +113,12 @@ class CustomExperts(nn.Module):
     def forward(self, x_eCD: Tensor, weights=None) -> Tensor:
         return self.module(x_eCD)
 
-    def forward_grouped(self, x_RD: Tensor, counts_e: Tensor, weights=None) -> Tensor:
+    def forward_grouped(self, x_RD: Tensor, counts_e: Tensor, weights=None,
+                        max_rows_per_expert: int | None = None) -> Tensor:
+        e, R = counts_e.numel(), x_RD.shape[0]
+        if max_rows_per_expert is not None and R > 0 and e * max_rows_per_expert == R:
+            # every count equals the bound (top_k == num_experts): already padded, no host sync
+            return self.module(x_RD.view(e, max_rows_per_expert, x_RD.shape[1])).reshape(R, -1)
         counts = counts_e.tolist()
         width = max(counts, default=0)
         padded_eCD = x_RD.new_zeros(len(counts), width, x_RD.shape[1])

@@ -30,3 +30,18 @@ def test_helloworld_under_torchrun_with_sharded_expert():
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "world_size = 2" in done.stdout and "STEP-1: loss" in done.stdout
+
+
+def test_bench_layer_balanced_routing_gives_every_expert_the_same_tokens():
+    import torch
+
+    from adaptmoe.examples import bench_layer
+    cfg = dict(T=48, D=16, H=8, E=8, K=3, dtype="fp32")
+    layer = bench_layer.build_layer(cfg, "cpu")
+    x = torch.randn(cfg["T"], cfg["D"])
+    bench_layer.balance_routing(layer, x, cfg["K"])
+    for cf in (1.0, 0.0):
+        layer(x, capacity_factor=cf)
+        routing = layer.last_routing
+        assert routing.counts_E.tolist() == [cfg["T"] * cfg["K"] // cfg["E"]] * cfg["E"]
+        assert bool((routing.slots_TK >= 0).all()), "cf=1 must drop nothing under balanced routing"

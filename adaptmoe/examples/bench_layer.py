@@ -14,6 +14,13 @@ Rows per config and capacity mode (cf=1 and dropless):
           its routing uses the fused op.
   layer_unfused : the layer with the relu-in-epilogue first GEMM turned off (bmm, relu, bmm;
           an A/B row for adaptmoe.ops._fused_gemm, same run, same floor).
+  graphed : the layer's forward captured once in a CUDA graph and replayed (no host work per
+          call: what the GPU alone takes, as serving with graphs sees it); fwd only.
+Routing: --routing random (default) keeps the gate's random initialisation (uneven counts: cf=1
+drops overflow, dropless computes it); --routing balanced sets the gate to read the first E input
+features and writes them so that every expert receives exactly T*K/E tokens (cf=1 then drops
+nothing and both capacity modes compute the same rows: the issue's "dropless vs cf=1 on balanced
+routing" comparison).
 Timing: CUDA events around each call, warmup, median of --iters (>= 50 unless --quick).
 fwd is timed under no_grad; fwd+bwd with grads for x and all parameters. TFLOP/s counts
 4*T*K*D*H per forward (x3 for fwd+bwd). Ratio = time / floor (fwd floor; 3x it for fwd+bwd).
@@ -38,6 +45,7 @@ CONFIGS = {
     "readme_fp32": dict(T=8192, D=2048, H=2048, E=2, K=2, dtype="fp32"),
     "readme_bf16": dict(T=8192, D=2048, H=2048, E=2, K=2, dtype="bf16"),
 }
+PATHS = ("layer", "fused", "layer_unfused", "graphed")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -86,7 +94,7 @@ def fused_forward(layer, x_TD: torch.Tensor, k: int, cf: float) -> torch.Tensor:
     num_rows = T * k if capacity is None else E * capacity
     x_RD = ops.dispatch(x_TD, slots_TK, num_rows)
     if capacity is None:
-        y_RD = layer.experts.forward_grouped(x_RD, counts_E)
+        y_RD = layer.experts.forward_grouped(x_RD, counts_E, max_rows_per_expert=T)
     else:
         y_RD = layer.experts(x_RD.view(E, capacity, D)).reshape(num_rows, -1)
     y_TD = ops.combine(y_RD, slots_TK, w_TK)
@@ -95,13 +103,44 @@ def fused_forward(layer, x_TD: torch.Tensor, k: int, cf: float) -> torch.Tensor:
     return y_TD
 
 
-def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], profile: bool) -> tuple[float, list[Row]]:
+def balance_routing(layer, x_TD: torch.Tensor, k: int) -> None:
+    """Gate logits become 8 * x[:, :E]; token t gets +1 on experts (t*k + j) mod E, j < k, and -1
+    elsewhere, so its top-k are exactly those and every expert receives T*k/E tokens."""
+    T, E = x_TD.shape[0], layer.config.num_experts
+    with torch.no_grad():
+        wg = layer.gates[0].wg.weight
+        wg.zero_()
+        wg[:, :E] = 8 * torch.eye(E, device=wg.device, dtype=wg.dtype)
+        chosen_TK = (torch.arange(T, device=x_TD.device).unsqueeze(1) * k + torch.arange(k, device=x_TD.device)) % E
+        x_TD[:, :E] = -1.0
+        x_TD[:, :E].scatter_(1, chosen_TK, 1.0)
+
+
+def graphed_forward_ms(layer, x_TD: torch.Tensor, cf: float, iters: int, warmup: int) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(3):   # warm on a side stream: lazy inits, allocator pools, cuBLAS handles
+            layer(x_TD, capacity_factor=cf)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        layer(x_TD, capacity_factor=cf)
+    ms = median_ms(graph.replay, "cuda", iters, warmup)
+    del graph
+    return ms
+
+
+def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], profile: bool,
+            routing: str = "random") -> tuple[float, list[Row]]:
     device = "cuda"
     dtype = DTYPES[cfg["dtype"]]
     T, D, H, E, K = cfg["T"], cfg["D"], cfg["H"], cfg["E"], cfg["K"]
     torch.manual_seed(0)
     layer = build_layer(cfg, device)
     x = torch.randn(T, D, device=device, dtype=dtype)
+    if routing == "balanced":
+        balance_routing(layer, x, K)
     w1_EHD, w2_EHD = layer.experts.batched_fc1_w, layer.experts.batched_fc2_w
     C = T * K // E
     xf = torch.randn(E, C, D, device=device, dtype=dtype)
@@ -119,6 +158,11 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
     for path in paths:
         _fused_gemm.set_enabled(path != "layer_unfused")
         for mode, cf in (("cf=1", 1.0), ("dropless", 0.0)):
+            if path == "graphed":
+                nan = float("nan")
+                rows.append(Row(name, mode, path, graphed_forward_ms(layer, x, cf, iters, warmup), nan, nan))
+                continue
+
             def fwd(path=path, cf=cf):
                 if path in ("layer", "layer_unfused"):
                     return layer(x_in, capacity_factor=cf)
@@ -172,7 +216,9 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
     ap.add_argument("--quick", action="store_true", help="10 timed iterations, 3 warmup (not for reporting)")
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--paths", default="layer,fused", help="comma list of layer,fused,layer_unfused")
+    ap.add_argument("--paths", default="layer,fused", help="comma list of layer,fused,layer_unfused,graphed")
+    ap.add_argument("--routing", default="random", choices=["random", "balanced"],
+                    help="random: the gate's initialisation; balanced: every expert gets exactly T*K/E tokens")
     ap.add_argument("--profile", default="", help="comma list of configs to profile (torch.profiler)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -185,12 +231,16 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown configs {unknown}; known: {list(CONFIGS)}")
     paths = [p for p in args.paths.split(",") if p]
+    bad_paths = [p for p in paths if p not in PATHS]
+    if bad_paths:
+        ap.error(f"unknown paths {bad_paths}; known: {list(PATHS)}")
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
-          f"commit {_git_commit()} | native: {ops.native_status()} | median of {iters} after {warmup} warmup")
+          f"commit {_git_commit()} | native: {ops.native_status()} | median of {iters} after {warmup} warmup | "
+          f"routing {args.routing}")
     results = []
     for name in names:
         cfg = CONFIGS[name]
-        floor_ms, rows = measure(name, cfg, iters, warmup, paths, name in args.profile.split(","))
+        floor_ms, rows = measure(name, cfg, iters, warmup, paths, name in args.profile.split(","), args.routing)
         results.append((name, cfg, floor_ms, rows))
         _print_table([(name, cfg, floor_ms, rows)])
     print("\n=== summary ===")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,10 +150,14 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
         with torch.no_grad():
             torch.bmm(torch.relu(torch.bmm(xf, w1_EHD.transpose(1, 2))), w2_EHD)
 
-    # Burn-in: host-bound rows measured first in a process ran up to 15% slow (clocks ramping).
-    for _ in range(30):
-        floor()
-        layer(x)
+    # Burn-in for >= 2 s: the first rows measured in a process ran up to 15% slow (clocks ramping;
+    # 30 calls were not enough for Mixtral's first row).
+    burn_start = time.perf_counter()
+    while time.perf_counter() - burn_start < 2.0:
+        for _ in range(10):
+            floor()
+            layer(x)
+        torch.cuda.synchronize()
     floor_ms = median_ms(floor, "cuda", iters, warmup)
     rows = []
     for path in paths:

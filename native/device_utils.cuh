@@ -62,6 +62,20 @@ __device__ __forceinline__ void store_pack(T* p, const float (&f)[N]) {
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
 }
 
+// The same with a streaming (evict-first) store: rows written once and read by a later kernel
+// should not push the rows still being read out of L2.
+template <typename T, int N>
+__device__ __forceinline__ void store_pack_stream(T* p, const float (&f)[N]) {
+  Pack<T, N> pk;
+#pragma unroll
+  for (int i = 0; i < N; ++i) pk.v[i] = from_f<T>(f[i]);
+  if constexpr (sizeof(Pack<T, N>) == 16) {
+    __stcs(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&pk));
+  } else {
+    *reinterpret_cast<Pack<T, N>*>(p) = pk;
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);

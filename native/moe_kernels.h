@@ -40,7 +40,7 @@ cudaError_t launch_locate(const int64_t* indices_TK, int64_t T, int E, int K, in
 
 // out_RD[slots[t,k]] = src_TD[t] * w[t,k] (w null: 1) for kept slots; rows no slot names are 0.
 // dot_out (may be null) [t,k] = <src_TD[t], dot_RD[slots[t,k]]> (0 for dropped), in dot_dt.
-// workspace: R ints (the inverse slot map; one block per output row, rows written in order).
+// workspace: R ints (the inverse slot map, used to zero the rows no choice feeds).
 cudaError_t launch_scatter_rows(const void* src_TD, DType dt, const int64_t* slots_TK,
                                 const void* w_TK, DType w_dt, const void* dot_RD, int64_t T, int K,
                                 int64_t D, int64_t R, int* workspace, void* out_RD,

@@ -9,6 +9,7 @@ validated before anything runs, so a bad call changes no state.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -133,7 +134,9 @@ class MoELayer(nn.Module):
             timer.stop_forward(x_TD, y_TO)
         y = y_TO.reshape(*lead_shape, *self._output_tail(y_TO, x, reserve_dims)).to(x.dtype)
         l_aux = sum(losses.values()) if losses else x_TD.new_zeros((), dtype=torch.float32)
-        self.l_aux, self.losses, self.last_routing = l_aux, losses, routing
+        # Plain attributes: nn.Module.__setattr__'s parameter/buffer/module checks cost ~10 us each
+        # per call on the host, and these names are never parameters, buffers or modules.
+        self.__dict__.update(l_aux=l_aux, losses=losses, last_routing=routing)
         y.l_aux = l_aux
         return self.result_func(y) if self.result_func is not None else y
 
@@ -177,7 +180,7 @@ class MoELayer(nn.Module):
         """Routing of the call, and (clean logits, noisy logits, scores) for `_losses`."""
         gate_cfg = self.config.gates[knobs.gate_index]
         # Routing decides discrete choices: keep it out of autocast so bf16 rounding cannot flip them.
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        with _autocast_off(x_TD.device.type):
             logits_TE = self.gates[knobs.gate_index](x_TD)
             noisy_TE = add_noise(logits_TE, gate_cfg.noise_std, self.training)
             if fusable_gate(gate_cfg, self.training):
@@ -193,7 +196,7 @@ class MoELayer(nn.Module):
                 loss_inputs: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
         gate_cfg = self.config.gates[knobs.gate_index]
         logits_TE, noisy_TE, probs_TE = loss_inputs
-        with torch.autocast(device_type=logits_TE.device.type, enabled=False):
+        with _autocast_off(logits_TE.device.type):
             return compute_losses(gate_cfg.losses, clean_logits_TE=logits_TE, noisy_logits_TE=noisy_TE,
                                   scores_TE=probs_TE, indices_TK=routing.indices_TK, noise_std=gate_cfg.noise_std)
 
@@ -229,9 +232,18 @@ def _seed(seeds: tuple, index: int, offset: int = 0) -> None:
         torch.manual_seed(int(seeds[index]) + offset)
 
 
+def _autocast_off(device_type: str):
+    """Autocast disabled for a block; a no-op context (no host cost) when it is not enabled."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _compute_dtype(x: Tensor, experts: nn.Module) -> torch.dtype:
     """Autocast's dtype when active, else the experts' parameter dtype (Tutel's rule), else x's."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
-    param = next(experts.parameters(), None)
+    param = getattr(experts, "batched_fc1_w", None)   # built-in experts: no parameter walk per call
+    if param is None:
+        param = next(experts.parameters(), None)
     return param.dtype if param is not None else x.dtype

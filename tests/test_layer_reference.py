@@ -124,3 +124,22 @@ def test_low_precision_dtypes_close_to_reference(dtype, tol):
     ref = reference_forward(layer, x)
     err = (y.double() - ref).norm() / ref.norm()
     assert err < tol, f"relative error {err:.2e} for {dtype}"
+
+
+def test_routing_stays_out_of_autocast():
+    """Under bf16 autocast the experts run in bf16 but the gate and routing do not: the same
+    choices, fp32 weights (differing only by the tokens' bf16 rounding, Tutel's input cast) and
+    an output close to the fp32 one."""
+    torch.manual_seed(0)
+    cfg = am.MoEConfig(model_dim=16, num_experts=8, gate=am.GateConfig(top_k=2), experts=am.ExpertConfig(hidden_size=32))
+    layer = am.MoELayer(cfg)
+    x = torch.randn(64, 16)
+    y32 = layer(x)
+    routing32 = layer.last_routing
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = layer(x)
+    routing16 = layer.last_routing
+    assert torch.equal(routing16.indices_TK, routing32.indices_TK)
+    assert routing16.weights_TK.dtype == torch.float32
+    torch.testing.assert_close(routing16.weights_TK, routing32.weights_TK, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y16.float(), y32, rtol=5e-2, atol=5e-2)

@@ -129,6 +129,11 @@ def graphed_forward_ms(layer, x_TD: torch.Tensor, cf: float, iters: int, warmup:
         layer(x_TD, capacity_factor=cf)
     ms = median_ms(graph.replay, "cuda", iters, warmup)
     del graph
+    # cuBLAS keeps a workspace per (handle, stream) for the process's life: the side stream's
+    # would count in the peak memory of every row measured after this one.
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
     return ms
 
 

@@ -1,0 +1,84 @@
+"""Where an isolated eager forward (no_grad) spends its time, without a profiler: CUDA events and
+host timestamps at the layer's stage boundaries (gate, routing, dispatch, experts, combine, end),
+medians over calls each started on an idle GPU. A stage whose GPU time tracks its host time is
+waiting for the host.
+
+    python scripts/isolated_call_events.py [config ...]     # default: fine64 readme_bf16
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+from adaptmoe import dispatch as dispatch_ops
+from adaptmoe import executor
+from adaptmoe import layer as layer_module
+from adaptmoe.examples.bench_layer import CONFIGS, build_layer
+
+STAGES = ["gate", "route", "dispatch", "experts", "combine", "end"]
+
+
+class Marks:
+    def __init__(self):
+        self.events, self.host = {}, {}
+
+    def mark(self, name: str) -> None:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self.events[name] = ev
+        self.host[name] = time.perf_counter()
+
+
+def wrap(owner, attr: str, stage: str, marks: list):
+    inner = getattr(owner, attr)
+
+    def wrapped(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        if marks:
+            marks[0].mark(stage)
+        return out
+    setattr(owner, attr, wrapped)
+
+
+def run(name: str, calls: int = 30) -> None:
+    cfg = CONFIGS[name]
+    layer = build_layer(cfg, "cuda")
+    x = torch.randn(cfg["T"], cfg["D"], device="cuda", dtype=layer.experts.batched_fc1_w.dtype)
+    current: list[Marks] = []
+    layer.gates[0].register_forward_hook(lambda *a: current[0].mark("gate") if current else None)
+    wrap(layer_module, "fused_routing", "route", current)   # the name layer.py calls
+    wrap(dispatch_ops, "dispatch", "dispatch", current)
+    wrap(executor, "run_experts_local", "experts", current)
+    wrap(dispatch_ops, "combine", "combine", current)
+    gpu = {s: [] for s in STAGES}
+    host = {s: [] for s in STAGES}
+    with torch.no_grad():
+        for i in range(calls + 5):
+            torch.cuda.synchronize()
+            m = Marks()
+            current[:] = [m]
+            m.mark("start")
+            layer(x)
+            m.mark("end")
+            torch.cuda.synchronize()
+            current.clear()
+            if i < 5:
+                continue
+            for s in STAGES:
+                gpu[s].append(m.events["start"].elapsed_time(m.events[s]) * 1e3)
+                host[s].append((m.host[s] - m.host["start"]) * 1e6)
+    print(f"=== {name}: stage boundary, host enqueue time and GPU reach time (us from the call's start, medians)")
+    for s in STAGES:
+        print(f"  {s:<9} host {statistics.median(host[s]):8.1f}   gpu {statistics.median(gpu[s]):8.1f}")
+
+
+def main() -> None:
+    for name in sys.argv[1:] or ["fine64", "readme_bf16"]:
+        run(name)
+
+
+if __name__ == "__main__":
+    main()

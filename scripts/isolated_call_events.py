@@ -3,7 +3,7 @@ host timestamps at the layer's stage boundaries (gate, routing, dispatch, expert
 medians over calls each started on an idle GPU. A stage whose GPU time tracks its host time is
 waiting for the host.
 
-    python scripts/isolated_call_events.py [config ...]     # default: fine64 readme_bf16
+    python scripts/isolated_call_events.py [config ...] [--cprofile]   # default: fine64 readme_bf16
 """
 from __future__ import annotations
 
@@ -75,9 +75,34 @@ def run(name: str, calls: int = 30) -> None:
         print(f"  {s:<9} host {statistics.median(host[s]):8.1f}   gpu {statistics.median(gpu[s]):8.1f}")
 
 
+def cprofile_isolated(name: str, calls: int = 30) -> None:
+    """Python-level host time of isolated calls (each after a synchronize), by function."""
+    import cProfile
+    import pstats
+    cfg = CONFIGS[name]
+    layer = build_layer(cfg, "cuda")
+    x = torch.randn(cfg["T"], cfg["D"], device="cuda", dtype=layer.experts.batched_fc1_w.dtype)
+    prof = cProfile.Profile()
+    with torch.no_grad():
+        for i in range(calls + 5):
+            torch.cuda.synchronize()
+            if i >= 5:
+                prof.enable()
+            layer(x)
+            prof.disable()
+        torch.cuda.synchronize()
+    print(f"=== {name}: cProfile of {calls} isolated calls")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
 def main() -> None:
-    for name in sys.argv[1:] or ["fine64", "readme_bf16"]:
+    args = sys.argv[1:]
+    profile = "--cprofile" in args
+    names = [a for a in args if not a.startswith("--")] or ["fine64", "readme_bf16"]
+    for name in names:
         run(name)
+        if profile:
+            cprofile_isolated(name)
 
 
 if __name__ == "__main__":

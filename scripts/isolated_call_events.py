@@ -3,7 +3,7 @@ host timestamps at the layer's stage boundaries (gate, routing, dispatch, expert
 medians over calls each started on an idle GPU. A stage whose GPU time tracks its host time is
 waiting for the host.
 
-    python scripts/isolated_call_events.py [config ...] [--cprofile]   # default: fine64 readme_bf16
+    python scripts/isolated_call_events.py [config ...] [--cprofile] [--stamps]   # default: fine64 readme_bf16
 """
 from __future__ import annotations
 
@@ -103,7 +103,62 @@ def main() -> None:
         run(name)
         if profile:
             cprofile_isolated(name)
+        if "--stamps" in args:
+            host_stamps(name)
 
 
 if __name__ == "__main__":
     main()
+
+
+_STAMPS: list[tuple[str, float]] = []
+_WRAPPED: set = set()
+
+
+def host_stamps(name: str, calls: int = 40) -> None:
+    """Host-only timeline of isolated calls: perf_counter at the entry (>) and exit (<) of each
+    stage function (no CUDA events, so the stamps cost ~0.1 us)."""
+    import adaptmoe.ops as ops_module
+    from adaptmoe.layer import MoELayer
+    cfg = CONFIGS[name]
+    layer = build_layer(cfg, "cuda")
+    x = torch.randn(cfg["T"], cfg["D"], device="cuda", dtype=layer.experts.batched_fc1_w.dtype)
+    stamps = _STAMPS
+
+    def stamped(owner, attr, label):
+        if (owner, attr) in _WRAPPED:     # a second config: the wrappers are in place already
+            return
+        _WRAPPED.add((owner, attr))
+        inner = getattr(owner, attr)
+
+        def wrapped(*args, **kwargs):
+            stamps.append((label + ">", time.perf_counter()))
+            out = inner(*args, **kwargs)
+            stamps.append((label + "<", time.perf_counter()))
+            return out
+        setattr(owner, attr, wrapped)
+
+    for owner, attr, label in [(MoELayer, "resolve_knobs", "knobs"), (MoELayer, "flatten_input", "flatten"),
+                               (MoELayer, "_route", "route"), (layer_module, "add_noise", "noise"),
+                               (layer_module, "fused_routing", "fused_routing"), (ops_module, "route_topk", "topk_op"),
+                               (MoELayer, "_run", "run"), (dispatch_ops, "dispatch", "dispatch"),
+                               (executor, "run_experts_local", "experts"), (dispatch_ops, "combine", "combine"),
+                               (MoELayer, "_losses", "losses")]:
+        stamped(owner, attr, label)
+    layer.gates[0].register_forward_pre_hook(lambda *a: stamps.append(("gate>", time.perf_counter())))
+    layer.gates[0].register_forward_hook(lambda *a: stamps.append(("gate<", time.perf_counter())))
+    runs: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for i in range(calls + 5):
+            torch.cuda.synchronize()
+            stamps.clear()
+            t0 = time.perf_counter()
+            layer(x)
+            stamps.append(("return", time.perf_counter()))
+            if i >= 5:
+                for label, t in stamps:
+                    runs.setdefault(label, []).append((t - t0) * 1e6)
+    print(f"=== {name}: host stamps of isolated calls (us from the call, medians)")
+    order = sorted(runs, key=lambda k: statistics.median(runs[k]))
+    for label in order:
+        print(f"  {label:<16} {statistics.median(runs[label]):8.1f}")

@@ -107,9 +107,6 @@ def main() -> None:
             host_stamps(name)
 
 
-if __name__ == "__main__":
-    main()
-
 
 _STAMPS: list[tuple[str, float]] = []
 _WRAPPED: set = set()
@@ -162,3 +159,7 @@ def host_stamps(name: str, calls: int = 40) -> None:
     order = sorted(runs, key=lambda k: statistics.median(runs[k]))
     for label in order:
         print(f"  {label:<16} {statistics.median(runs[label]):8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -133,7 +133,10 @@ class MoELayer(nn.Module):
         if timer is not None:
             timer.stop_forward(x_TD, y_TO)
         y = y_TO.reshape(*lead_shape, *self._output_tail(y_TO, x, reserve_dims)).to(x.dtype)
-        l_aux = sum(losses.values()) if losses else x_TD.new_zeros((), dtype=torch.float32)
+        if len(losses) == 1:   # the common case: no Python sum (one add kernel less per call)
+            l_aux = next(iter(losses.values()))
+        else:
+            l_aux = sum(losses.values()) if losses else x_TD.new_zeros((), dtype=torch.float32)
         # Plain attributes: nn.Module.__setattr__'s parameter/buffer/module checks cost ~10 us each
         # per call on the host, and these names are never parameters, buffers or modules.
         self.__dict__.update(l_aux=l_aux, losses=losses, last_routing=routing)
@@ -167,9 +170,11 @@ class MoELayer(nn.Module):
         if token_dim != self.config.model_dim:
             raise ValueError(f"input's last {reserve_dims} dim(s) {tuple(x.shape[x.dim() - reserve_dims:])} must hold "
                              f"model_dim={self.config.model_dim} values, got {token_dim}")
-        x_TD = x.reshape(-1, token_dim)
+        x_TD = x if x.dim() == 2 and reserve_dims == 1 else x.reshape(-1, token_dim)
         compute_dtype = _compute_dtype(x, self.experts)
-        return x_TD.to(compute_dtype), tuple(x.shape[: x.dim() - reserve_dims])
+        if x_TD.dtype != compute_dtype:
+            x_TD = x_TD.to(compute_dtype)
+        return x_TD, tuple(x.shape[: x.dim() - reserve_dims])
 
     def _output_tail(self, y_TO: Tensor, x: Tensor, reserve_dims: int) -> tuple[int, ...]:
         if y_TO.shape[1] == self.config.model_dim:

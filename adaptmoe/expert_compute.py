@@ -153,6 +153,8 @@ def _ffn_grouped_mm(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable
             h_RH = (h_RH + w.b1_eH.float().index_select(0, rows_e)).to(bf16)
         if w.w3_eHD is not None:
             h_RH = gated_product(h_RH, torch._grouped_mm(x_RD, w.w3_eHD.transpose(1, 2), offs=offs_e), act)
+        elif not h_RH.requires_grad and _is_relu(act):
+            h_RH = h_RH.relu_()   # no autograd: in place, no second R x H buffer (grouped_mm has no epilogue)
         else:
             h_RH = act(h_RH)
         y_RO = torch._grouped_mm(h_RH, w.w2_eHO, offs=offs_e)
@@ -160,6 +162,11 @@ def _ffn_grouped_mm(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable
             rows_e = _row_experts(offs_e, x_RD.shape[0]) if rows_e is None else rows_e
             y_RO = (y_RO + w.b2_eO.float().index_select(0, rows_e)).to(bf16)
     return y_RO
+
+
+def _is_relu(act: Callable[[Tensor], Tensor]) -> bool:
+    from .ops._decode_op import ACTIVATION_CODES, activation_code   # lazy: ops imports this module's users
+    return activation_code(act) == ACTIVATION_CODES["relu"]
 
 
 def _ffn_grouped_padded(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor],

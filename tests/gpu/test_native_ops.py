@@ -272,3 +272,19 @@ def test_ops_are_sync_free():
         (y.float().sum() + scores.sum()).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_grouped_relu_in_place_without_grad_matches_autograd_path():
+    """bf16 dropless relu experts: the no-grad call applies relu in place on the grouped GEMM's
+    output; it must equal the call that records autograd (out-of-place relu), bit for bit."""
+    torch.manual_seed(0)
+    e, D, H = 4, 128, 256
+    counts = torch.tensor([40, 0, 17, 71], device=DEV)
+    x = torch.randn(int(counts.sum()), D, device=DEV, dtype=torch.bfloat16)
+    mk = lambda *s: (torch.randn(*s, device=DEV, dtype=torch.bfloat16) * 0.1).requires_grad_()  # noqa: E731
+    w = FFNWeights(mk(e, H, D), mk(e, H, D))
+    with torch.no_grad():
+        y_nograd = ffn_grouped(x, counts, w, torch.relu)
+    y_grad = ffn_grouped(x, counts, w, torch.relu)
+    assert y_grad.requires_grad
+    torch.testing.assert_close(y_nograd, y_grad.detach(), rtol=0, atol=0)

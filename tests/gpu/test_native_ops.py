@@ -274,9 +274,14 @@ def test_ops_are_sync_free():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_grouped_relu_in_place_without_grad_matches_autograd_path():
+def test_grouped_relu_in_place_without_grad_matches_autograd_path(monkeypatch):
     """bf16 dropless relu experts: the no-grad call applies relu in place on the grouped GEMM's
     output; it must equal the call that records autograd (out-of-place relu), bit for bit."""
+    from adaptmoe.experts import ACTIVATION_FNS
+    relu = ACTIVATION_FNS["relu"]    # what relu experts hold
+    in_place_calls = []
+    original = torch.Tensor.relu_
+    monkeypatch.setattr(torch.Tensor, "relu_", lambda t: in_place_calls.append(1) or original(t))
     torch.manual_seed(0)
     e, D, H = 4, 128, 256
     counts = torch.tensor([40, 0, 17, 71], device=DEV)
@@ -284,7 +289,8 @@ def test_grouped_relu_in_place_without_grad_matches_autograd_path():
     mk = lambda *s: (torch.randn(*s, device=DEV, dtype=torch.bfloat16) * 0.1).requires_grad_()  # noqa: E731
     w = FFNWeights(mk(e, H, D), mk(e, H, D))
     with torch.no_grad():
-        y_nograd = ffn_grouped(x, counts, w, torch.relu)
-    y_grad = ffn_grouped(x, counts, w, torch.relu)
-    assert y_grad.requires_grad
+        y_nograd = ffn_grouped(x, counts, w, relu)
+    assert in_place_calls, "the no-grad call did not take the in-place relu"
+    y_grad = ffn_grouped(x, counts, w, relu)
+    assert y_grad.requires_grad and len(in_place_calls) == 1
     torch.testing.assert_close(y_nograd, y_grad.detach(), rtol=0, atol=0)

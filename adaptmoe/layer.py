@@ -137,9 +137,12 @@ class MoELayer(nn.Module):
             l_aux = next(iter(losses.values()))
         else:
             l_aux = sum(losses.values()) if losses else x_TD.new_zeros((), dtype=torch.float32)
-        # Plain attributes: nn.Module.__setattr__'s parameter/buffer/module checks cost ~10 us each
-        # per call on the host, and these names are never parameters, buffers or modules.
-        self.__dict__.update(l_aux=l_aux, losses=losses, last_routing=routing)
+        if torch.compiler.is_compiling():   # dynamo (torch 2.11) cannot trace the __dict__ update below
+            self.l_aux, self.losses, self.last_routing = l_aux, losses, routing
+        else:
+            # Plain attributes: nn.Module.__setattr__'s parameter/buffer/module checks cost ~10 us
+            # each per call on the host, and these names are never parameters, buffers or modules.
+            self.__dict__.update(l_aux=l_aux, losses=losses, last_routing=routing)
         y.l_aux = l_aux
         return self.result_func(y) if self.result_func is not None else y
 

@@ -25,7 +25,9 @@ def _check_choice(name: str, value: Any, allowed: tuple) -> None:
 def check_capacity_factor(value: Any, name: str = "capacity_factor") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float (>0 fixed capacity, 0 dropless, <0 capped dropless), got {value!r}")
-    if not math.isfinite(value):
+    # comparisons, not math.isfinite: torch 2.11's dynamo refuses math.isfinite on some float
+    # constants (0.0), which broke torch.compile(fullgraph=True) of dropless layers
+    if value != value or value in (math.inf, -math.inf):
         raise ValueError(f"{name} must be finite (>0 fixed capacity, 0 dropless, <0 capped dropless), got {value!r}")
     return float(value)
 

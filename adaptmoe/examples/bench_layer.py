@@ -16,6 +16,8 @@ Rows per config and capacity mode (cf=1 and dropless):
           an A/B row for adaptmoe.ops._fused_gemm, same run, same floor).
   graphed : the layer's forward captured once in a CUDA graph and replayed (no host work per
           call: what the GPU alone takes, as serving with graphs sees it); fwd only.
+  compiled : torch.compile(layer, mode="reduce-overhead", fullgraph=True), no_grad forward (inductor
+          plus CUDA graphs, the stock way to drop per-call host time at fixed shapes); fwd only.
 Routing: --routing random (default) keeps the gate's random initialisation (uneven counts: cf=1
 drops overflow, dropless computes it); --routing balanced sets the gate to read the first E input
 features and writes them so that every expert receives exactly T*K/E tokens (cf=1 then drops
@@ -46,7 +48,7 @@ CONFIGS = {
     "readme_fp32": dict(T=8192, D=2048, H=2048, E=2, K=2, dtype="fp32"),
     "readme_bf16": dict(T=8192, D=2048, H=2048, E=2, K=2, dtype="bf16"),
 }
-PATHS = ("layer", "fused", "layer_unfused", "graphed")
+PATHS = ("layer", "fused", "layer_unfused", "graphed", "compiled")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -137,6 +139,17 @@ def graphed_forward_ms(layer, x_TD: torch.Tensor, cf: float, iters: int, warmup:
     return ms
 
 
+def compiled_forward_ms(layer, x_TD: torch.Tensor, cf: float, iters: int, warmup: int) -> float:
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+
+    def fwd():
+        with torch.no_grad():
+            return compiled(x_TD, capacity_factor=cf)
+    for _ in range(3):   # compile, then the warmup calls CUDA graph trees record before replaying
+        fwd()
+    return median_ms(fwd, "cuda", iters, warmup)
+
+
 def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], profile: bool,
             routing: str = "random") -> tuple[float, list[Row]]:
     device = "cuda"
@@ -168,9 +181,11 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
     for path in paths:
         _fused_gemm.set_enabled(path != "layer_unfused")
         for mode, cf in (("cf=1", 1.0), ("dropless", 0.0)):
-            if path == "graphed":
+            if path in ("graphed", "compiled"):
                 nan = float("nan")
-                rows.append(Row(name, mode, path, graphed_forward_ms(layer, x, cf, iters, warmup), nan, nan))
+                ms = (graphed_forward_ms(layer, x, cf, iters, warmup) if path == "graphed"
+                      else compiled_forward_ms(layer, x, cf, iters, warmup))
+                rows.append(Row(name, mode, path, ms, nan, nan))
                 continue
 
             def fwd(path=path, cf=cf):
@@ -226,7 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
     ap.add_argument("--quick", action="store_true", help="10 timed iterations, 3 warmup (not for reporting)")
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--paths", default="layer,fused", help="comma list of layer,fused,layer_unfused,graphed")
+    ap.add_argument("--paths", default="layer,fused", help=f"comma list of {','.join(PATHS)}")
     ap.add_argument("--routing", default="random", choices=["random", "balanced"],
                     help="random: the gate's initialisation; balanced: every expert gets exactly T*K/E tokens")
     ap.add_argument("--profile", default="", help="comma list of configs to profile (torch.profiler)")

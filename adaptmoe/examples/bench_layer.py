@@ -147,7 +147,10 @@ def compiled_forward_ms(layer, x_TD: torch.Tensor, cf: float, iters: int, warmup
             return compiled(x_TD, capacity_factor=cf)
     for _ in range(3):   # compile, then the warmup calls CUDA graph trees record before replaying
         fwd()
-    return median_ms(fwd, "cuda", iters, warmup)
+    ms = median_ms(fwd, "cuda", iters, warmup)
+    del compiled
+    torch._dynamo.reset()   # frees the graphs (and their memory pool) before the next rows
+    return ms
 
 
 def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], profile: bool,

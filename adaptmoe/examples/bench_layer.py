@@ -32,6 +32,7 @@ fwd is timed under no_grad; fwd+bwd with grads for x and all parameters. TFLOP/s
 from __future__ import annotations
 
 import argparse
+import gc
 import subprocess
 import sys
 import time
@@ -189,6 +190,10 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
     device = "cuda"
     dtype = DTYPES[cfg["dtype"]]
     T, D, H, E, K = cfg["T"], cfg["D"], cfg["H"], cfg["E"], cfg["K"]
+    # Memory still held from earlier configs (graph pools, cuBLAS per-stream workspaces) is not
+    # this config's: peaks are counted from here.
+    gc.collect()
+    base_bytes = torch.cuda.memory_allocated()
     torch.manual_seed(0)
     layer = build_layer(cfg, device)
     x = torch.randn(T, D, device=device, dtype=dtype)
@@ -249,7 +254,7 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
             torch.cuda.reset_peak_memory_stats()
             step()
             torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / 2**30
+            peak = (torch.cuda.max_memory_allocated() - base_bytes) / 2**30
             fb_ms = median_ms(step, "cuda", iters, warmup)
             rows.append(Row(name, mode, path, fwd_ms, fb_ms, peak))
             if profile:

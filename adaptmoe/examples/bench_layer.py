@@ -18,8 +18,6 @@ Rows per config and capacity mode (cf=1 and dropless):
           call: what the GPU alone takes, as serving with graphs sees it); fwd only.
   compiled : torch.compile(layer, mode="reduce-overhead", fullgraph=True), no_grad forward (inductor
           plus CUDA graphs, the stock way to drop per-call host time at fixed shapes); fwd only.
-  graphed_train : fwd+bwd through torch.cuda.make_graphed_callables (forward and backward each
-          replayed from a CUDA graph; the layer's output and l_aux are the graphed outputs).
 Routing: --routing random (default) keeps the gate's random initialisation (uneven counts: cf=1
 drops overflow, dropless computes it); --routing balanced sets the gate to read the first E input
 features and writes them so that every expert receives exactly T*K/E tokens (cf=1 then drops
@@ -51,7 +49,7 @@ CONFIGS = {
     "readme_fp32": dict(T=8192, D=2048, H=2048, E=2, K=2, dtype="fp32"),
     "readme_bf16": dict(T=8192, D=2048, H=2048, E=2, K=2, dtype="bf16"),
 }
-PATHS = ("layer", "fused", "layer_unfused", "graphed", "compiled", "graphed_train")
+PATHS = ("layer", "fused", "layer_unfused", "graphed", "compiled")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -156,41 +154,6 @@ def compiled_forward_ms(layer, x_TD: torch.Tensor, cf: float, iters: int, warmup
     return ms
 
 
-class _WithAux(torch.nn.Module):
-    """(y, l_aux) as outputs: make_graphed_callables keeps tensors it returns, not attributes."""
-
-    def __init__(self, layer, cf: float):
-        super().__init__()
-        self.layer, self.cf = layer, cf
-
-    def forward(self, x_TD):
-        y = self.layer(x_TD, capacity_factor=self.cf)
-        return y, y.l_aux
-
-
-def graphed_train_ms(layer, x_TD: torch.Tensor, cf: float, iters: int, warmup: int) -> float:
-    x_in = x_TD.clone().requires_grad_(True)
-    # One eager training step first: without any eager backward earlier in the process, capturing
-    # the backward failed on the H100 (cudaErrorStreamCaptureInvalidated; cause not isolated yet).
-    y = layer(x_in, capacity_factor=cf)
-    torch.autograd.backward([y, y.l_aux], [torch.ones_like(y), torch.ones_like(y.l_aux)])
-    for p in layer.parameters():
-        p.grad = None
-    graphed = torch.cuda.make_graphed_callables(_WithAux(layer, cf), (x_in,))
-    g = torch.randn_like(x_TD)
-    one = torch.ones((), device=x_TD.device)
-
-    def step():
-        y, l_aux = graphed(x_in)
-        torch.autograd.backward([y, l_aux], [g, one])
-        for p in layer.parameters():
-            p.grad = None
-        x_in.grad = None
-    ms = median_ms(step, "cuda", iters, warmup)
-    del graphed
-    return ms
-
-
 def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], profile: bool,
             routing: str = "random") -> tuple[float, list[Row]]:
     device = "cuda"
@@ -226,10 +189,6 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
     for path in paths:
         _fused_gemm.set_enabled(path != "layer_unfused")
         for mode, cf in (("cf=1", 1.0), ("dropless", 0.0)):
-            if path == "graphed_train":
-                rows.append(Row(name, mode, path, float("nan"), graphed_train_ms(layer, x, cf, iters, warmup),
-                                float("nan")))
-                continue
             if path in ("graphed", "compiled"):
                 nan = float("nan")
                 ms = (graphed_forward_ms(layer, x, cf, iters, warmup) if path == "graphed"

@@ -1,0 +1,38 @@
+"""Reproduces the open failure of native/NOTES.md: capturing the layer's backward through
+torch.cuda.make_graphed_callables in a fresh process (prints the C++ stack of the failing op).
+
+    TORCH_SHOW_CPP_STACKTRACES=1 python scripts/debug_graphed_train.py [cf]
+"""
+import sys
+
+import torch
+
+import adaptmoe as am
+
+
+class WithAux(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x_TD):
+        y = self.layer(x_TD)
+        return y, y.l_aux
+
+
+def main() -> None:
+    cf = float(sys.argv[1]) if len(sys.argv) > 1 else 1.0
+    torch.manual_seed(0)
+    cfg = am.MoEConfig(model_dim=64, num_experts=4, gate=am.GateConfig(top_k=2, capacity_factor=cf),
+                       experts=am.ExpertConfig(hidden_size=128))
+    module = WithAux(am.MoELayer(cfg).cuda())
+    x = torch.randn(96, 64, device="cuda", requires_grad=True)
+    try:
+        torch.cuda.make_graphed_callables(module, (x,))
+        print("captured")
+    except Exception as exc:  # noqa: BLE001 - a diagnostic: print everything
+        print(str(exc)[:6000])
+
+
+if __name__ == "__main__":
+    main()

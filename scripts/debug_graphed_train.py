@@ -1,7 +1,11 @@
 """Reproduces the open failure of native/NOTES.md: capturing the layer's backward through
 torch.cuda.make_graphed_callables in a fresh process (prints the C++ stack of the failing op).
 
-    TORCH_SHOW_CPP_STACKTRACES=1 python scripts/debug_graphed_train.py [cf]
+    TORCH_SHOW_CPP_STACKTRACES=1 python scripts/debug_graphed_train.py [cf] [eager-first] [release]
+
+eager-first: one eager training step on the default stream before the capture; release: then drop
+the layer's references to that call (l_aux, losses, last_routing keep its autograd graph, and with
+it AccumulateGrad nodes bound to the default stream, alive).
 """
 import sys
 
@@ -27,6 +31,12 @@ def main() -> None:
                        experts=am.ExpertConfig(hidden_size=128))
     module = WithAux(am.MoELayer(cfg).cuda())
     x = torch.randn(96, 64, device="cuda", requires_grad=True)
+    if "eager-first" in sys.argv:
+        y, l_aux = module(x)
+        torch.autograd.backward([y, l_aux], [torch.ones_like(y), torch.ones_like(l_aux)])
+        del y, l_aux
+        if "release" in sys.argv:
+            module.layer.l_aux = module.layer.losses = module.layer.last_routing = None
     try:
         torch.cuda.make_graphed_callables(module, (x,))
         print("captured")

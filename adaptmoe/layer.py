@@ -146,6 +146,16 @@ class MoELayer(nn.Module):
         y.l_aux = l_aux
         return self.result_func(y) if self.result_func is not None else y
 
+    def forget_last_call(self) -> None:
+        """Drops ``l_aux``, ``losses`` and ``last_routing`` of the last call.
+
+        They keep that call's autograd graph alive (Tutel's API reads ``layer.l_aux`` after the
+        forward), and with it AccumulateGrad nodes bound to the stream the call ran on. Capturing a
+        training step in a CUDA graph (``torch.cuda.make_graphed_callables``) after eager steps on
+        the default stream fails while they live (cudaErrorStreamCaptureImplicit); call this first.
+        It also frees that graph early when nothing else needs it."""
+        self.l_aux, self.losses, self.last_routing = None, {}, None
+
     @property
     def planner(self) -> LayerPlanner:
         if self._planner is None:

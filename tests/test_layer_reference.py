@@ -143,3 +143,16 @@ def test_routing_stays_out_of_autocast():
     assert routing16.weights_TK.dtype == torch.float32
     torch.testing.assert_close(routing16.weights_TK, routing32.weights_TK, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y16.float(), y32, rtol=5e-2, atol=5e-2)
+
+
+def test_forget_last_call_drops_the_references_to_the_last_graph():
+    layer = make_layer("softmax", 2, 1.0)
+    x = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert layer.l_aux is not None and layer.l_aux.grad_fn is not None and layer.last_routing is not None
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.forget_last_call()
+    assert layer.l_aux is None and layer.losses == {} and layer.last_routing is None
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())
+    y.sum().backward()   # the caller's own references still work
+    assert x.grad is not None

@@ -61,3 +61,46 @@ def test_capacity_layer_forward_replays_from_a_cuda_graph(dtype):
             ref = layer(x)
         torch.testing.assert_close(out, ref, rtol=0, atol=0)   # the same kernels on the same inputs
 
+
+
+@pytest.mark.parametrize("cf", [1.0, 0.0])
+def test_training_step_through_make_graphed_callables_matches_eager(cf):
+    """After an eager training step (on the default stream) and forget_last_call(), forward and
+    backward replay from CUDA graphs (torch.cuda.make_graphed_callables) with the same output,
+    l_aux and gradients as the eager layer. Without forget_last_call() the backward capture fails
+    (the layer's l_aux keeps the eager step's AccumulateGrad nodes alive: scripts/debug_graphed_train.py)."""
+    layer = make_layer(torch.float32, cf)
+
+    class WithAux(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x_TD):
+            y = self.layer(x_TD)
+            return y, y.l_aux
+
+    module = WithAux()
+    x = torch.randn(96, 64, device=DEV, requires_grad=True)
+    y0, l0 = module(x)
+    torch.autograd.backward([y0, l0], [torch.ones_like(y0), torch.ones_like(l0)])
+    del y0, l0
+    layer.forget_last_call()
+    for p in layer.parameters():
+        p.grad = None
+    graphed = torch.cuda.make_graphed_callables(module, (x,))
+    params = list(layer.parameters())
+    for _ in range(2):
+        x_new = torch.randn(96, 64, device=DEV)
+        g = torch.randn(96, 64, device=DEV)
+        results = []
+        for fn in (graphed, module):
+            xi = x_new.clone().requires_grad_(True)
+            y, l_aux = fn(xi)
+            grads = torch.autograd.grad([y, l_aux], [xi, *params], [g, torch.ones_like(l_aux)])
+            results.append((y.detach().clone(), l_aux.detach().clone(), [t.clone() for t in grads]))
+        (y_g, l_g, grads_g), (y_e, l_e, grads_e) = results
+        torch.testing.assert_close(y_g, y_e, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(l_g, l_e, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads_g, grads_e):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

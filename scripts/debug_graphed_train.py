@@ -1,5 +1,6 @@
-"""Reproduces the open failure of native/NOTES.md: capturing the layer's backward through
-torch.cuda.make_graphed_callables in a fresh process (prints the C++ stack of the failing op).
+"""Reproduces the capture failure of native/NOTES.md ("Graphed training") that
+MoELayer.forget_last_call() avoids: capturing the layer's backward through
+torch.cuda.make_graphed_callables after an eager training step on the default stream.
 
     TORCH_SHOW_CPP_STACKTRACES=1 python scripts/debug_graphed_train.py [cf] [eager-first] [release]
 

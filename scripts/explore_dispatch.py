@@ -13,10 +13,10 @@ shipped row-major kernel's design (numbers for native/NOTES.md; not a product pa
 """
 from __future__ import annotations
 
-import statistics
-
 import torch
 from torch.utils.cpp_extension import load_inline
+
+from adaptmoe.examples.timing import median_ms
 
 CUDA_SRC = r"""
 #include <torch/extension.h>
@@ -109,20 +109,6 @@ def capacity_slots(T: int, E: int, K: int, device: str) -> tuple[torch.Tensor, i
     return slots_TK, C
 
 
-def median_ms(fn, iters=50, warmup=5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def main() -> None:
     mod = load_inline("explore_dispatch", CPP_SRC, cuda_sources=CUDA_SRC, functions=["run"],
                       extra_cuda_cflags=["-O3", "-arch=sm_90"])
@@ -146,7 +132,7 @@ def main() -> None:
                     out.zero_()
                 mod.run(x, inv, slots, out, v, E, C, G)
                 same = torch.equal(out, ref)
-                ms = median_ms(lambda: mod.run(x, inv, slots, out, v, E, C, G))
+                ms = median_ms(lambda: mod.run(x, inv, slots, out, v, E, C, G), "cuda", iters=50, warmup=5)
                 tag = f"{label}(G={G})" if "inter" in label else label
                 print(f"{name:<8} {tag:<16} {ms * 1e3:8.1f} us  {moved / ms / 1e9:6.2f} TB/s (min bytes)  "
                       f"{written / ms / 1e9:6.2f} TB/s (writes)  same as rows: {same}")

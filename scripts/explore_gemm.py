@@ -8,9 +8,9 @@
 """
 from __future__ import annotations
 
-import statistics
-
 import torch
+
+from adaptmoe.examples.timing import median_ms
 
 SHAPES = {  # name: (E, rows per expert, D, H)
     "fine64": (64, 1024, 2048, 1024),
@@ -20,18 +20,8 @@ SHAPES = {  # name: (E, rows per expert, D, H)
 }
 
 
-def ms(fn, iters=30, warmup=5):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def ms(fn) -> float:
+    return median_ms(fn, "cuda", iters=30, warmup=5)
 
 
 def gemms(name, E, C, D, H):

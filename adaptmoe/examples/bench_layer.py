@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from adaptmoe.examples.timing import median_ms
+from adaptmoe.examples.timing import capture_no_grad, median_ms
 from adaptmoe.ops import _fused_gemm
 
 CONFIGS = {
@@ -121,15 +121,7 @@ def balance_routing(layer, x_TD: torch.Tensor, k: int) -> None:
 
 
 def graphed_forward_ms(layer, x_TD: torch.Tensor, cf: float, iters: int, warmup: int) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(side):
-        for _ in range(3):   # warm on a side stream: lazy inits, allocator pools, cuBLAS handles
-            layer(x_TD, capacity_factor=cf)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        layer(x_TD, capacity_factor=cf)
+    graph, _ = capture_no_grad(lambda: layer(x_TD, capacity_factor=cf), warmup=3)
     ms = median_ms(graph.replay, "cuda", iters, warmup)
     del graph
     # cuBLAS keeps a workspace per (handle, stream) for the process's life: the side stream's

@@ -27,3 +27,19 @@ def median_ms(fn: Callable[[], object], device: str, iters: int, warmup: int = 3
     for _ in range(warmup):
         fn()
     return statistics.median(time_call(fn, device) for _ in range(max(iters, 1)))
+
+
+def capture_no_grad(fn: Callable[[], object], warmup: int = 1):
+    """``fn()`` under no_grad, run ``warmup`` times on a side stream (lazy inits, allocator pools,
+    cuBLAS handles happen outside the capture), then captured once in a CUDA graph. Returns
+    (graph, the captured call's output); ``graph.replay()`` recomputes that output in place."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

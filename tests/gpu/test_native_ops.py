@@ -15,6 +15,7 @@ if not torch.cuda.is_available():  # pragma: no cover - CPU CI
 
 import adaptmoe.ops as ops  # noqa: E402
 from adaptmoe.dispatch import combine_reference, dispatch_reference  # noqa: E402
+from adaptmoe.examples.timing import capture_no_grad  # noqa: E402
 from adaptmoe.expert_compute import FFNWeights, ffn_grouped, ffn_grouped_loop  # noqa: E402
 from adaptmoe.ops._ops import _assign_ref  # noqa: E402
 from adaptmoe.routing import build_routing  # noqa: E402
@@ -188,14 +189,7 @@ def test_dropless_layer_forward_captures_in_a_cuda_graph(dtype, E, K):
                        experts=am.ExpertConfig(hidden_size=96))
     layer = am.MoELayer(cfg).to(device=DEV, dtype=dtype).eval()
     x = torch.randn(200, 64, device=DEV, dtype=dtype)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(side):
-        layer(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        out = layer(x)
+    graph, out = capture_no_grad(lambda: layer(x))
     for _ in range(2):
         x.copy_(torch.randn_like(x))
         graph.replay()

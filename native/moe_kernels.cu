@@ -234,6 +234,18 @@ __global__ void inverse_slots_kernel(const int64_t* __restrict__ slots, int64_t 
   }
 }
 
+// Token t's K choices into shared memory for the whole block: slot (-1 when dropped or outside
+// [0, R)) and weight (1 without weights). Ends with a barrier.
+__device__ __forceinline__ void stage_choices(const int64_t* __restrict__ slots, const void* __restrict__ w,
+                                              int w_dt, int64_t t, int K, int64_t R, int64_t* s_slot, float* s_w) {
+  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    const int64_t s = slots[t * K + k];
+    s_slot[k] = (s >= 0 && s < R) ? s : -1;
+    s_w[k] = w != nullptr ? load_any(w, w_dt, t * K + k) : 1.f;
+  }
+  __syncthreads();
+}
+
 // One warp per row (grid-stride): rows with inv < 0 become 0.
 template <typename T, int N>
 __global__ void zero_unfed_rows_kernel(const int* __restrict__ inv, int64_t R, int64_t D, T* __restrict__ out) {
@@ -256,12 +268,7 @@ __global__ void scatter_by_tokens_kernel(const T* __restrict__ src, const int64_
   int64_t* s_slot = reinterpret_cast<int64_t*>(smem_raw);
   float* s_w = reinterpret_cast<float*>(s_slot + K);
   const int64_t t = blockIdx.x;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) {
-    const int64_t s = slots[t * K + k];
-    s_slot[k] = (s >= 0 && s < R) ? s : -1;
-    s_w[k] = w != nullptr ? load_any(w, w_dt, t * K + k) : 1.f;
-  }
-  __syncthreads();
+  stage_choices(slots, w, w_dt, t, K, R, s_slot, s_w);
   const T* srow = src + t * D;
   for (int64_t v = threadIdx.x; v < D / N; v += blockDim.x) {
     float f[N], g[N];
@@ -330,12 +337,7 @@ __global__ void gather_rows_kernel(const T* __restrict__ src, const int64_t* __r
   float* s_w = reinterpret_cast<float*>(s_slot + K);
   const int64_t nv = D / N;
   const int64_t b = blockIdx.x;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) {
-    const int64_t s = slots[b * K + k];
-    s_slot[k] = (s >= 0 && s < R) ? s : -1;
-    s_w[k] = w != nullptr ? load_any(w, w_dt, b * K + k) : 1.f;
-  }
-  __syncthreads();
+  stage_choices(slots, w, w_dt, b, K, R, s_slot, s_w);
   for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
     float acc[N];
 #pragma unroll

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from . import executor
+from . import executor, native_forward
 from .config import A2A_ALGOS, PLAN_MODES, MoEConfig, check_capacity_factor
 from .experts import build_experts
 from .gates import add_noise, build_gate, select_experts
@@ -125,8 +125,12 @@ class MoELayer(nn.Module):
             knobs, timer = self._planned_knobs(knobs, x_TD, explicit)
             if timer is not None:
                 timer.start()
-        routing, loss_inputs = self._route(x_TD, knobs)
-        y_TO = self._run(x_TD, routing, knobs)
+        native_plan = native_forward.plan_for(self, x_TD, knobs, mode)
+        if native_plan is not None:   # inference on one GPU: the whole chain from one native call
+            y_TO, routing, loss_inputs = native_forward.run(self, x_TD, knobs, native_plan)
+        else:
+            routing, loss_inputs = self._route(x_TD, knobs)
+            y_TO = self._run(x_TD, routing, knobs)
         # Losses are enqueued after the experts: their small kernels then run under the expert
         # GEMMs instead of delaying the dispatch (fine64 forward on an H100: dispatch 0.28 ms earlier).
         losses = self._losses(knobs, routing, loss_inputs)
@@ -155,6 +159,13 @@ class MoELayer(nn.Module):
         the default stream fails while they live (cudaErrorStreamCaptureImplicit); call this first.
         It also frees that graph early when nothing else needs it."""
         self.l_aux, self.losses, self.last_routing = None, {}, None
+
+    def native_forward_blocker(self, x: Tensor, reserve_dims: int = 1, plan: str | None = None, **knobs) -> str | None:
+        """Why a forward of ``x`` with these knobs would not run as one native call (see
+        ``adaptmoe.native_forward``), or None when it would. Reads the grad mode of the caller."""
+        call_knobs = self.resolve_knobs(**knobs)
+        x_TD, _ = self.flatten_input(x, reserve_dims)
+        return native_forward.native_forward_blocker(self, x_TD, call_knobs, self.config.plan if plan is None else plan)
 
     @property
     def planner(self) -> LayerPlanner:

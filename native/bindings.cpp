@@ -11,47 +11,11 @@
 #include <tuple>
 
 #include "blaslt.h"
+#include "layer_forward.h"
 #include "moe_kernels.h"
+#include "torch_ops.h"
 
-namespace {
-
-using at::Tensor;
-
-// Error text built here, not by TORCH_CHECK's stream formatting: with the device machine's torch
-// build, a TORCH_CHECK whose message streams an integer crashed the process (segfault) instead
-// of raising; strings, dtypes and devices formatted first are safe.
-inline std::string piece(const char* v) { return v; }
-inline std::string piece(const std::string& v) { return v; }
-inline std::string piece(at::ScalarType v) { return c10::toString(v); }
-inline std::string piece(const c10::Device& v) { return v.str(); }
-inline std::string piece(at::IntArrayRef v) {
-  std::string s = "[";
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-  return s + "]";
-}
-template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
-std::string piece(T v) { return std::to_string(v); }
-template <typename... Args>
-std::string text(const Args&... args) { return (std::string() + ... + piece(args)); }
-
-adaptmoe::DType dtype_of(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return adaptmoe::kFloat32;
-    case at::kHalf: return adaptmoe::kFloat16;
-    case at::kBFloat16: return adaptmoe::kBFloat16;
-    default: TORCH_CHECK(false, text("adaptmoe native ops take float32, float16 or bfloat16, got ", t.scalar_type()));
-  }
-  return adaptmoe::kFloat32;
-}
-
-void check_cuda(const Tensor& t, const char* name, const Tensor& like) {
-  TORCH_CHECK(t.is_cuda(), text("adaptmoe: ", name, " must be a CUDA tensor"));
-  TORCH_CHECK(t.device() == like.device(), text("adaptmoe: ", name, " is on ", t.device(), ", expected ", like.device()));
-}
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, text("adaptmoe native ", what, " failed: ", cudaGetErrorString(err)));
-}
+namespace adaptmoe::torch_ops {
 
 Tensor checked_slots(const Tensor& slots_TK, const Tensor& like) {
   check_cuda(slots_TK, "slots_TK", like);
@@ -309,9 +273,10 @@ Tensor decode_ffn(const Tensor& x_TD, const Tensor& e_TK, const std::optional<Te
   return y;
 }
 
-}  // namespace
+}  // namespace adaptmoe::torch_ops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace adaptmoe::torch_ops;
   m.doc() = "adaptmoe native CUDA kernels (gating/top-k, slot assignment, dispatch/combine rows, decode FFN)";
   m.def("route_topk", &route_topk, "fused scores + top-k + slot assignment");
   m.def("assign_slots", &assign_slots, "slot locations in GShard priority order");
@@ -320,6 +285,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("act_mul", &act_mul, "act(g) * u elementwise, one rounding");
   m.def("bmm_nt_act", &adaptmoe::bmm_nt_act, "act(x @ w^T + b) per expert, activation in cuBLASLt's epilogue");
   m.def("decode_ffn", &decode_ffn, "expert FFN of a few tokens over the selected experts only");
+  m.def("moe_forward_nograd", &adaptmoe::moe_forward_nograd,
+        "no-grad forward of a single-process layer: gate, routing, dispatch, FFN, combine in one call");
   m.attr("max_decode_pairs") = adaptmoe::kMaxDecodePairs;
   m.attr("max_topk_experts") = adaptmoe::kMaxTopkExperts;
   m.attr("max_locate_experts") = adaptmoe::kMaxLocateExperts;

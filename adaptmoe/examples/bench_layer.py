@@ -8,7 +8,10 @@ Experts: 2-matrix FFN, relu, no biases (so the floor, two balanced batched matmu
 rows per expert, does the same arithmetic). Gate: softmax top-k, k weights renormalised, the
 layer's default (bf16 gate for bf16 models), gshard loss included in the backward.
 Rows per config and capacity mode (cf=1 and dropless):
-  layer : adaptmoe.MoELayer.forward as users call it.
+  layer : adaptmoe.MoELayer.forward as users call it (a no_grad forward on one GPU runs as one
+          native call: adaptmoe.native_forward).
+  layer_python : the same layer with that one-call native forward turned off (gate, routing,
+          dispatch, experts and combine enqueued op by op from Python); fwd only (an A/B row).
   fused : the same layer's parameters through adaptmoe.ops.route_topk (fused gating + top-k +
           slot assignment) -> ops.dispatch -> experts -> ops.combine; what the layer reaches once
           its routing uses the fused op.
@@ -39,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from adaptmoe import native_forward
 from adaptmoe.examples.timing import capture_no_grad, median_ms
 from adaptmoe.ops import _fused_gemm
 
@@ -49,7 +53,7 @@ CONFIGS = {
     "readme_fp32": dict(T=8192, D=2048, H=2048, E=2, K=2, dtype="fp32"),
     "readme_bf16": dict(T=8192, D=2048, H=2048, E=2, K=2, dtype="bf16"),
 }
-PATHS = ("layer", "fused", "layer_unfused", "graphed", "compiled")
+PATHS = ("layer", "fused", "layer_unfused", "layer_python", "graphed", "compiled")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -189,13 +193,18 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
                 continue
 
             def fwd(path=path, cf=cf):
-                if path in ("layer", "layer_unfused"):
+                if path in ("layer", "layer_unfused", "layer_python"):
                     return layer(x_in, capacity_factor=cf)
                 return fused_forward(layer, x_in, K, cf)
 
             x_in = x
+            native_forward.set_enabled(path != "layer_python")
             with torch.no_grad():
                 fwd_ms = median_ms(fwd, "cuda", iters, warmup)
+            native_forward.set_enabled(True)
+            if path == "layer_python":   # the backward is the same Python path as layer's
+                rows.append(Row(name, mode, path, fwd_ms, float("nan"), float("nan")))
+                continue
             x_in = x.clone().requires_grad_(True)
             g = torch.randn(T, D, device=device, dtype=dtype)
 

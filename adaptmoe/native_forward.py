@@ -1,0 +1,141 @@
+"""The no-grad forward of a single-process layer as one native call (``native/layer_forward.cpp``).
+
+Legend: T tokens, D model dim, E experts, K top-k, R rows of the expert-major buffer, O output dim.
+
+Why: an eager inference call spends most of its host time in Python before the first expert GEMM
+is enqueued (H100 machine, fine-grained 64-expert layer: ~220 us of host time against ~45 us of
+GPU work in front of that GEMM, ``docs/results/2026-11-22/h100_isolated_call_stamps.log``), so
+the GPU idles; serving with batch sizes that change every call cannot hide that behind a CUDA
+graph. The native call enqueues gate GEMM, routing, dispatch, FFN and combine back to back.
+
+The Python path stays the reference: this module only decides whether the native call computes
+exactly what the Python path would, op for op (``native_forward_blocker`` says why not, and the
+layer then runs the Python path), and packages its outputs the way the Python path does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .experts import FFNExperts
+from .gates import LinearGate
+from .ops import _fused_gemm, _native
+from .ops._decode_op import activation_code
+from .routing import Routing, capacity_for, fusable_gate
+
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turns the one-call native forward off (the Python path runs) or back on, e.g. for A/B runs."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+@dataclass(frozen=True)
+class NativeForwardPlan:
+    """What one native call needs beyond the tensors: decided once per layer and signature."""
+
+    score_fn: int          # 0 softmax, 1 sigmoid (the kernels' codes)
+    normalize: bool        # renormalise the k weights (only when k > 1)
+    activation: int        # Activation code of native/moe_kernels.h
+    relu_epilogue: bool    # relu inside the first GEMM (capacity layout, plain FFN)
+    grouped: bool          # dropless rows through the grouped GEMM (else a padded batch)
+
+
+def native_forward_blocker(layer, x_TD: Tensor, knobs, plan_mode: str) -> str | None:
+    """Why one native call cannot serve this forward, or None when it can."""
+    plan = _plan_or_reason(layer, x_TD, knobs, plan_mode)
+    return plan if isinstance(plan, str) else None
+
+
+def plan_for(layer, x_TD: Tensor, knobs, plan_mode: str) -> NativeForwardPlan | None:
+    """The plan of a native call for this forward, or None when the Python path must run it."""
+    plan = _plan_or_reason(layer, x_TD, knobs, plan_mode)
+    return None if isinstance(plan, str) else plan
+
+
+def _plan_or_reason(layer, x_TD: Tensor, knobs, plan_mode: str) -> NativeForwardPlan | str:
+    # Per-call conditions first (cheap), then the per-signature ones, cached on the layer.
+    if not _enabled:
+        return "turned off by adaptmoe.native_forward.set_enabled(False)"
+    if torch.is_grad_enabled():
+        return "gradients are being recorded (the Python path's ops carry the backward)"
+    if not x_TD.is_cuda:
+        return "not a CUDA tensor"
+    if torch.compiler.is_compiling():
+        return "traced call (torch.compile traces the registered ops instead)"
+    if torch.is_autocast_enabled("cuda"):
+        return "autocast is on (it decides operand dtypes per op)"
+    if plan_mode == "auto":
+        return "the planner times this call"
+    native = _native.loaded() or _native.for_tensor(x_TD)
+    if native is None or not hasattr(native, "moe_forward_nograd"):
+        return f"native extension unavailable or older than this module: {_native.status()}"
+    dropless = knobs.capacity_factor == 0
+    key = (knobs.gate_index, knobs.top_k, dropless, layer.training, x_TD.dtype, x_TD.device, _fused_gemm._enabled)
+    cache = layer.__dict__.setdefault("_native_forward_plans", {})
+    plan = cache.get(key)
+    if plan is None:
+        plan = cache[key] = _signature_plan(layer, x_TD, native, knobs.gate_index, knobs.top_k, dropless)
+    return plan
+
+
+def _signature_plan(layer, x_TD: Tensor, native, gate_index: int, top_k: int,
+                    dropless: bool) -> NativeForwardPlan | str:
+    if layer.layout.world_size != 1:
+        return "more than one process (the parallel executor runs it)"
+    gate, gate_cfg, experts = layer.gates[gate_index], layer.config.gates[gate_index], layer.experts
+    if type(gate) is not LinearGate:
+        return f"gate kind {gate_cfg.kind!r} (one linear projection only)"
+    if not fusable_gate(gate_cfg, layer.training) or (layer.training and gate_cfg.noise_std > 0):
+        return "the gate needs the unfused selection (batch priority, activation after top-k, noise or dropout)"
+    if type(experts) is not FFNExperts:
+        return "custom experts"
+    act = activation_code(experts.activation)
+    if act is None:
+        return "custom activation"
+    if x_TD.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {x_TD.dtype} (float32, float16 or bfloat16)"
+    w = experts.stored_weights()
+    if any(t is not None and t.dtype != x_TD.dtype for t in w):
+        return "expert weights and tokens differ in dtype"
+    E = layer.config.num_experts
+    if E > min(native.max_topk_experts, native.max_locate_experts):
+        return f"{E} experts (native routing takes up to {native.max_topk_experts})"
+    grouped = dropless and top_k != E   # k == E: every expert gets all T rows, a padded batch
+    if grouped:
+        from .expert_compute import _grouped_mm_usable
+        if x_TD.dtype != torch.bfloat16 or not _grouped_mm_usable(x_TD, w):
+            return "dropless rows outside bf16 grouped GEMM (sm90+, D, H, O multiples of 8)"
+    relu_epilogue = (not grouped and w.w3_eHD is None
+                     and _fused_gemm.fused_ffn_blocker(x_TD.unsqueeze(0), w.w1_eHD, w.b1_eH, w.w2_eHO,
+                                                       experts.activation) is None)
+    return NativeForwardPlan(score_fn=1 if gate_cfg.kind in ("sigmoid", "sinkmoid") else 0,
+                             normalize=gate_cfg.normalize_topk and top_k > 1, activation=act,
+                             relu_epilogue=relu_epilogue, grouped=grouped)
+
+
+def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Routing, tuple[Tensor, Tensor, Tensor]]:
+    """(y_TO, routing, (clean logits, noisy logits, scores)): what ``MoELayer._route`` and
+    ``_run`` return, from one native call."""
+    T = x_TD.shape[0]
+    E, k = layer.config.num_experts, knobs.top_k
+    capacity = capacity_for(knobs.capacity_factor, T, E, k)
+    gate = layer.gates[knobs.gate_index]
+    w = layer.experts.stored_weights()
+    (y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E,
+     slots_TK) = _native.loaded().moe_forward_nograd(
+        x_TD, gate.wg.weight, gate.fp32, k, plan.score_fn, plan.normalize, -1 if capacity is None else capacity,
+        layer.config.is_postscore, plan.grouped, w.w1_eHD, w.w2_eHO, w.w3_eHD, w.b1_eH, w.b2_eO, plan.activation,
+        plan.relu_epilogue, torch.backends.cuda.matmul.allow_tf32)
+    num_rows = T * k if capacity is None else E * capacity
+    routing = Routing(indices_TK, weights_TK, locations_TK, counts_E, capacity, slots_TK, num_rows)
+    # The balance losses read per-token probabilities, as routing.fused_routing returns them.
+    probs_TE = scores_TE / scores_TE.sum(dim=1, keepdim=True).clamp(min=1e-9) if plan.score_fn == 1 else scores_TE
+    return y_TO, routing, (logits_TE, logits_TE, probs_TE)
+
+
+__all__ = ["NativeForwardPlan", "native_forward_blocker", "plan_for", "run", "set_enabled"]

@@ -1,0 +1,148 @@
+// The no-grad forward of a single-process MoE layer in one native call (see layer_forward.h).
+// Why it exists: an eager forward from Python spent ~220 us of host time on the H100 machine's
+// CPU before its first expert GEMM was enqueued (Python wrappers, a pybind crossing and a few
+// allocations per op), while ~45 us of GPU work preceded that GEMM: the GPU idled for the rest.
+// From C++ the same ops are enqueued right after one another.
+#include "layer_forward.h"
+
+#include <c10/cuda/CUDAGuard.h>
+
+#include "blaslt.h"
+#include "moe_kernels.h"
+#include "torch_ops.h"
+
+namespace adaptmoe {
+namespace {
+
+using at::Tensor;
+using torch_ops::text;
+
+struct ExpertWeights {
+  Tensor w1, w2, w3, b1, b2;   // w3, b1, b2 undefined when absent
+};
+
+Tensor value_or_undefined(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+
+Tensor apply_activation(const Tensor& h, int64_t act) {
+  switch (act) {
+    case kActIdentity: return h;
+    case kActRelu: return at::relu(h);
+    case kActGelu: return at::gelu(h);
+    case kActGeluTanh: return at::gelu(h, "tanh");
+    case kActSilu: return at::silu(h);
+    case kActTanh: return at::tanh(h);
+    case kActSigmoid: return at::sigmoid(h);
+    default: TORCH_CHECK(false, text("adaptmoe: unknown activation code ", act));
+  }
+  return h;
+}
+
+Tensor gate_logits(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32) {
+  if (gate_fp32) return at::linear(x_TD.to(at::kFloat), wg_ED.to(at::kFloat));
+  return at::linear(x_TD.scalar_type() == wg_ED.scalar_type() ? x_TD : x_TD.to(wg_ED.scalar_type()), wg_ED);
+}
+
+// Mirrors adaptmoe.expert_compute.ffn_padded (and the fused relu GEMM of ops._fused_gemm).
+Tensor ffn_padded(const Tensor& x_eCD, const ExpertWeights& w, int64_t act, bool relu_epilogue, bool allow_tf32) {
+  Tensor h_eCH;
+  if (relu_epilogue) {
+    const std::optional<Tensor> b1 = w.b1.defined() ? std::optional<Tensor>(w.b1) : std::nullopt;
+    h_eCH = bmm_nt_act(x_eCD, w.w1, b1, kActRelu, allow_tf32);
+  } else {
+    h_eCH = at::bmm(x_eCD, w.w1.transpose(1, 2));
+    if (w.b1.defined()) h_eCH = h_eCH + w.b1.unsqueeze(1);
+    h_eCH = w.w3.defined() ? torch_ops::act_mul(h_eCH, at::bmm(x_eCD, w.w3.transpose(1, 2)), act)
+                           : apply_activation(h_eCH, act);
+  }
+  Tensor y_eCO = at::bmm(h_eCH, w.w2);
+  if (w.b2.defined()) y_eCO = y_eCO + w.b2.unsqueeze(1);
+  return y_eCO;
+}
+
+// Bias rows of the grouped layout, added in float32 (mirrors expert_compute._ffn_grouped_mm).
+Tensor add_row_bias(const Tensor& h_RH, const Tensor& b_EH, const Tensor& rows_R) {
+  return (h_RH + b_EH.to(at::kFloat).index_select(0, rows_R)).to(at::kBFloat16);
+}
+
+// Mirrors adaptmoe.expert_compute._ffn_grouped_mm without autocast: bf16 rows, int32 offsets.
+Tensor ffn_grouped(const Tensor& x_RD, const Tensor& counts_E, const ExpertWeights& w, int64_t act) {
+  const int64_t R = x_RD.size(0), E = counts_E.numel();
+  const Tensor offs_E = at::cumsum(counts_E, 0, at::kInt);
+  Tensor rows_R;   // expert of each row, built when a bias needs it
+  auto expert_of_rows = [&]() {
+    if (!rows_R.defined()) {
+      rows_R = at::searchsorted(offs_E, at::arange(R, offs_E.options()), /*out_int32=*/false, /*right=*/true)
+                   .clamp_max_(E - 1);
+    }
+    return rows_R;
+  };
+  Tensor h_RH = at::_grouped_mm(x_RD, w.w1.transpose(1, 2), offs_E);
+  if (w.b1.defined()) h_RH = add_row_bias(h_RH, w.b1, expert_of_rows());
+  if (w.w3.defined()) {
+    h_RH = torch_ops::act_mul(h_RH, at::_grouped_mm(x_RD, w.w3.transpose(1, 2), offs_E), act);
+  } else if (act == kActRelu) {
+    h_RH.relu_();   // no autograd here: in place, no second R x H buffer
+  } else {
+    h_RH = apply_activation(h_RH, act);
+  }
+  Tensor y_RO = at::_grouped_mm(h_RH, w.w2, offs_E);
+  if (w.b2.defined()) y_RO = add_row_bias(y_RO, w.b2, expert_of_rows());
+  return y_RO;
+}
+
+void check_inputs(const Tensor& x_TD, const Tensor& wg_ED, int64_t capacity, bool grouped, const ExpertWeights& w,
+                  bool relu_epilogue) {
+  TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");
+  torch_ops::dtype_of(x_TD);
+  torch_ops::check_cuda(wg_ED, "wg_ED", x_TD);
+  TORCH_CHECK(wg_ED.dim() == 2 && wg_ED.size(1) == x_TD.size(1), "adaptmoe: wg_ED must be (E, D) with x_TD's D");
+  const int64_t E = wg_ED.size(0);
+  TORCH_CHECK(w.w1.dim() == 3 && w.w2.dim() == 3 && w.w1.size(0) == E && w.w2.size(0) == E &&
+                  w.w1.size(2) == x_TD.size(1) && w.w2.size(1) == w.w1.size(1),
+              "adaptmoe: w1 must be (E, H, D) and w2 (E, H, O) over the gate's E experts");
+  for (const Tensor* t : {&w.w1, &w.w2, &w.w3, &w.b1, &w.b2}) {
+    if (!t->defined()) continue;
+    torch_ops::check_cuda(*t, "expert weight", x_TD);
+    TORCH_CHECK(t->scalar_type() == x_TD.scalar_type(), text("adaptmoe: expert weights must have x's dtype ",
+                x_TD.scalar_type(), ", got ", t->scalar_type()));
+  }
+  TORCH_CHECK(!grouped || (capacity < 0 && x_TD.scalar_type() == at::kBFloat16),
+              "adaptmoe: the grouped layout takes dropless bf16 rows");
+  TORCH_CHECK(!relu_epilogue || (!grouped && !w.w3.defined()), "adaptmoe: the relu epilogue takes the padded layout, no w3");
+}
+
+}  // namespace
+
+std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
+                                           int64_t score_fn, bool normalize, int64_t capacity, bool postscore,
+                                           bool grouped, const at::Tensor& w1_EHD, const at::Tensor& w2_EHO,
+                                           const std::optional<at::Tensor>& w3_EHD,
+                                           const std::optional<at::Tensor>& b1_EH,
+                                           const std::optional<at::Tensor>& b2_EO, int64_t act, bool relu_epilogue,
+                                           bool allow_tf32) {
+  const ExpertWeights w{w1_EHD, w2_EHO, value_or_undefined(w3_EHD), value_or_undefined(b1_EH), value_or_undefined(b2_EO)};
+  check_inputs(x_TD, wg_ED, capacity, grouped, w, relu_epilogue);
+  const c10::cuda::CUDAGuard guard(x_TD.device());
+  const at::NoGradGuard no_grad;
+  const int64_t T = x_TD.size(0), D = x_TD.size(1), E = wg_ED.size(0), O = w2_EHO.size(2);
+  const Tensor logits_TE = gate_logits(x_TD, wg_ED, gate_fp32);
+  std::vector<Tensor> route = torch_ops::route_topk(logits_TE, k, score_fn, normalize, capacity, true);
+  const Tensor &weights_TK = route[1], &counts_E = route[4], &slots_TK = route[5];
+  const int64_t R = capacity < 0 ? T * k : E * capacity;
+  const std::optional<Tensor> scale_TK = postscore ? std::nullopt : std::optional<Tensor>(weights_TK);
+  const Tensor x_RD = torch_ops::scatter_rows(x_TD, slots_TK, R, scale_TK, std::nullopt)[0];
+  Tensor y_RO;
+  if (R == 0) {
+    y_RO = at::empty({0, O}, x_TD.options());
+  } else if (grouped) {
+    y_RO = ffn_grouped(x_RD, counts_E, w, act);
+  } else {
+    y_RO = ffn_padded(x_RD.view({E, R / E, D}), w, act, relu_epilogue, allow_tf32).view({R, O});
+  }
+  // Pre-scored rows combine with weight 1: no weights at all is the same arithmetic (x * 1.0f).
+  const std::optional<Tensor> combine_TK = postscore ? std::optional<Tensor>(weights_TK) : std::nullopt;
+  Tensor y_TO = torch_ops::gather_rows(y_RO, slots_TK, combine_TK, std::nullopt)[0];
+  return {y_TO, logits_TE, route[0], route[1], route[2], route[3], route[4], route[5]};
+}
+
+}  // namespace adaptmoe

@@ -1,0 +1,28 @@
+// One native call for the no-grad forward of a single-process MoE layer (layer_forward.cpp).
+#pragma once
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+namespace adaptmoe {
+
+// Enqueues, on the current stream: logits_TE = x_TD @ wg_ED^T (float32 operands when gate_fp32,
+// else x cast to wg's dtype), scores + top-k + slot assignment, dispatch (rows pre-scaled by the
+// weights unless postscore), the experts' FFN, combine (post-scaled when postscore).
+// capacity: slots per expert, or -1 for dropless (T*k routed rows). grouped: dropless rows run
+// through torch's grouped GEMM (bf16, sm90; the caller checks), else rows are a padded
+// [E, R/E, D] batch. act: Activation code of moe_kernels.h; relu_epilogue: relu in the first
+// GEMM's cuBLASLt epilogue (padded layout, no w3). Expert weights: w1 [E, H, D], w2 [E, H, O],
+// w3 [E, H, D], b1 [E, H], b2 [E, O], x's dtype. Every op is the one the Python path runs, in the
+// same order, so results match it bit for bit.
+// Returns (y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK).
+std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
+                                           int64_t score_fn, bool normalize, int64_t capacity, bool postscore,
+                                           bool grouped, const at::Tensor& w1_EHD, const at::Tensor& w2_EHO,
+                                           const std::optional<at::Tensor>& w3_EHD,
+                                           const std::optional<at::Tensor>& b1_EH,
+                                           const std::optional<at::Tensor>& b2_EO, int64_t act, bool relu_epilogue,
+                                           bool allow_tf32);
+
+}  // namespace adaptmoe

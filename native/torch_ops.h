@@ -1,0 +1,66 @@
+// Torch-facing helpers and ops shared by bindings.cpp and layer_forward.cpp: error text, dtype
+// codes, argument checks, and the tensor-level entry points of the kernels (defined in
+// bindings.cpp, which also exposes them to Python).
+#pragma once
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "moe_kernels.h"
+
+namespace adaptmoe::torch_ops {
+
+using at::Tensor;
+
+// Error text built here, not by TORCH_CHECK's stream formatting: with the device machine's torch
+// build, a TORCH_CHECK whose message streams an integer crashed the process (segfault) instead
+// of raising; strings, dtypes and devices formatted first are safe.
+inline std::string piece(const char* v) { return v; }
+inline std::string piece(const std::string& v) { return v; }
+inline std::string piece(at::ScalarType v) { return c10::toString(v); }
+inline std::string piece(const c10::Device& v) { return v.str(); }
+inline std::string piece(at::IntArrayRef v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+std::string piece(T v) { return std::to_string(v); }
+template <typename... Args>
+std::string text(const Args&... args) { return (std::string() + ... + piece(args)); }
+
+inline adaptmoe::DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return adaptmoe::kFloat32;
+    case at::kHalf: return adaptmoe::kFloat16;
+    case at::kBFloat16: return adaptmoe::kBFloat16;
+    default: TORCH_CHECK(false, text("adaptmoe native ops take float32, float16 or bfloat16, got ", t.scalar_type()));
+  }
+  return adaptmoe::kFloat32;
+}
+
+inline void check_cuda(const Tensor& t, const char* name, const Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), text("adaptmoe: ", name, " must be a CUDA tensor"));
+  TORCH_CHECK(t.device() == like.device(), text("adaptmoe: ", name, " is on ", t.device(), ", expected ", like.device()));
+}
+
+inline void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, text("adaptmoe native ", what, " failed: ", cudaGetErrorString(err)));
+}
+
+// (indices_TK, weights_TK, scores_TE (empty unless want_scores), locations_TK, counts_E, slots_TK).
+std::vector<Tensor> route_topk(const Tensor& logits_TE, int64_t k, int64_t score_fn, bool normalize,
+                               int64_t capacity, bool want_scores);
+// (out_RD, dot_TK (empty unless dot_RD)).
+std::vector<Tensor> scatter_rows(const Tensor& src_TD, const Tensor& slots_TK, int64_t num_rows,
+                                 const std::optional<Tensor>& w_TK, const std::optional<Tensor>& dot_RD);
+// (out_TD, dot_TK (empty unless dot_TD)).
+std::vector<Tensor> gather_rows(const Tensor& src_RD, const Tensor& slots_TK, const std::optional<Tensor>& w_TK,
+                                const std::optional<Tensor>& dot_TD);
+// act(g) * u elementwise (no autograd); act: Activation code.
+Tensor act_mul(const Tensor& g, const Tensor& u, int64_t act);
+
+}  // namespace adaptmoe::torch_ops

@@ -1,0 +1,131 @@
+"""The one-call native forward (adaptmoe.native_forward) against the Python path and the float64
+per-token reference: same outputs, routing and losses; it runs exactly when its blocker says so."""
+import copy
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+import adaptmoe as am  # noqa: E402
+from adaptmoe import native_forward, ops  # noqa: E402
+from adaptmoe.examples.timing import capture_no_grad  # noqa: E402
+
+from reference import reference_forward  # noqa: E402
+
+DEV = "cuda"
+# Against the float64 reference: one rounding per GEMM output in the compute dtype.
+REF_TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+CASES = [   # (kind, gate, act, bias, postscore, E, k, D, H)
+    ("ffn", "softmax", "relu", False, True, 8, 2, 64, 128),
+    ("ffn", "softmax", "relu", True, False, 6, 1, 72, 96),
+    ("ffn", "sigmoid", "gelu", True, True, 8, 3, 64, 64),
+    ("gated_ffn", "softmax", "silu", False, True, 4, 2, 64, 128),
+    ("ffn", "softmax", "relu", False, True, 4, 4, 64, 64),      # k == E
+    ("ffn", "softmax", "identity", True, True, 1, 1, 32, 48),   # one expert
+]
+
+
+def make_layer(case, dtype, cf):
+    kind, gate, act, bias, postscore, E, k, D, H = case
+    torch.manual_seed(0)
+    experts = am.ExpertConfig(kind=kind, hidden_size=H, activation=act, has_fc1_bias=bias, has_fc2_bias=bias)
+    cfg = am.MoEConfig(model_dim=D, num_experts=E, gate=am.GateConfig(kind=gate, top_k=k, capacity_factor=cf),
+                       experts=experts, is_postscore=postscore)
+    return am.MoELayer(cfg).to(device=DEV, dtype=dtype).eval()
+
+
+def reference_on_cpu(layer, x):
+    """The float64 per-token reference (a CPU loop) of the layer's current parameters."""
+    return reference_forward(copy.deepcopy(layer).cpu(), x.cpu()).to(x.device)
+
+
+def both_paths(layer, x, **knobs):
+    """(native call's result, Python path's result) as (y, l_aux, routing) of the same inputs."""
+    def call(enabled):
+        native_forward.set_enabled(enabled)
+        try:
+            with torch.no_grad():
+                y = layer(x, **knobs)
+            return y, y.l_aux, layer.last_routing
+        finally:
+            native_forward.set_enabled(True)
+    return call(True), call(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cf", [1.0, 0.0, 0.5, -2.0])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-E{c[5]}k{c[6]}")
+def test_native_forward_matches_python_path_and_reference(case, dtype, cf):
+    layer = make_layer(case, dtype, cf)
+    x = torch.randn(2, 37, layer.config.model_dim, device=DEV, dtype=dtype)
+    with torch.no_grad():
+        blocker = layer.native_forward_blocker(x)
+    grouped = cf == 0 and case[6] != case[5]
+    if grouped and dtype != torch.bfloat16:
+        assert blocker is not None and "dropless" in blocker
+    else:
+        assert blocker is None
+    (y, l_aux, routing), (y_py, l_aux_py, routing_py) = both_paths(layer, x)
+    # Same kernels in the same order: bit for bit.
+    assert torch.equal(y, y_py)
+    assert torch.equal(l_aux, l_aux_py)
+    for name in ("indices_TK", "weights_TK", "locations_TK", "counts_E", "slots_TK"):
+        assert torch.equal(getattr(routing, name), getattr(routing_py, name)), name
+    assert (routing.capacity, routing.num_rows) == (routing_py.capacity, routing_py.num_rows)
+    want = reference_on_cpu(layer, x)
+    tol = REF_TOL[dtype]
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("T", [0, 1])
+@pytest.mark.parametrize("cf", [1.0, 0.0])
+def test_native_forward_tiny_batches(T, cf):
+    layer = make_layer(CASES[0], torch.bfloat16, cf)
+    x = torch.randn(T, layer.config.model_dim, device=DEV, dtype=torch.bfloat16)
+    (y, _, _), (y_py, _, _) = both_paths(layer, x)
+    assert y.shape == (T, layer.config.model_dim)
+    assert torch.equal(y, y_py)
+
+
+def test_experts_without_tokens_and_dropped_choices():
+    layer = make_layer(CASES[0], torch.bfloat16, 0.5)
+    x = torch.randn(64, layer.config.model_dim, device=DEV, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.gates[0].wg.weight[2:].fill_(-30.0)   # experts 2.. never win: zero tokens, others drop
+    (y, _, routing), (y_py, _, _) = both_paths(layer, x)
+    assert int(routing.counts_E[2:].sum()) == 0 and int((routing.slots_TK < 0).sum()) > 0
+    assert torch.equal(y, y_py)
+    torch.testing.assert_close(y.double(), reference_on_cpu(layer, x), rtol=6e-2, atol=6e-2)
+
+
+@pytest.mark.parametrize("cf", [1.0, 0.0])
+def test_native_forward_replays_from_a_cuda_graph(cf):
+    layer = make_layer(CASES[0], torch.bfloat16, cf)
+    x = torch.randn(96, layer.config.model_dim, device=DEV, dtype=torch.bfloat16)
+    graph, out = capture_no_grad(lambda: layer(x))
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        (y, _, _), _ = both_paths(layer, x)
+        assert torch.equal(out, y)
+
+
+def test_blocker_reasons():
+    layer = make_layer(CASES[0], torch.bfloat16, 1.0)
+    x = torch.randn(8, layer.config.model_dim, device=DEV, dtype=torch.bfloat16)
+    assert "gradients" in layer.native_forward_blocker(x)   # grad mode on here
+    with torch.no_grad():
+        assert layer.native_forward_blocker(x) is None
+        assert "planner" in layer.native_forward_blocker(x, plan="auto")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert "autocast" in layer.native_forward_blocker(x)
+        ops.set_native_enabled(False)
+        try:
+            assert "native extension" in layer.native_forward_blocker(x)
+        finally:
+            ops.set_native_enabled(True)
+        assert layer.native_forward_blocker(x) is None

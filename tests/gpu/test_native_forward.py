@@ -93,9 +93,10 @@ def test_native_forward_tiny_batches(T, cf):
 
 def test_experts_without_tokens_and_dropped_choices():
     layer = make_layer(CASES[0], torch.bfloat16, 0.5)
-    x = torch.randn(64, layer.config.model_dim, device=DEV, dtype=torch.bfloat16)
-    with torch.no_grad():
-        layer.gates[0].wg.weight[2:].fill_(-30.0)   # experts 2.. never win: zero tokens, others drop
+    x = torch.rand(64, layer.config.model_dim, device=DEV, dtype=torch.bfloat16)   # positive features
+    with torch.no_grad():   # experts 0 and 1 win every token: the others get none, 0 and 1 overflow
+        layer.gates[0].wg.weight[:2].fill_(0.1)
+        layer.gates[0].wg.weight[2:].fill_(-0.1)
     (y, _, routing), (y_py, _, _) = both_paths(layer, x)
     assert int(routing.counts_E[2:].sum()) == 0 and int((routing.slots_TK < 0).sum()) > 0
     assert torch.equal(y, y_py)

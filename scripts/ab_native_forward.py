@@ -1,0 +1,103 @@
+"""Interleaved A/B of the no-grad forward: one native call (adaptmoe.native_forward) vs the Python
+path vs a CUDA-graph replay, per bench_layer config and capacity mode.
+
+    python scripts/ab_native_forward.py [config ...] [--iters N] [--routing random|balanced]
+
+Each iteration times the three variants back to back, in a rotating order, each call started on
+an idle GPU (CUDA events around it, then a sync): clock drift and heat (bench_layer measures its
+paths one after another, and later rows ran up to 10% slower on Mixtral) hit all three alike.
+Also prints the host time of one call (perf_counter from the call to its return, no sync).
+Medians over --iters; ratios over the expert-compute floor timed the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from adaptmoe import native_forward
+from adaptmoe.examples.bench_layer import CONFIGS, DTYPES, balance_routing, build_layer
+from adaptmoe.examples.timing import capture_no_grad
+
+
+def timed(fn) -> tuple[float, float]:
+    """(GPU ms from start event to end event, host us until fn returned) of one isolated call."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    t0 = time.perf_counter()
+    fn()
+    host_us = (time.perf_counter() - t0) * 1e6
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end), host_us
+
+
+def variants(layer, x, cf, floor):
+    def eager(native: bool):
+        def call():
+            native_forward.set_enabled(native)
+            with torch.no_grad():
+                layer(x, capacity_factor=cf)
+        return call
+
+    graph, _ = capture_no_grad(lambda: layer(x, capacity_factor=cf), warmup=3)
+    return {"floor": floor, "native": eager(True), "python": eager(False), "graphed": graph.replay}
+
+
+def run_config(name: str, iters: int, routing: str) -> None:
+    cfg = CONFIGS[name]
+    T, D, E, K = cfg["T"], cfg["D"], cfg["E"], cfg["K"]
+    dtype = DTYPES[cfg["dtype"]]
+    torch.manual_seed(0)
+    layer = build_layer(cfg, "cuda")
+    x = torch.randn(T, D, device="cuda", dtype=dtype)
+    if routing == "balanced":
+        balance_routing(layer, x, K)
+    w1, w2 = layer.experts.batched_fc1_w, layer.experts.batched_fc2_w
+    xf = torch.randn(E, T * K // E, D, device="cuda", dtype=dtype)
+
+    def floor():
+        with torch.no_grad():
+            torch.bmm(torch.relu(torch.bmm(xf, w1.transpose(1, 2))), w2)
+
+    for mode, cf in (("cf=1", 1.0), ("dropless", 0.0)):
+        calls = variants(layer, x, cf, floor)
+        names = list(calls)
+        burn = time.perf_counter()
+        while time.perf_counter() - burn < 2.0:
+            for fn in calls.values():
+                fn()
+        torch.cuda.synchronize()
+        gpu = {n: [] for n in names}
+        host = {n: [] for n in names}
+        for i in range(iters):
+            for j in range(len(names)):
+                n = names[(i + j) % len(names)]
+                ms, us = timed(calls[n])
+                gpu[n].append(ms)
+                host[n].append(us)
+        native_forward.set_enabled(True)
+        med = {n: statistics.median(gpu[n]) for n in names}
+        cells = "  ".join(f"{n} {med[n]:.3f} ms ({med[n] / med['floor']:.2f}x, host {statistics.median(host[n]):.0f} us)"
+                          for n in names)
+        print(f"{name:<12} {mode:<9} {cells}", flush=True)
+    del layer, x, xf
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("configs", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--routing", default="random", choices=["random", "balanced"])
+    args = ap.parse_args()
+    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | routing {args.routing} | "
+          f"median of {args.iters} interleaved isolated calls")
+    for name in args.configs:
+        run_config(name, args.iters, args.routing)
+
+
+if __name__ == "__main__":
+    main()

@@ -71,7 +71,8 @@ def _layer_rows(name: str, x: torch.Tensor) -> dict:
     layer = build_layer(CONFIGS["fine64" if name == "fine64" else "readme_bf16"], "cuda")
     knobs = layer.resolve_knobs()
     x_TD, _ = layer.flatten_input(x)
-    plan = native_forward.plan_for(layer, x_TD, knobs, "fixed")
+    with torch.no_grad():   # the native forward serves no-grad calls only
+        plan = native_forward.plan_for(layer, x_TD, knobs, "fixed")
 
     def python_call():
         native_forward.set_enabled(False)

@@ -1,20 +1,40 @@
-"""CPU-side profile (torch.profiler) of the one-call native forward: which ATen calls inside it
-cost host time. python scripts/profile_native_forward.py"""
+"""Profile (torch.profiler) of the one-call native forward: host time of the ATen calls inside it
+and GPU time of every kernel it launches, per config and capacity mode.
+
+    python scripts/profile_native_forward.py [config ...]   # default: fine64
+"""
+from __future__ import annotations
+
+import sys
+
 import torch
-from torch.profiler import profile, ProfilerActivity
+from torch.profiler import ProfilerActivity, profile
+
 from adaptmoe import native_forward
 from adaptmoe.examples.bench_layer import CONFIGS, build_layer
-layer = build_layer(CONFIGS["fine64"], "cuda")
-x = torch.randn(8192, 2048, device="cuda", dtype=torch.bfloat16)
-knobs = layer.resolve_knobs()
-with torch.no_grad():
-    x_TD, _ = layer.flatten_input(x)
-    plan = native_forward.plan_for(layer, x_TD, knobs, "fixed")
-    for _ in range(5):
-        native_forward.run(layer, x_TD, knobs, plan)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(20):
-            native_forward.run(layer, x_TD, knobs, plan)
-            torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50))
+
+
+def main() -> None:
+    for name in sys.argv[1:] or ["fine64"]:
+        cfg = CONFIGS[name]
+        layer = build_layer(cfg, "cuda")
+        x = torch.randn(cfg["T"], cfg["D"], device="cuda", dtype=layer.experts.batched_fc1_w.dtype)
+        for mode, cf in (("cf=1", 1.0), ("dropless", 0.0)):
+            knobs = layer.resolve_knobs(capacity_factor=cf)
+            with torch.no_grad():
+                x_TD, _ = layer.flatten_input(x)
+                plan = native_forward.plan_for(layer, x_TD, knobs, "fixed")
+                for _ in range(5):
+                    native_forward.run(layer, x_TD, knobs, plan)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(10):
+                        native_forward.run(layer, x_TD, knobs, plan)
+                        torch.cuda.synchronize()
+            print(f"\n=== {name} {mode}: 10 calls ===")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,8 @@ from adaptmoe import native_forward
 from adaptmoe.examples.bench_layer import CONFIGS, DTYPES, balance_routing, build_layer
 from adaptmoe.examples.timing import capture_no_grad
 
+SPIN = False   # --spin: poll the end event instead of blocking on it
+
 
 def timed(fn) -> tuple[float, float]:
     """(GPU ms from start event to end event, host us until fn returned) of one isolated call."""
@@ -30,7 +32,11 @@ def timed(fn) -> tuple[float, float]:
     fn()
     host_us = (time.perf_counter() - t0) * 1e6
     end.record()
-    end.synchronize()
+    if SPIN:
+        while not end.query():
+            pass
+    else:
+        end.synchronize()
     return start.elapsed_time(end), host_us
 
 
@@ -92,8 +98,11 @@ def main() -> None:
     ap.add_argument("configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--iters", type=int, default=60)
     ap.add_argument("--routing", default="random", choices=["random", "balanced"])
+    ap.add_argument("--spin", action="store_true", help="wait for each call by polling its end event")
     args = ap.parse_args()
-    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | routing {args.routing} | "
+    global SPIN
+    SPIN = args.spin
+    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | routing {args.routing} | spin {SPIN} | "
           f"median of {args.iters} interleaved isolated calls")
     for name in args.configs:
         run_config(name, args.iters, args.routing)

@@ -4,6 +4,8 @@
 
 Isolated-call benchmarks start every call on an idle GPU; if the first launch after a sync costs
 far more host time than later ones, every isolated call pays it once (the floor included).
+Waits compared after ~1 ms of GPU work: "sync" (Event.synchronize, what examples.timing did),
+"spin" (polling Event.query), "sleep" (sync, then 2 ms of time.sleep: an idle host).
 """
 from __future__ import annotations
 
@@ -13,12 +15,24 @@ import time
 import torch
 
 
-def first_and_second(fn, reps: int = 40, idle_s: float = 0.0) -> tuple[float, float]:
+def wait(how: str) -> None:
+    """Ends ~1 ms of GPU work (torch.cuda._sleep) the way a timing loop would wait for it."""
+    torch.cuda._sleep(1_500_000)
+    done = torch.cuda.Event()
+    done.record()
+    if how == "spin":
+        while not done.query():
+            pass
+    else:
+        done.synchronize()
+    if how == "sleep":
+        time.sleep(0.002)
+
+
+def first_and_second(fn, how: str, reps: int = 40) -> tuple[float, float]:
     first, second = [], []
     for _ in range(reps):
-        torch.cuda.synchronize()
-        if idle_s:
-            time.sleep(idle_s)
+        wait(how)
         t0 = time.perf_counter()
         fn()
         t1 = time.perf_counter()
@@ -43,10 +57,10 @@ def main() -> None:
         "torch.empty (allocator only)": lambda: torch.empty(4096, device="cuda"),
         "Event.record": lambda: torch.cuda.Event().record(),
     }
-    for idle in (0.0, 0.002):
+    for how in ("sync", "spin", "sleep"):
         for name, fn in rows.items():
-            a, b = first_and_second(fn, idle_s=idle)
-            print(f"idle {idle * 1e3:3.0f} ms  {name:<30} first {a:7.1f} us   second {b:7.1f} us", flush=True)
+            a, b = first_and_second(fn, how)
+            print(f"{how:<5}  {name:<30} first {a:7.1f} us   second {b:7.1f} us", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@
 #include "layer_forward.h"
 
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <climits>
 
 #include "blaslt.h"
 #include "moe_kernels.h"
@@ -37,9 +41,73 @@ Tensor apply_activation(const Tensor& h, int64_t act) {
   return h;
 }
 
+// F.linear of a 2-D input without bias is exactly mm(x, w^T); calling mm skips two dispatcher hops.
 Tensor gate_logits(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32) {
-  if (gate_fp32) return at::linear(x_TD.to(at::kFloat), wg_ED.to(at::kFloat));
-  return at::linear(x_TD.scalar_type() == wg_ED.scalar_type() ? x_TD : x_TD.to(wg_ED.scalar_type()), wg_ED);
+  if (gate_fp32) return at::mm(x_TD.to(at::kFloat), wg_ED.to(at::kFloat).t());
+  return at::mm(x_TD.scalar_type() == wg_ED.scalar_type() ? x_TD : x_TD.to(wg_ED.scalar_type()), wg_ED.t());
+}
+
+struct Routed {
+  Tensor indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK, x_RD;
+  Tensor workspace;   // ints, free again once the dispatch is enqueued
+};
+
+// Scores + top-k + slot assignment, then the dispatch: the kernels of torch_ops::route_topk and
+// torch_ops::scatter_rows with 4 allocations instead of 10 (one int64 buffer for indices,
+// locations, slots and counts; one buffer for scores and weights; one int workspace that the slot
+// assignment and then the dispatch's inverse map use in turn on this stream). Each allocation
+// cost ~3.5 us of host time on the H100 machine.
+Routed route_and_dispatch(const Tensor& x_TD, const Tensor& logits_TE, int64_t k, int64_t score_fn, bool normalize,
+                          int64_t capacity, bool postscore) {
+  const int64_t T = logits_TE.size(0), E = logits_TE.size(1), D = x_TD.size(1), n = T * k;
+  const int64_t max_experts = std::min<int64_t>(kMaxTopkExperts, kMaxLocateExperts);
+  TORCH_CHECK(E >= 1 && E <= max_experts, text("adaptmoe: native routing takes 1..", max_experts, " experts, got ", E));
+  TORCH_CHECK(k >= 1 && k <= E, text("adaptmoe: top_k must be in [1, E], got ", k));
+  TORCH_CHECK(n < INT32_MAX, "adaptmoe: T*k must fit in int32");
+  const int64_t R = capacity < 0 ? n : E * capacity;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  Routed r;
+  const Tensor ints = at::empty({3 * n + E}, logits_TE.options().dtype(at::kLong));
+  const Tensor vals = at::empty({T * E + n}, logits_TE.options());
+  r.workspace = at::empty({std::max<int64_t>({1, locate_workspace_ints(T, static_cast<int>(E), static_cast<int>(k)), R})},
+                          logits_TE.options().dtype(at::kInt));
+  r.indices_TK = ints.narrow(0, 0, n).view({T, k});
+  r.locations_TK = ints.narrow(0, n, n).view({T, k});
+  r.slots_TK = ints.narrow(0, 2 * n, n).view({T, k});
+  r.counts_E = ints.narrow(0, 3 * n, E);
+  r.scores_TE = vals.narrow(0, 0, T * E).view({T, E});
+  r.weights_TK = vals.narrow(0, T * E, n).view({T, k});
+  const auto dt = torch_ops::dtype_of(logits_TE);
+  torch_ops::check_launch(launch_topk(logits_TE.data_ptr(), dt, T, static_cast<int>(E), static_cast<int>(k),
+                                      score_fn == 1 ? kSigmoid : kSoftmax, normalize, r.indices_TK.data_ptr<int64_t>(),
+                                      r.weights_TK.data_ptr(), r.scores_TE.data_ptr(), stream),
+                          "top-k");
+  torch_ops::check_launch(launch_locate(r.indices_TK.data_ptr<int64_t>(), T, static_cast<int>(E), static_cast<int>(k),
+                                        capacity, r.workspace.data_ptr<int>(), r.locations_TK.data_ptr<int64_t>(),
+                                        r.counts_E.data_ptr<int64_t>(), r.slots_TK.data_ptr<int64_t>(), stream),
+                          "slot assignment");
+  r.x_RD = at::empty({R, D}, x_TD.options());
+  torch_ops::check_launch(launch_scatter_rows(x_TD.data_ptr(), torch_ops::dtype_of(x_TD), r.slots_TK.data_ptr<int64_t>(),
+                                              postscore ? nullptr : r.weights_TK.data_ptr(), dt, nullptr, T,
+                                              static_cast<int>(k), D, R, r.workspace.data_ptr<int>(),
+                                              r.x_RD.data_ptr(), nullptr, kFloat32, stream),
+                          "scatter");
+  return r;
+}
+
+// y_TO[t] = sum_k w[t,k] * y_RO[slots[t,k]] (w absent: 1), without torch_ops::gather_rows's
+// placeholder for the dot products nobody asked for.
+Tensor combine(const Tensor& y_RO, const Routed& r, bool postscore) {
+  const int64_t T = r.slots_TK.size(0), K = r.slots_TK.size(1), O = y_RO.size(1);
+  Tensor y_TO = at::empty({T, O}, y_RO.options());
+  const Tensor y = y_RO.contiguous();
+  torch_ops::check_launch(launch_gather_rows(y.data_ptr(), torch_ops::dtype_of(y), r.slots_TK.data_ptr<int64_t>(),
+                                             postscore ? r.weights_TK.data_ptr() : nullptr,
+                                             torch_ops::dtype_of(r.weights_TK), nullptr, T, static_cast<int>(K), O,
+                                             y.size(0), y_TO.data_ptr(), nullptr, kFloat32,
+                                             c10::cuda::getCurrentCUDAStream()),
+                          "gather");
+  return y_TO;
 }
 
 // Mirrors adaptmoe.expert_compute.ffn_padded (and the fused relu GEMM of ops._fused_gemm).
@@ -125,24 +193,22 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
   const c10::cuda::CUDAGuard guard(x_TD.device());
   const at::NoGradGuard no_grad;
   const int64_t T = x_TD.size(0), D = x_TD.size(1), E = wg_ED.size(0), O = w2_EHO.size(2);
-  const Tensor logits_TE = gate_logits(x_TD, wg_ED, gate_fp32);
-  std::vector<Tensor> route = torch_ops::route_topk(logits_TE, k, score_fn, normalize, capacity, true);
-  const Tensor &weights_TK = route[1], &counts_E = route[4], &slots_TK = route[5];
-  const int64_t R = capacity < 0 ? T * k : E * capacity;
-  const std::optional<Tensor> scale_TK = postscore ? std::nullopt : std::optional<Tensor>(weights_TK);
-  const Tensor x_RD = torch_ops::scatter_rows(x_TD, slots_TK, R, scale_TK, std::nullopt)[0];
+  const Tensor logits_TE = gate_logits(x_TD.contiguous(), wg_ED, gate_fp32);
+  Routed r = route_and_dispatch(x_TD.contiguous(), logits_TE, k, score_fn, normalize, capacity, postscore);
+  r.workspace.reset();
+  const int64_t R = r.x_RD.size(0);
   Tensor y_RO;
   if (R == 0) {
     y_RO = at::empty({0, O}, x_TD.options());
   } else if (grouped) {
-    y_RO = ffn_grouped(x_RD, counts_E, w, act);
+    y_RO = ffn_grouped(r.x_RD, r.counts_E, w, act);
   } else {
-    y_RO = ffn_padded(x_RD.view({E, R / E, D}), w, act, relu_epilogue, allow_tf32).view({R, O});
+    y_RO = ffn_padded(r.x_RD.view({E, R / E, D}), w, act, relu_epilogue, allow_tf32).view({R, O});
   }
+  r.x_RD.reset();   // the dispatched rows are dead once the first GEMM is enqueued
   // Pre-scored rows combine with weight 1: no weights at all is the same arithmetic (x * 1.0f).
-  const std::optional<Tensor> combine_TK = postscore ? std::optional<Tensor>(weights_TK) : std::nullopt;
-  Tensor y_TO = torch_ops::gather_rows(y_RO, slots_TK, combine_TK, std::nullopt)[0];
-  return {y_TO, logits_TE, route[0], route[1], route[2], route[3], route[4], route[5]};
+  Tensor y_TO = combine(y_RO, r, postscore);
+  return {y_TO, logits_TE, r.indices_TK, r.weights_TK, r.scores_TE, r.locations_TK, r.counts_E, r.slots_TK};
 }
 
 }  // namespace adaptmoe

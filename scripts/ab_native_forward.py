@@ -1,7 +1,7 @@
 """Interleaved A/B of the no-grad forward: one native call (adaptmoe.native_forward) vs the Python
 path vs a CUDA-graph replay, per bench_layer config and capacity mode.
 
-    python scripts/ab_native_forward.py [config ...] [--iters N] [--routing random|balanced]
+    python scripts/ab_native_forward.py [config ...] [--iters N] [--routing random|balanced] [--tokens T]
 
 Each iteration times the three variants back to back, in a rotating order, each call started on
 an idle GPU (CUDA events around it, then a sync): clock drift and heat (bench_layer measures its
@@ -52,8 +52,8 @@ def variants(layer, x, cf, floor):
     return {"floor": floor, "native": eager(True), "python": eager(False), "graphed": graph.replay}
 
 
-def run_config(name: str, iters: int, routing: str) -> None:
-    cfg = CONFIGS[name]
+def run_config(name: str, iters: int, routing: str, tokens: int | None = None) -> None:
+    cfg = dict(CONFIGS[name], **({"T": tokens} if tokens else {}))
     T, D, E, K = cfg["T"], cfg["D"], cfg["E"], cfg["K"]
     dtype = DTYPES[cfg["dtype"]]
     torch.manual_seed(0)
@@ -88,7 +88,7 @@ def run_config(name: str, iters: int, routing: str) -> None:
         med = {n: statistics.median(gpu[n]) for n in names}
         cells = "  ".join(f"{n} {med[n]:.3f} ms ({med[n] / med['floor']:.2f}x, host {statistics.median(host[n]):.0f} us)"
                           for n in names)
-        print(f"{name:<12} {mode:<9} {cells}", flush=True)
+        print(f"{name:<12} T={T:<6} {mode:<9} {cells}", flush=True)
     del layer, x, xf
     torch.cuda.empty_cache()
 
@@ -99,13 +99,14 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=60)
     ap.add_argument("--routing", default="random", choices=["random", "balanced"])
     ap.add_argument("--spin", action="store_true", help="wait for each call by polling its end event")
+    ap.add_argument("--tokens", type=int, default=None, help="override T (e.g. small serving batches)")
     args = ap.parse_args()
     global SPIN
     SPIN = args.spin
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | routing {args.routing} | spin {SPIN} | "
           f"median of {args.iters} interleaved isolated calls")
     for name in args.configs:
-        run_config(name, args.iters, args.routing)
+        run_config(name, args.iters, args.routing, args.tokens)
 
 
 if __name__ == "__main__":

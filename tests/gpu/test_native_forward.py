@@ -130,3 +130,40 @@ def test_blocker_reasons():
         finally:
             ops.set_native_enabled(True)
         assert layer.native_forward_blocker(x) is None
+
+
+def test_odd_model_dim_second_gate_and_training_mode():
+    """D not a multiple of 16 bytes (no relu epilogue, no grouped GEMM), a second gate picked per
+    call with its own k and capacity, and a layer left in training mode without noise."""
+    torch.manual_seed(0)
+    cfg = am.MoEConfig(model_dim=36, num_experts=5,
+                       gate=am.GateConfig(top_k=2, capacity_factor=1.0),
+                       extra_gates=(am.GateConfig(kind="sigmoid", top_k=3, capacity_factor=-1.5),),
+                       experts=am.ExpertConfig(hidden_size=20))
+    layer = am.MoELayer(cfg).to(device=DEV, dtype=torch.bfloat16)   # training mode
+    x = torch.randn(50, 36, device=DEV, dtype=torch.bfloat16)
+    for knobs in ({}, {"gate_index": 1}, {"gate_index": 1, "top_k": 1}):
+        with torch.no_grad():
+            assert layer.native_forward_blocker(x, **knobs) is None
+        (y, l_aux, _), (y_py, l_aux_py, _) = both_paths(layer, x, **knobs)
+        assert torch.equal(y, y_py) and torch.equal(l_aux, l_aux_py)
+        want = reference_on_cpu_knobs(layer, x, **knobs)
+        torch.testing.assert_close(y.double(), want, rtol=6e-2, atol=6e-2 * max(1.0, want.abs().max().item()))
+    with torch.no_grad():
+        assert "dropless" in layer.native_forward_blocker(x, capacity_factor=0.0)   # D % 8 != 0
+
+
+def test_noisy_gate_in_training_takes_the_python_path():
+    torch.manual_seed(0)
+    cfg = am.MoEConfig(model_dim=32, num_experts=4, gate=am.GateConfig(top_k=2, noise_std=1.0),
+                       experts=am.ExpertConfig(hidden_size=32))
+    layer = am.MoELayer(cfg).to(DEV)
+    x = torch.randn(8, 32, device=DEV)
+    with torch.no_grad():
+        assert "noise" in layer.native_forward_blocker(x)
+        assert layer.eval().native_forward_blocker(x) is None   # eval: no noise is drawn
+
+
+def reference_on_cpu_knobs(layer, x, gate_index=0, top_k=None):
+    return reference_forward(copy.deepcopy(layer).cpu(), x.cpu(), gate_index=gate_index,
+                             top_k=top_k).to(x.device)

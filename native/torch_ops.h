@@ -1,6 +1,6 @@
-// Torch-facing helpers and ops shared by bindings.cpp and layer_forward.cpp: error text, dtype
-// codes, argument checks, and the tensor-level entry points of the kernels (defined in
-// bindings.cpp, which also exposes them to Python).
+// Torch-facing helpers shared by bindings.cpp and layer_forward.cpp: error text, dtype codes,
+// argument checks, and the tensor-level ops both call (defined in bindings.cpp, which also
+// exposes them to Python).
 #pragma once
 #include <torch/extension.h>
 
@@ -51,15 +51,6 @@ inline void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, text("adaptmoe native ", what, " failed: ", cudaGetErrorString(err)));
 }
 
-// (indices_TK, weights_TK, scores_TE (empty unless want_scores), locations_TK, counts_E, slots_TK).
-std::vector<Tensor> route_topk(const Tensor& logits_TE, int64_t k, int64_t score_fn, bool normalize,
-                               int64_t capacity, bool want_scores);
-// (out_RD, dot_TK (empty unless dot_RD)).
-std::vector<Tensor> scatter_rows(const Tensor& src_TD, const Tensor& slots_TK, int64_t num_rows,
-                                 const std::optional<Tensor>& w_TK, const std::optional<Tensor>& dot_RD);
-// (out_TD, dot_TK (empty unless dot_TD)).
-std::vector<Tensor> gather_rows(const Tensor& src_RD, const Tensor& slots_TK, const std::optional<Tensor>& w_TK,
-                                const std::optional<Tensor>& dot_TD);
 // act(g) * u elementwise (no autograd); act: Activation code.
 Tensor act_mul(const Tensor& g, const Tensor& u, int64_t act);
 

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <climits>
 #include <optional>
 #include <tuple>
 
@@ -119,6 +120,31 @@ std::vector<Tensor> scatter_rows(const Tensor& src_TD, const Tensor& slots_TK, i
                                              dot.has_value() ? dot_out.data_ptr() : nullptr, dtype_of(dot_out), stream),
                "scatter");
   return {out, dot_out};
+}
+
+// The no-grad layer forward's dispatch (launch_scatter_located_rows), exposed for its tests: slots
+// and counts_E as the slot assignment makes them; capacity < 0 is dropless.
+Tensor scatter_located_rows(const Tensor& src_TD, const Tensor& slots_TK, const Tensor& counts_E, int64_t capacity,
+                            const std::optional<Tensor>& w_TK) {
+  TORCH_CHECK(src_TD.is_cuda() && src_TD.dim() == 2, "adaptmoe: rows must be a 2-D CUDA tensor");
+  const auto dt = dtype_of(src_TD);
+  const c10::cuda::CUDAGuard guard(src_TD.device());
+  const Tensor src = src_TD.contiguous();
+  const Tensor slots = checked_slots(slots_TK, src);
+  TORCH_CHECK(slots.size(0) == src.size(0) && slots.numel() < INT32_MAX, "adaptmoe: slots_TK must be (T, K) of rows' T");
+  check_cuda(counts_E, "counts_E", src);
+  TORCH_CHECK(counts_E.dim() == 1 && counts_E.scalar_type() == at::kLong, "adaptmoe: counts_E must be 1-D int64");
+  const Tensor counts = counts_E.contiguous();
+  const auto w = checked_tk(w_TK, slots, src, "scale");
+  const int64_t T = src.size(0), D = src.size(1), K = slots.size(1), E = counts.numel();
+  Tensor out = at::empty({capacity < 0 ? T * K : E * capacity, D}, src.options());
+  check_launch(adaptmoe::launch_scatter_located_rows(src.data_ptr(), dt, slots.data_ptr<int64_t>(),
+                                                     w.has_value() ? w->data_ptr() : nullptr,
+                                                     w.has_value() ? dtype_of(*w) : adaptmoe::kFloat32, T,
+                                                     static_cast<int>(K), D, capacity, counts.data_ptr<int64_t>(), E,
+                                                     out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+               "scatter (located rows)");
+  return out;
 }
 
 // Returns (out_TD, dot_TK (empty unless dot_TD)).
@@ -281,6 +307,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("route_topk", &route_topk, "fused scores + top-k + slot assignment");
   m.def("assign_slots", &assign_slots, "slot locations in GShard priority order");
   m.def("scatter_rows", &scatter_rows, "token rows -> expert-major rows (optional scale, optional dots)");
+  m.def("scatter_located_rows", &scatter_located_rows, "dispatch of slot-assignment slots, rows to zero from counts");
   m.def("gather_rows", &gather_rows, "expert-major rows -> weighted sum per token (optional dots)");
   m.def("act_mul", &act_mul, "act(g) * u elementwise, one rounding");
   m.def("bmm_nt_act", &adaptmoe::bmm_nt_act, "act(x @ w^T + b) per expert, activation in cuBLASLt's epilogue");

@@ -46,6 +46,14 @@ cudaError_t launch_scatter_rows(const void* src_TD, DType dt, const int64_t* slo
                                 int64_t D, int64_t R, int* workspace, void* out_RD,
                                 void* dot_out_TK, DType dot_dt, cudaStream_t stream);
 
+// launch_scatter_rows for slots made by launch_locate: expert e's kept choices fill rows
+// e*C + [0, min(counts_E[e], C)) when capacity C >= 0 (the rest of its C rows become 0, found from
+// counts_E), every one of the T*K rows when capacity < 0. No inverse map, no workspace: two
+// launches fewer than launch_scatter_rows (the no-grad layer forward's dispatch).
+cudaError_t launch_scatter_located_rows(const void* src_TD, DType dt, const int64_t* slots_TK, const void* w_TK,
+                                        DType w_dt, int64_t T, int K, int64_t D, int64_t capacity,
+                                        const int64_t* counts_E, int64_t E, void* out_RD, cudaStream_t stream);
+
 // out_TD[t] = sum_k w[t,k] * src_RD[slots[t,k]] over kept slots (fp32 accumulation); slots
 // outside [0, R) count as dropped.
 // dot_out (may be null) [t,k] = <dot_TD[t], src_RD[slots[t,k]]> (0 for dropped), in dot_dt.

@@ -54,6 +54,24 @@ __global__ void zero_unfed_rows_kernel(const int* __restrict__ inv, int64_t R, i
   }
 }
 
+// Rows of the slot assignment's layout (launch_locate, capacity C >= 0) that no choice feeds:
+// expert e's kept choices fill rows e*C + [0, min(counts[e], C)), the rest of its C rows are zeroed
+// here (one warp per row, grid-stride) without an inverse map.
+template <typename T, int N>
+__global__ void zero_tail_rows_kernel(const int64_t* __restrict__ counts, int64_t C, int64_t R, int64_t D,
+                                      T* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  float z[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) z[j] = 0.f;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); r < R; r += warps) {
+    const int64_t e = r / C;
+    if (r - e * C < counts[e]) continue;
+    for (int64_t v = lane; v < D / N; v += 32) store_pack_stream<T, N>(out + r * D + v * N, z);
+  }
+}
+
 template <typename T, int N>
 __global__ void scatter_by_tokens_kernel(const T* __restrict__ src, const int64_t* __restrict__ slots,
                                          const void* __restrict__ w, int w_dt, int K, int64_t D, int64_t R,
@@ -236,6 +254,37 @@ cudaError_t scatter_t(const void* src, const int64_t* slots, const void* w, DTyp
   return scatter_n<T, 1>(s, slots, w, w_dt, d, T_, K, D, R, workspace, o, dot_out, dot_dt, stream);
 }
 
+template <typename T, int N>
+cudaError_t scatter_located_n(const T* src, const int64_t* slots, const void* w, DType w_dt, int64_t T_, int K,
+                              int64_t D, int64_t capacity, const int64_t* counts, int64_t R, T* out,
+                              cudaStream_t stream) {
+  if (T_ > 0) {
+    const size_t smem = static_cast<size_t>(K) * (sizeof(int64_t) + sizeof(float));
+    scatter_by_tokens_kernel<T, N><<<static_cast<unsigned>(T_), token_threads(D / N), smem, stream>>>(
+        src, slots, w, w_dt, K, D, R, out);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (capacity < 0) return cudaSuccess;   // dropless: every one of the T*K rows is fed
+  const int64_t zero_blocks = std::min<int64_t>((R + 7) / 8, 132 * 16);
+  zero_tail_rows_kernel<T, N><<<static_cast<unsigned>(zero_blocks), 256, 0, stream>>>(counts, capacity, R, D, out);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t scatter_located_t(const void* src, const int64_t* slots, const void* w, DType w_dt, int64_t T_, int K,
+                              int64_t D, int64_t capacity, const int64_t* counts, int64_t R, void* out,
+                              cudaStream_t stream) {
+  if (R == 0 || D == 0) return cudaSuccess;
+  constexpr int NV = 16 / static_cast<int>(sizeof(T));
+  const T* s = static_cast<const T*>(src);
+  T* o = static_cast<T*>(out);
+  if (D % NV == 0 && aligned16(src) && aligned16(out)) {
+    return scatter_located_n<T, NV>(s, slots, w, w_dt, T_, K, D, capacity, counts, R, o, stream);
+  }
+  return scatter_located_n<T, 1>(s, slots, w, w_dt, T_, K, D, capacity, counts, R, o, stream);
+}
+
 template <typename T>
 cudaError_t gather_t(const void* src, const int64_t* slots, const void* w, DType w_dt, const void* dot_src,
                      int64_t T_, int K, int64_t D, int64_t R, void* out, void* dot_out, DType dot_dt,
@@ -267,6 +316,17 @@ cudaError_t launch_scatter_rows(const void* src_TD, DType dt, const int64_t* slo
     case kFloat16: return scatter_t<__half>(src_TD, slots_TK, w_TK, w_dt, dot_RD, T, K, D, R, workspace, out_RD, dot_out_TK, dot_dt, stream);
     case kBFloat16: return scatter_t<__nv_bfloat16>(src_TD, slots_TK, w_TK, w_dt, dot_RD, T, K, D, R, workspace, out_RD, dot_out_TK, dot_dt, stream);
     default: return scatter_t<float>(src_TD, slots_TK, w_TK, w_dt, dot_RD, T, K, D, R, workspace, out_RD, dot_out_TK, dot_dt, stream);
+  }
+}
+
+cudaError_t launch_scatter_located_rows(const void* src_TD, DType dt, const int64_t* slots_TK, const void* w_TK,
+                                        DType w_dt, int64_t T, int K, int64_t D, int64_t capacity,
+                                        const int64_t* counts_E, int64_t E, void* out_RD, cudaStream_t stream) {
+  const int64_t R = capacity < 0 ? T * K : E * capacity;
+  switch (dt) {
+    case kFloat16: return scatter_located_t<__half>(src_TD, slots_TK, w_TK, w_dt, T, K, D, capacity, counts_E, R, out_RD, stream);
+    case kBFloat16: return scatter_located_t<__nv_bfloat16>(src_TD, slots_TK, w_TK, w_dt, T, K, D, capacity, counts_E, R, out_RD, stream);
+    default: return scatter_located_t<float>(src_TD, slots_TK, w_TK, w_dt, T, K, D, capacity, counts_E, R, out_RD, stream);
   }
 }
 

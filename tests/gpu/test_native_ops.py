@@ -71,6 +71,24 @@ def up(t):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T,E,K,D,cf,skew", SHAPES)
+def test_scatter_located_rows_vs_reference(T, E, K, D, cf, skew, dtype):
+    """The no-grad layer forward's dispatch: the rows no choice feeds are found from counts_E
+    (no inverse map); every element written (poisoned output memory), zeros where unfed."""
+    r = make_routing(T, E, K, cf, skew, seed=T + D)
+    x = torch.randn(T, D, device=DEV, dtype=dtype)
+    scale = torch.rand(T, K, device=DEV, dtype=dtype)
+    native = ops._native.loaded()
+    capacity = -1 if r.capacity is None else r.capacity
+    for sc in (None, scale):
+        ref = dispatch_reference(up(x), r.slots_TK, r.num_rows, up(sc))
+        poison((r.num_rows + T) * D * 4 + (1 << 20))
+        out = native.scatter_located_rows(x, r.slots_TK, r.counts_E, capacity, sc)
+        assert out.dtype == dtype and out.shape == (r.num_rows, D)
+        torch.testing.assert_close(out.float(), ref, **tol("dispatch", dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,E,K,D,cf,skew", SHAPES)
 def test_dispatch_combine_fwd_bwd(T, E, K, D, cf, skew, dtype):
     """Native op (inputs in ``dtype``) vs the reference on the same values upcast to fp32."""
     r = make_routing(T, E, K, cf, skew, seed=T + D)

@@ -125,7 +125,7 @@ class MoELayer(nn.Module):
             knobs, timer = self._planned_knobs(knobs, x_TD, explicit)
             if timer is not None:
                 timer.start()
-        native_plan = native_forward.plan_for(self, x_TD, knobs, mode)
+        native_plan = native_forward.plan_for(self, x_TD, knobs)
         if native_plan is not None:   # inference on one GPU: the whole chain from one native call
             y_TO, routing, loss_inputs = native_forward.run(self, x_TD, knobs, native_plan)
         else:
@@ -160,12 +160,11 @@ class MoELayer(nn.Module):
         It also frees that graph early when nothing else needs it."""
         self.l_aux, self.losses, self.last_routing = None, {}, None
 
-    def native_forward_blocker(self, x: Tensor, reserve_dims: int = 1, plan: str | None = None, **knobs) -> str | None:
+    def native_forward_blocker(self, x: Tensor, reserve_dims: int = 1, **knobs) -> str | None:
         """Why a forward of ``x`` with these knobs would not run as one native call (see
         ``adaptmoe.native_forward``), or None when it would. Reads the grad mode of the caller."""
-        call_knobs = self.resolve_knobs(**knobs)
         x_TD, _ = self.flatten_input(x, reserve_dims)
-        return native_forward.native_forward_blocker(self, x_TD, call_knobs, self.config.plan if plan is None else plan)
+        return native_forward.native_forward_blocker(self, x_TD, self.resolve_knobs(**knobs))
 
     @property
     def planner(self) -> LayerPlanner:

@@ -47,19 +47,21 @@ class NativeForwardPlan:
     grouped: bool          # dropless rows through the grouped GEMM (else a padded batch)
 
 
-def native_forward_blocker(layer, x_TD: Tensor, knobs, plan_mode: str) -> str | None:
+def native_forward_blocker(layer, x_TD: Tensor, knobs) -> str | None:
     """Why one native call cannot serve this forward, or None when it can."""
-    plan = _plan_or_reason(layer, x_TD, knobs, plan_mode)
+    plan = _plan_or_reason(layer, x_TD, knobs)
     return plan if isinstance(plan, str) else None
 
 
-def plan_for(layer, x_TD: Tensor, knobs, plan_mode: str) -> NativeForwardPlan | None:
-    """The plan of a native call for this forward, or None when the Python path must run it."""
-    plan = _plan_or_reason(layer, x_TD, knobs, plan_mode)
+def plan_for(layer, x_TD: Tensor, knobs) -> NativeForwardPlan | None:
+    """The plan of a native call for this forward, or None when the Python path must run it.
+    Knobs chosen by the planner (plan='auto') are served like explicit ones: in one process the
+    planner's choices do not change the path, and its warmup then times what later calls run."""
+    plan = _plan_or_reason(layer, x_TD, knobs)
     return None if isinstance(plan, str) else plan
 
 
-def _plan_or_reason(layer, x_TD: Tensor, knobs, plan_mode: str) -> NativeForwardPlan | str:
+def _plan_or_reason(layer, x_TD: Tensor, knobs) -> NativeForwardPlan | str:
     # Per-call conditions first (cheap), then the per-signature ones, cached on the layer.
     if not _enabled:
         return "turned off by adaptmoe.native_forward.set_enabled(False)"
@@ -71,8 +73,6 @@ def _plan_or_reason(layer, x_TD: Tensor, knobs, plan_mode: str) -> NativeForward
         return "traced call (torch.compile traces the registered ops instead)"
     if torch.is_autocast_enabled("cuda"):
         return "autocast is on (it decides operand dtypes per op)"
-    if plan_mode == "auto":
-        return "the planner times this call"
     native = _native.loaded() or _native.for_tensor(x_TD)
     if native is None or not hasattr(native, "moe_forward_nograd"):
         return f"native extension unavailable or older than this module: {_native.status()}"

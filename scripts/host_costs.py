@@ -72,7 +72,7 @@ def _layer_rows(name: str, x: torch.Tensor) -> dict:
     knobs = layer.resolve_knobs()
     x_TD, _ = layer.flatten_input(x)
     with torch.no_grad():   # the native forward serves no-grad calls only
-        plan = native_forward.plan_for(layer, x_TD, knobs, "fixed")
+        plan = native_forward.plan_for(layer, x_TD, knobs)
 
     def python_call():
         native_forward.set_enabled(False)
@@ -82,7 +82,7 @@ def _layer_rows(name: str, x: torch.Tensor) -> dict:
     return {
         "layer.resolve_knobs()": layer.resolve_knobs,
         "layer.flatten_input(x)": lambda: layer.flatten_input(x),
-        "native_forward.plan_for": lambda: native_forward.plan_for(layer, x_TD, knobs, "fixed"),
+        "native_forward.plan_for": lambda: native_forward.plan_for(layer, x_TD, knobs),
         "native_forward.run": lambda: native_forward.run(layer, x_TD, knobs, plan),
         "layer(x) native": lambda: layer(x),
         "layer(x) python": python_call,

@@ -23,7 +23,7 @@ def main() -> None:
             knobs = layer.resolve_knobs(capacity_factor=cf)
             with torch.no_grad():
                 x_TD, _ = layer.flatten_input(x)
-                plan = native_forward.plan_for(layer, x_TD, knobs, "fixed")
+                plan = native_forward.plan_for(layer, x_TD, knobs)
                 for _ in range(5):
                     native_forward.run(layer, x_TD, knobs, plan)
                 torch.cuda.synchronize()

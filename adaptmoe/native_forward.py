@@ -23,11 +23,13 @@ from torch import Tensor
 
 from .experts import FFNExperts
 from .gates import LinearGate
-from .ops import _fused_gemm, _native
-from .ops._decode_op import activation_code
+from .ops import _fused_gemm, _native, _triton_gemm
+from .ops._decode_op import ACTIVATION_CODES, activation_code
 from .routing import Routing, capacity_for, fusable_gate
 
 _enabled = True
+_gathered_enabled = True
+_RELU = ACTIVATION_CODES["relu"]
 
 
 def set_enabled(enabled: bool) -> None:
@@ -45,6 +47,7 @@ class NativeForwardPlan:
     activation: int        # Activation code of native/moe_kernels.h
     relu_epilogue: bool    # relu inside the first GEMM (capacity layout, plain FFN)
     grouped: bool          # dropless rows through the grouped GEMM (else a padded batch)
+    gathered_fc1: bool = False   # grouped: the first GEMM gathers its rows (Triton, no dispatch)
 
 
 def native_forward_blocker(layer, x_TD: Tensor, knobs) -> str | None:
@@ -77,7 +80,8 @@ def _plan_or_reason(layer, x_TD: Tensor, knobs) -> NativeForwardPlan | str:
     if native is None or not hasattr(native, "moe_forward_nograd"):
         return f"native extension unavailable or older than this module: {_native.status()}"
     dropless = knobs.capacity_factor == 0
-    key = (knobs.gate_index, knobs.top_k, dropless, layer.training, x_TD.dtype, x_TD.device, _fused_gemm._enabled)
+    key = (knobs.gate_index, knobs.top_k, dropless, layer.training, x_TD.dtype, x_TD.device, _fused_gemm._enabled,
+           _gathered_enabled)
     cache = layer.__dict__.setdefault("_native_forward_plans", {})
     plan = cache.get(key)
     if plan is None:
@@ -108,16 +112,19 @@ def _signature_plan(layer, x_TD: Tensor, native, gate_index: int, top_k: int,
     if E > min(native.max_topk_experts, native.max_locate_experts):
         return f"{E} experts (native routing takes up to {native.max_topk_experts})"
     grouped = dropless and top_k != E   # k == E: every expert gets all T rows, a padded batch
+    gathered = False
     if grouped:
         from .expert_compute import _grouped_mm_usable
         if x_TD.dtype != torch.bfloat16 or not _grouped_mm_usable(x_TD, w):
             return "dropless rows outside bf16 grouped GEMM (sm90+, D, H, O multiples of 8)"
+        gathered = (_gathered_enabled and w.w3_eHD is None and w.b2_eO is None and layer.config.is_postscore
+                    and _triton_gemm.gathered_fc1_blocker(x_TD, w.w1_eHD, w.b1_eH, act == _RELU) is None)
     relu_epilogue = (not grouped and w.w3_eHD is None
                      and _fused_gemm.fused_ffn_blocker(x_TD.unsqueeze(0), w.w1_eHD, w.b1_eH, w.w2_eHO,
                                                        experts.activation) is None)
     return NativeForwardPlan(score_fn=1 if gate_cfg.kind in ("sigmoid", "sinkmoid") else 0,
                              normalize=gate_cfg.normalize_topk and top_k > 1, activation=act,
-                             relu_epilogue=relu_epilogue, grouped=grouped)
+                             relu_epilogue=relu_epilogue, grouped=grouped, gathered_fc1=gathered)
 
 
 def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Routing, tuple[Tensor, Tensor, Tensor]]:
@@ -128,6 +135,8 @@ def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Ro
     capacity = capacity_for(knobs.capacity_factor, T, E, k)
     gate = layer.gates[knobs.gate_index]
     w = layer.experts.stored_weights()
+    if plan.gathered_fc1:
+        return _run_gathered(layer, x_TD, knobs, plan, gate, w)
     (y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E,
      slots_TK) = _native.loaded().moe_forward_nograd(
         x_TD, gate.wg.weight, gate.fp32, k, plan.score_fn, plan.normalize, -1 if capacity is None else capacity,
@@ -140,4 +149,29 @@ def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Ro
     return y_TO, routing, (logits_TE, logits_TE, probs_TE)
 
 
-__all__ = ["NativeForwardPlan", "native_forward_blocker", "plan_for", "run", "set_enabled"]
+def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, w) -> tuple:
+    """Dropless fine-grained experts: native routing, the first GEMM gathering its rows from the
+    tokens with relu in its epilogue (``ops._triton_gemm``), grouped second GEMM, native combine."""
+    T, k = x_TD.shape[0], knobs.top_k
+    native = _native.loaded()
+    (logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK,
+     inv_R) = native.moe_route_nograd(x_TD, gate.wg.weight, gate.fp32, k, plan.score_fn, plan.normalize)
+    if T == 0:
+        y_RO = x_TD.new_zeros(0, w.w2_eHO.shape[2])
+    else:
+        h_RH = _triton_gemm.gathered_fc1_relu(x_TD, inv_R, k, counts_E, w.w1_eHD, w.b1_eH)
+        y_RO = torch._grouped_mm(h_RH, w.w2_eHO, offs=torch.cumsum(counts_E, 0, dtype=torch.int32))
+    y_TO = native.gather_rows(y_RO, slots_TK, weights_TK, None)[0]
+    routing = Routing(indices_TK, weights_TK, locations_TK, counts_E, None, slots_TK, T * k)
+    probs_TE = scores_TE / scores_TE.sum(dim=1, keepdim=True).clamp(min=1e-9) if plan.score_fn == 1 else scores_TE
+    return y_TO, routing, (logits_TE, logits_TE, probs_TE)
+
+
+def set_gathered_enabled(enabled: bool) -> None:
+    """Turns the gathered Triton first GEMM off (dropless rows are dispatched, then grouped_mm and
+    a relu pass run) or back on, e.g. for A/B runs."""
+    global _gathered_enabled
+    _gathered_enabled = bool(enabled)
+
+
+__all__ = ["NativeForwardPlan", "native_forward_blocker", "plan_for", "run", "set_enabled", "set_gathered_enabled"]

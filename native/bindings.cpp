@@ -312,6 +312,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("act_mul", &act_mul, "act(g) * u elementwise, one rounding");
   m.def("bmm_nt_act", &adaptmoe::bmm_nt_act, "act(x @ w^T + b) per expert, activation in cuBLASLt's epilogue");
   m.def("decode_ffn", &decode_ffn, "expert FFN of a few tokens over the selected experts only");
+  m.def("moe_route_nograd", &adaptmoe::moe_route_nograd,
+        "no-grad dropless routing of a single-process layer plus the grouped row -> choice map");
   m.def("moe_forward_nograd", &adaptmoe::moe_forward_nograd,
         "no-grad forward of a single-process layer: gate, routing, dispatch, FFN, combine in one call");
   m.attr("max_decode_pairs") = adaptmoe::kMaxDecodePairs;

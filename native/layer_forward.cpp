@@ -71,13 +71,11 @@ struct Routed {
   }
 };
 
-// Scores + top-k + slot assignment, then the dispatch: the kernels of torch_ops::route_topk and
-// torch_ops::scatter_rows with 4 allocations instead of 10 (the two buffers above and the slot
-// assignment's workspace) and 2 launches fewer (the dispatch finds the rows to zero from the
-// counts: no inverse map). Each allocation or launch cost ~3.5-6 us of host time on the H100 machine.
-Routed route_and_dispatch(const Tensor& x_TD, const Tensor& logits_TE, int64_t k, int64_t score_fn, bool normalize,
-                          int64_t capacity, bool postscore) {
-  const int64_t T = logits_TE.size(0), E = logits_TE.size(1), D = x_TD.size(1), n = T * k;
+// Scores + top-k + slot assignment: the kernels of torch_ops::route_topk with 3 allocations
+// instead of 7 (the two buffers above and the slot assignment's workspace). Each allocation or
+// launch cost ~3.5-6 us of host time on the H100 machine.
+Routed route(const Tensor& logits_TE, int64_t k, int64_t score_fn, bool normalize, int64_t capacity) {
+  const int64_t T = logits_TE.size(0), E = logits_TE.size(1), n = T * k;
   const int64_t max_experts = std::min<int64_t>(kMaxTopkExperts, kMaxLocateExperts);
   TORCH_CHECK(E >= 1 && E <= max_experts, text("adaptmoe: native routing takes 1..", max_experts, " experts, got ", E));
   TORCH_CHECK(k >= 1 && k <= E, text("adaptmoe: top_k must be in [1, E], got ", k));
@@ -90,20 +88,26 @@ Routed route_and_dispatch(const Tensor& x_TD, const Tensor& logits_TE, int64_t k
   const Tensor workspace = at::empty({std::max<int64_t>(1, locate_workspace_ints(T, static_cast<int>(E),
                                                                                    static_cast<int>(k)))},
                                      logits_TE.options().dtype(at::kInt));
-  const auto dt = torch_ops::dtype_of(logits_TE);
-  torch_ops::check_launch(launch_topk(logits_TE.data_ptr(), dt, T, static_cast<int>(E), static_cast<int>(k),
-                                      score_fn == 1 ? kSigmoid : kSoftmax, normalize, r.indices(), r.weights(),
-                                      r.scores(), stream),
+  torch_ops::check_launch(launch_topk(logits_TE.data_ptr(), torch_ops::dtype_of(logits_TE), T, static_cast<int>(E),
+                                      static_cast<int>(k), score_fn == 1 ? kSigmoid : kSoftmax, normalize, r.indices(),
+                                      r.weights(), r.scores(), stream),
                           "top-k");
   torch_ops::check_launch(launch_locate(r.indices(), T, static_cast<int>(E), static_cast<int>(k), capacity,
                                         workspace.data_ptr<int>(), r.locations(), r.counts(), r.slots(), stream),
                           "slot assignment");
-  r.x_RD = at::empty({capacity < 0 ? n : E * capacity, D}, x_TD.options());
-  torch_ops::check_launch(launch_scatter_located_rows(x_TD.data_ptr(), torch_ops::dtype_of(x_TD), r.slots(),
-                                                      postscore ? nullptr : r.weights(), dt, T, static_cast<int>(k), D,
-                                                      capacity, r.counts(), E, r.x_RD.data_ptr(), stream),
-                          "scatter");
   return r;
+}
+
+// The dispatch into r.x_RD, 2 launches fewer than torch_ops::scatter_rows (it finds the rows to
+// zero from the counts: no inverse map).
+void dispatch(Routed& r, const Tensor& x_TD, int64_t capacity, bool postscore) {
+  const int64_t D = x_TD.size(1);
+  r.x_RD = at::empty({capacity < 0 ? r.T * r.k : r.E * capacity, D}, x_TD.options());
+  torch_ops::check_launch(launch_scatter_located_rows(x_TD.data_ptr(), torch_ops::dtype_of(x_TD), r.slots(),
+                                                      postscore ? nullptr : r.weights(), torch_ops::dtype_of(r.vals),
+                                                      r.T, static_cast<int>(r.k), D, capacity, r.counts(), r.E,
+                                                      r.x_RD.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+                          "scatter");
 }
 
 // y_TO[t] = sum_k w[t,k] * y_RO[slots[t,k]] (w absent: 1), without torch_ops::gather_rows's
@@ -204,7 +208,8 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
   const at::NoGradGuard no_grad;
   const int64_t D = x_TD.size(1), E = wg_ED.size(0), O = w2_EHO.size(2);
   const Tensor logits_TE = gate_logits(x_TD.contiguous(), wg_ED, gate_fp32);
-  Routed r = route_and_dispatch(x_TD.contiguous(), logits_TE, k, score_fn, normalize, capacity, postscore);
+  Routed r = route(logits_TE, k, score_fn, normalize, capacity);
+  dispatch(r, x_TD.contiguous(), capacity, postscore);
   const int64_t R = r.x_RD.size(0);
   Tensor y_RO;
   if (R == 0) {
@@ -219,6 +224,29 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
   Tensor y_TO = combine(y_RO, r, postscore);
   std::vector<Tensor> out{y_TO, logits_TE};
   for (Tensor& t : r.views()) out.push_back(std::move(t));
+  return out;
+}
+
+}  // namespace adaptmoe
+
+namespace adaptmoe {
+
+std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
+                                         int64_t score_fn, bool normalize) {
+  TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");
+  torch_ops::check_cuda(wg_ED, "wg_ED", x_TD);
+  TORCH_CHECK(wg_ED.dim() == 2 && wg_ED.size(1) == x_TD.size(1), "adaptmoe: wg_ED must be (E, D) with x_TD's D");
+  const c10::cuda::CUDAGuard guard(x_TD.device());
+  const at::NoGradGuard no_grad;
+  const Tensor logits_TE = gate_logits(x_TD, wg_ED, gate_fp32);
+  const Routed r = route(logits_TE, k, score_fn, normalize, -1);
+  const int64_t n = r.T * r.k;
+  Tensor inv_R = at::empty({n}, x_TD.options().dtype(at::kInt));
+  torch_ops::check_launch(launch_inverse_slots(r.slots(), n, n, inv_R.data_ptr<int>(), c10::cuda::getCurrentCUDAStream()),
+                          "inverse slots");
+  std::vector<Tensor> out{logits_TE};
+  for (Tensor& t : r.views()) out.push_back(std::move(t));
+  out.push_back(inv_R);
   return out;
 }
 

@@ -54,6 +54,10 @@ cudaError_t launch_scatter_located_rows(const void* src_TD, DType dt, const int6
                                         DType w_dt, int64_t T, int K, int64_t D, int64_t capacity,
                                         const int64_t* counts_E, int64_t E, void* out_RD, cudaStream_t stream);
 
+// inv_R[slots[i]] = i for the n = T*K choices whose slot is in [0, R) (other entries untouched):
+// the grouped row -> (token, choice) map of a dropless routing, where every row is fed.
+cudaError_t launch_inverse_slots(const int64_t* slots_TK, int64_t n, int64_t R, int* inv_R, cudaStream_t stream);
+
 // out_TD[t] = sum_k w[t,k] * src_RD[slots[t,k]] over kept slots (fp32 accumulation); slots
 // outside [0, R) count as dropped.
 // dot_out (may be null) [t,k] = <dot_TD[t], src_RD[slots[t,k]]> (0 for dropped), in dot_dt.

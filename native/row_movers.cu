@@ -319,6 +319,12 @@ cudaError_t launch_scatter_rows(const void* src_TD, DType dt, const int64_t* slo
   }
 }
 
+cudaError_t launch_inverse_slots(const int64_t* slots_TK, int64_t n, int64_t R, int* inv_R, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  inverse_slots_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(slots_TK, n, R, inv_R);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_scatter_located_rows(const void* src_TD, DType dt, const int64_t* slots_TK, const void* w_TK,
                                         DType w_dt, int64_t T, int K, int64_t D, int64_t capacity,
                                         const int64_t* counts_E, int64_t E, void* out_RD, cudaStream_t stream) {

@@ -19,7 +19,7 @@ def main() -> None:
         layer = build_layer(cfg, "cuda")
         x = torch.randn(T, cfg["D"], device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
-            out = _native.loaded().moe_route_nograd(x, layer.gates[0].wg.weight, False, cfg["K"], 0, True)
+            out = _native.load().moe_route_nograd(x, layer.gates[0].wg.weight, False, cfg["K"], 0, True)
             counts, inv = out[6], out[8]
             w1 = layer.experts.batched_fc1_w
             rows = {

@@ -148,9 +148,7 @@ def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Ro
         plan.relu_epilogue, torch.backends.cuda.matmul.allow_tf32)
     num_rows = T * k if capacity is None else E * capacity
     routing = Routing(indices_TK, weights_TK, locations_TK, counts_E, capacity, slots_TK, num_rows)
-    # The balance losses read per-token probabilities, as routing.fused_routing returns them.
-    probs_TE = scores_TE / scores_TE.sum(dim=1, keepdim=True).clamp(min=1e-9) if plan.score_fn == 1 else scores_TE
-    return y_TO, routing, (logits_TE, logits_TE, probs_TE)
+    return y_TO, routing, _loss_inputs(logits_TE, scores_TE, plan)
 
 
 def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, w) -> tuple:
@@ -167,8 +165,14 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, w) 
         y_RO = torch._grouped_mm(h_RH, w.w2_eHO, offs=torch.cumsum(counts_E, 0, dtype=torch.int32))
     y_TO = native.gather_rows(y_RO, slots_TK, weights_TK, None)[0]
     routing = Routing(indices_TK, weights_TK, locations_TK, counts_E, None, slots_TK, T * k)
+    return y_TO, routing, _loss_inputs(logits_TE, scores_TE, plan)
+
+
+def _loss_inputs(logits_TE: Tensor, scores_TE: Tensor, plan: NativeForwardPlan) -> tuple[Tensor, Tensor, Tensor]:
+    """(clean logits, noisy logits, probabilities): no noise here, and the balance losses read
+    per-token probabilities, as routing.fused_routing returns them."""
     probs_TE = scores_TE / scores_TE.sum(dim=1, keepdim=True).clamp(min=1e-9) if plan.score_fn == 1 else scores_TE
-    return y_TO, routing, (logits_TE, logits_TE, probs_TE)
+    return logits_TE, logits_TE, probs_TE
 
 
 def set_gathered_enabled(enabled: bool) -> None:

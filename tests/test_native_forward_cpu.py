@@ -1,5 +1,6 @@
-"""The one-call native forward's gatekeeping on CPU: it never serves a CPU, grad-mode, planned or
-switched-off call, and it says why (the GPU tests check the calls it does serve)."""
+"""The one-call native forward's gatekeeping on CPU: it never serves a CPU, grad-mode or
+switched-off call, each layer signature it cannot serve gets a reason, and the gathered Triton
+GEMM names its own blockers (the GPU tests check the calls they do serve)."""
 import pytest
 import torch
 
@@ -34,3 +35,55 @@ def test_blocker_validates_knobs_like_forward():
     with pytest.raises(ValueError, match="model_dim"):
         layer.native_forward_blocker(torch.randn(5, 15))
 
+
+
+class _FakeNative:
+    """The limits the signature check reads from the extension."""
+    max_topk_experts = 1024
+    max_locate_experts = 2048
+
+
+class _MyExperts(torch.nn.Module):
+    def __init__(self, model_dim, num_local_experts, sharded_count):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(num_local_experts, model_dim, model_dim))
+
+    def forward(self, x_eCD):
+        return x_eCD @ self.w
+
+
+def _signature_reason(cfg: am.MoEConfig, dtype=torch.float32, train=False, top_k=2, dropless=False):
+    layer = am.MoELayer(cfg).to(dtype).train(train)
+    x_TD = torch.randn(4, cfg.model_dim, dtype=dtype)
+    plan = native_forward._signature_plan(layer, x_TD, _FakeNative(), 0, top_k, dropless)
+    return plan if isinstance(plan, str) else None
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(gate=am.GateConfig(kind="cosine", top_k=2)), "gate kind 'cosine'"),
+    (dict(gate=am.GateConfig(top_k=2, batch_prioritized=True)), "unfused selection"),
+    (dict(experts=am.ExpertConfig(kind="custom", custom_module=_MyExperts)), "custom experts"),
+    (dict(experts=am.ExpertConfig(hidden_size=8, activation=torch.nn.functional.softplus)), "custom activation"),
+])
+def test_each_unserved_signature_has_a_reason(change, expected):
+    base = dict(model_dim=16, num_experts=4, gate=am.GateConfig(top_k=2), experts=am.ExpertConfig(hidden_size=8))
+    reason = _signature_reason(am.MoEConfig(**{**base, **change}))
+    assert reason is not None and expected in reason
+
+
+def test_training_noise_and_dtype_reasons():
+    cfg = am.MoEConfig(model_dim=16, num_experts=4, gate=am.GateConfig(top_k=2, noise_std=1.0),
+                       experts=am.ExpertConfig(hidden_size=8))
+    assert "noise" in _signature_reason(cfg, train=True)
+    assert _signature_reason(cfg, train=False) is None   # no noise is drawn in eval
+    plain = am.MoEConfig(model_dim=16, num_experts=4, experts=am.ExpertConfig(hidden_size=8))
+    assert "dtype" in _signature_reason(plain, dtype=torch.float64)
+    assert _signature_reason(plain, top_k=4, dropless=True) is None   # k == E: a padded batch
+
+
+def test_gathered_gemm_blocker_names_its_reasons():
+    from adaptmoe.ops import _triton_gemm
+    x = torch.randn(8, 128, dtype=torch.bfloat16)
+    w1 = torch.randn(4, 256, 128, dtype=torch.bfloat16)
+    reason = _triton_gemm.gathered_fc1_blocker(x, w1, None, is_relu=True)
+    assert reason in ("triton is not importable", "needs a CUDA GPU of compute capability 9.0 or newer")

@@ -227,10 +227,6 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
   return out;
 }
 
-}  // namespace adaptmoe
-
-namespace adaptmoe {
-
 std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
                                          int64_t score_fn, bool normalize) {
   TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");

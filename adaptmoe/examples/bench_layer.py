@@ -156,21 +156,39 @@ def compiled_forward_ms(layer, x_TD: torch.Tensor, cf: float, iters: int, warmup
 
 def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], profile: bool,
             routing: str = "random") -> tuple[float, list[Row]]:
-    device = "cuda"
-    dtype = DTYPES[cfg["dtype"]]
-    T, D, H, E, K = cfg["T"], cfg["D"], cfg["H"], cfg["E"], cfg["K"]
     # Memory still held from earlier configs (graph pools, cuBLAS per-stream workspaces) is not
     # this config's: peaks are counted from here.
     gc.collect()
     base_bytes = torch.cuda.memory_allocated()
     torch.manual_seed(0)
-    layer = build_layer(cfg, device)
-    x = torch.randn(T, D, device=device, dtype=dtype)
+    layer = build_layer(cfg, "cuda")
+    x = torch.randn(cfg["T"], cfg["D"], device="cuda", dtype=DTYPES[cfg["dtype"]])
     if routing == "balanced":
-        balance_routing(layer, x, K)
+        balance_routing(layer, x, cfg["K"])
+    floor_ms = _burn_in_and_floor_ms(layer, x, cfg, iters, warmup)
+    rows = []
+    for path in paths:
+        _fused_gemm.set_enabled(path != "layer_unfused")
+        for mode, cf in (("cf=1", 1.0), ("dropless", 0.0)):
+            if path in ("graphed", "compiled"):
+                nan = float("nan")
+                ms = (graphed_forward_ms(layer, x, cf, iters, warmup) if path == "graphed"
+                      else compiled_forward_ms(layer, x, cf, iters, warmup))
+                rows.append(Row(name, mode, path, ms, nan, nan))
+            else:
+                rows.append(_eager_row(name, mode, path, layer, x, cf, cfg["K"], iters, warmup, base_bytes, profile))
+    _fused_gemm.set_enabled(True)
+    del layer, x
+    torch.cuda.empty_cache()
+    return floor_ms, rows
+
+
+def _burn_in_and_floor_ms(layer, x: torch.Tensor, cfg: dict, iters: int, warmup: int) -> float:
+    """The floor of the same run: two balanced batched matmuls at T*K/E rows per expert with the
+    relu between them, on the layer's own weights, timed after a burn-in of both."""
+    T, D, E, K = cfg["T"], cfg["D"], cfg["E"], cfg["K"]
     w1_EHD, w2_EHD = layer.experts.batched_fc1_w, layer.experts.batched_fc2_w
-    C = T * K // E
-    xf = torch.randn(E, C, D, device=device, dtype=dtype)
+    xf = torch.randn(E, T * K // E, D, device=x.device, dtype=x.dtype)
 
     def floor():
         with torch.no_grad():
@@ -184,60 +202,51 @@ def measure(name: str, cfg: dict, iters: int, warmup: int, paths: list[str], pro
             floor()
             layer(x)
         torch.cuda.synchronize()
-    floor_ms = median_ms(floor, "cuda", iters, warmup)
-    rows = []
-    for path in paths:
-        _fused_gemm.set_enabled(path != "layer_unfused")
-        for mode, cf in (("cf=1", 1.0), ("dropless", 0.0)):
-            if path in ("graphed", "compiled"):
-                nan = float("nan")
-                ms = (graphed_forward_ms(layer, x, cf, iters, warmup) if path == "graphed"
-                      else compiled_forward_ms(layer, x, cf, iters, warmup))
-                rows.append(Row(name, mode, path, ms, nan, nan))
-                continue
+    return median_ms(floor, "cuda", iters, warmup)
 
-            def fwd(path=path, cf=cf):
-                if path in ("layer", "layer_unfused", "layer_python"):
-                    return layer(x_in, capacity_factor=cf)
-                return fused_forward(layer, x_in, K, cf)
 
-            x_in = x
-            native_forward.set_enabled(path != "layer_python")
+def _eager_row(name: str, mode: str, path: str, layer, x: torch.Tensor, cf: float, K: int, iters: int, warmup: int,
+               base_bytes: int, profile: bool) -> Row:
+    """An eagerly called path: fwd (isolated and pipelined) under no_grad, then fwd+bwd and its peak
+    memory (layer_python: fwd only, its backward is layer's)."""
+    x_in = x
+
+    def fwd():
+        if path in ("layer", "layer_unfused", "layer_python"):
+            return layer(x_in, capacity_factor=cf)
+        return fused_forward(layer, x_in, K, cf)
+
+    native_forward.set_enabled(path != "layer_python")
+    with torch.no_grad():
+        fwd_ms = median_ms(fwd, "cuda", iters, warmup)
+        pipe_ms = pipelined_ms(fwd, calls=20, reps=max(iters // 10, 5))
+    native_forward.set_enabled(True)
+    if path == "layer_python":
+        return Row(name, mode, path, fwd_ms, float("nan"), float("nan"), pipe_ms)
+    x_in = x.clone().requires_grad_(True)
+    g = torch.randn_like(x)
+
+    def step():
+        y = fwd()
+        torch.autograd.backward([y, y.l_aux], [g, torch.ones_like(y.l_aux)])
+        for p in layer.parameters():
+            p.grad = None
+        x_in.grad = None
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base_bytes) / 2**30
+    fb_ms = median_ms(step, "cuda", iters, warmup)
+    if profile:
+        def fwd_nograd():
             with torch.no_grad():
-                fwd_ms = median_ms(fwd, "cuda", iters, warmup)
-                pipe_ms = pipelined_ms(fwd, calls=20, reps=max(iters // 10, 5))
-            native_forward.set_enabled(True)
-            if path == "layer_python":   # the backward is the same Python path as layer's
-                rows.append(Row(name, mode, path, fwd_ms, float("nan"), float("nan"), pipe_ms))
-                continue
-            x_in = x.clone().requires_grad_(True)
-            g = torch.randn(T, D, device=device, dtype=dtype)
-
-            def step():
-                y = fwd()
-                torch.autograd.backward([y, y.l_aux], [g, torch.ones_like(y.l_aux)])
-                for p in layer.parameters():
-                    p.grad = None
-                x_in.grad = None
-
-            step()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base_bytes) / 2**30
-            fb_ms = median_ms(step, "cuda", iters, warmup)
-            rows.append(Row(name, mode, path, fwd_ms, fb_ms, peak, pipe_ms))
-            if profile:
-                def fwd_nograd():
-                    with torch.no_grad():
-                        fwd()
-                _profile(fwd_nograd, f"{name} {mode} {path} fwd")
-                _profile(step, f"{name} {mode} {path} fwd+bwd")
-    _fused_gemm.set_enabled(True)
-    del layer, x, xf
-    torch.cuda.empty_cache()
-    return floor_ms, rows
+                fwd()
+        _profile(fwd_nograd, f"{name} {mode} {path} fwd")
+        _profile(step, f"{name} {mode} {path} fwd+bwd")
+    return Row(name, mode, path, fwd_ms, fb_ms, peak, pipe_ms)
 
 
 def _profile(step, title: str) -> None:

@@ -9,22 +9,22 @@ around 20 back-to-back calls, median of 5), the first FFN matrix only (fc1 + rel
   dispatch + grouped_mm + relu_ : the layer's dropless path today
   dispatch + bmm(relu epilogue)   : the layer's cf=1 path today (padded rows, cuBLASLt)
   triton gathered fc1+relu        : rows gathered in the A-load, relu in the epilogue
-Triton ships with torch's CUDA wheels (torch's own compiler uses it); nothing here is imported by
-the package.
+It times the shipped kernel (adaptmoe.ops._triton_gemm) at several tile shapes. The logged run
+(h100_explore_triton_grouped.log) used this script's own earlier copy of that kernel, which found
+each tile's expert from a tile map built with torch ops instead of from the counts in registers.
 
 Legend: T tokens, D model dim, H hidden, E experts, K top-k, R = T*K grouped rows.
 """
 from __future__ import annotations
 
-import statistics
 import sys
 
 import torch
 import triton
-import triton.language as tl
 
 from adaptmoe import ops
-from adaptmoe.ops import _native
+from adaptmoe.examples.timing import pipelined_ms
+from adaptmoe.ops import _native, _triton_gemm
 
 CONFIGS = {
     "fine64": dict(T=8192, D=2048, H=1024, E=64, K=8),
@@ -37,54 +37,6 @@ TILES = [  # BM, BN, BK, warps, stages
     (128, 128, 64, 4, 4),
     (64, 256, 64, 8, 3),
 ]
-
-
-@triton.jit
-def gathered_fc1_relu(x_ptr, token_ptr, w_ptr, h_ptr, row_end_ptr, tile_end_ptr, tile_expert_ptr,
-                      D, H, E,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """h[r, n] = relu(sum_d x[token[r], d] * w[e(r), n, d]) over grouped rows r (expert-major)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + pid_m)
-    if e >= E:
-        return
-    tile_start = tl.where(e > 0, tl.load(tile_end_ptr + e - 1, mask=e > 0, other=0), 0)
-    row_start = tl.where(e > 0, tl.load(row_end_ptr + e - 1, mask=e > 0, other=0), 0)
-    row_end = tl.load(row_end_ptr + e)
-    rows = row_start + (pid_m - tile_start) * BM + tl.arange(0, BM)
-    in_rows = rows < row_end
-    tokens = tl.load(token_ptr + rows, mask=in_rows, other=0).to(tl.int64)
-    cols = pid_n * BN + tl.arange(0, BN)
-    ks = tl.arange(0, BK)
-    a_ptrs = x_ptr + tokens[:, None] * D + ks[None, :]
-    b_ptrs = w_ptr + e.to(tl.int64) * H * D + cols[None, :].to(tl.int64) * D + ks[:, None]
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for _ in range(0, tl.cdiv(D, BK)):
-        a = tl.load(a_ptrs, mask=in_rows[:, None], other=0.0)
-        b = tl.load(b_ptrs)
-        acc = tl.dot(a, b, acc)
-        a_ptrs += BK
-        b_ptrs += BK
-    acc = tl.maximum(acc, 0.0)
-    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * H + cols[None, :]
-    tl.store(h_ptrs, acc.to(tl.bfloat16), mask=in_rows[:, None])
-
-
-def gpu_ms(fn, calls: int = 20, reps: int = 5) -> float:
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / calls)
-    return statistics.median(samples)
 
 
 def balanced_routing(T: int, E: int, K: int, device: str) -> torch.Tensor:
@@ -102,8 +54,8 @@ def run(name: str) -> None:
     idx = balanced_routing(T, E, K, dev)
     _, counts, slots = ops.assign_slots(idx, E, None)          # dropless: grouped row of each choice
     R = T * K
-    token_of_row = torch.empty(R, device=dev, dtype=torch.int32)
-    token_of_row[slots.reshape(-1)] = torch.arange(T, device=dev, dtype=torch.int32).repeat_interleave(K)
+    choice_of_row = torch.empty(R, device=dev, dtype=torch.int32)   # row -> choice t*K + k
+    choice_of_row[slots.reshape(-1)] = torch.arange(R, device=dev, dtype=torch.int32)
     row_end = torch.cumsum(counts, 0).to(torch.int32)
     C = R // E
     _, counts_c, slots_c = ops.assign_slots(idx, E, C)         # cf=1 slots (balanced: nothing dropped)
@@ -119,31 +71,27 @@ def run(name: str) -> None:
 
     ref = cf1_today().reshape(R, H).float()
     print(f"\n=== {name} T={T} D={D} H={H} E={E} k={K}: fc1 + relu, GPU ms per call")
-    print(f"  dispatch + grouped_mm + relu_      {gpu_ms(dropless_today):7.3f}")
-    print(f"  dispatch + bmm (relu epilogue)     {gpu_ms(cf1_today):7.3f}")
+    print(f"  dispatch + grouped_mm + relu_      {pipelined_ms(dropless_today):7.3f}")
+    print(f"  dispatch + bmm (relu epilogue)     {pipelined_ms(cf1_today):7.3f}")
     x_rows = ops.dispatch(x, slots, R)
-    print(f"  grouped_mm alone (rows dispatched) {gpu_ms(lambda: torch._grouped_mm(x_rows, w1.transpose(1, 2), offs=row_end)):7.3f}")
-    print(f"  bmm relu-epilogue alone            {gpu_ms(lambda: native.bmm_nt_act(x_rows.view(E, C, D), w1, None, 1, False)):7.3f}")
-    print(f"  dispatch alone                     {gpu_ms(lambda: ops.dispatch(x, slots, R)):7.3f}")
+    print(f"  grouped_mm alone (rows dispatched) {pipelined_ms(lambda: torch._grouped_mm(x_rows, w1.transpose(1, 2), offs=row_end)):7.3f}")
+    print(f"  bmm relu-epilogue alone            {pipelined_ms(lambda: native.bmm_nt_act(x_rows.view(E, C, D), w1, None, 1, False)):7.3f}")
+    print(f"  dispatch alone                     {pipelined_ms(lambda: ops.dispatch(x, slots, R)):7.3f}")
     for BM, BN, BK, warps, stages in TILES:
-        tile_counts = (counts + BM - 1) // BM
-        tile_end = torch.cumsum(tile_counts, 0).to(torch.int32)
-        max_tiles = R // BM + E
-        tile_expert = torch.searchsorted(tile_end, torch.arange(max_tiles, device=dev, dtype=torch.int32),
-                                         right=True).to(torch.int32)
         h = torch.empty(R, H, device=dev, dtype=bf)
-        grid = (max_tiles, H // BN)
+        grid = (triton.cdiv(R, BM) + E, H // BN)
 
-        def tri(BM=BM, BN=BN, BK=BK, warps=warps, stages=stages, tile_end=tile_end, tile_expert=tile_expert,
-                h=h, grid=grid):
-            gathered_fc1_relu[grid](x, token_of_row, w1, h, row_end, tile_end, tile_expert, D, H, E,
-                                    BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
+        def tri(BM=BM, BN=BN, BK=BK, warps=warps, stages=stages, h=h, grid=grid):
+            # the shipped kernel (ops._triton_gemm), at this tile shape
+            _triton_gemm._gathered_fc1_relu_kernel[grid](
+                x, choice_of_row, w1, w1, h, counts, E, K, D, H, HAS_BIAS=False,
+                EP=max(16, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
             return h
         try:
             out = tri()
             # grouped row order (dropless) vs padded cf=1 order: the same rows when balanced
             err = (out.float() - ref).abs().max().item()
-            print(f"  triton gathered BM={BM} BN={BN} BK={BK} w={warps} s={stages}  {gpu_ms(tri):7.3f}"
+            print(f"  triton gathered BM={BM} BN={BN} BK={BK} w={warps} s={stages}  {pipelined_ms(tri):7.3f}"
                   f"   max |diff| vs cuBLAS {err:.3g}")
         except Exception as exc:   # an exploration: report and go on
             print(f"  triton BM={BM} BN={BN} failed: {str(exc)[:200]}")

@@ -18,7 +18,7 @@ namespace {
 // the plain kernel reuse the registers) and each kept choice's row is written with streaming
 // stores. H100 (scripts/explore_dispatch.py): fine64 117 us vs 175 us for one block per output
 // row reading its token through an inverse map (K reads per token), DeepSeek-V3 763 vs 1388 us.
-// Rows no choice feeds are zeroed by zero_unfed_rows_kernel through the inverse map.
+// Rows no choice feeds are zeroed by zero_rows_kernel through the inverse map.
 __global__ void inverse_slots_kernel(const int64_t* __restrict__ slots, int64_t n, int64_t R,
                                      int* __restrict__ inv) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -40,34 +40,33 @@ __device__ __forceinline__ void stage_choices(const int64_t* __restrict__ slots,
   __syncthreads();
 }
 
-// One warp per row (grid-stride): rows with inv < 0 become 0.
-template <typename T, int N>
-__global__ void zero_unfed_rows_kernel(const int* __restrict__ inv, int64_t R, int64_t D, T* __restrict__ out) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
-  float z[N];
-#pragma unroll
-  for (int j = 0; j < N; ++j) z[j] = 0.f;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); r < R; r += warps) {
-    if (inv[r] >= 0) continue;
-    for (int64_t v = lane; v < D / N; v += 32) store_pack_stream<T, N>(out + r * D + v * N, z);
-  }
-}
-
-// Rows of the slot assignment's layout (launch_locate, capacity C >= 0) that no choice feeds:
-// expert e's kept choices fill rows e*C + [0, min(counts[e], C)), the rest of its C rows are zeroed
-// here (one warp per row, grid-stride) without an inverse map.
-template <typename T, int N>
-__global__ void zero_tail_rows_kernel(const int64_t* __restrict__ counts, int64_t C, int64_t R, int64_t D,
-                                      T* __restrict__ out) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
-  float z[N];
-#pragma unroll
-  for (int j = 0; j < N; ++j) z[j] = 0.f;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); r < R; r += warps) {
+// Which rows of the expert-major buffer no choice feeds, for zero_rows_kernel.
+// Through the inverse map (any slots): inv[r] < 0.
+struct UnfedByInverse {
+  const int* __restrict__ inv;
+  __device__ __forceinline__ bool operator()(int64_t r) const { return inv[r] < 0; }
+};
+// Slots of the slot assignment (launch_locate, capacity C > 0), no inverse map needed: expert e's
+// kept choices fill rows e*C + [0, min(counts[e], C)), the rest of its C rows are unfed.
+struct UnfedByCounts {
+  const int64_t* __restrict__ counts;
+  int64_t C;
+  __device__ __forceinline__ bool operator()(int64_t r) const {
     const int64_t e = r / C;
-    if (r - e * C < counts[e]) continue;
+    return r - e * C >= counts[e];
+  }
+};
+
+// One warp per row (grid-stride): the rows `unfed` names become 0.
+template <typename T, int N, typename Unfed>
+__global__ void zero_rows_kernel(Unfed unfed, int64_t R, int64_t D, T* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  float z[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) z[j] = 0.f;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); r < R; r += warps) {
+    if (!unfed(r)) continue;
     for (int64_t v = lane; v < D / N; v += 32) store_pack_stream<T, N>(out + r * D + v * N, z);
   }
 }
@@ -224,7 +223,7 @@ cudaError_t scatter_n(const T* src, const int64_t* slots, const void* w, DType w
     if (err != cudaSuccess) return err;
   }
   const int64_t zero_blocks = std::min<int64_t>((R + 7) / 8, 132 * 16);
-  zero_unfed_rows_kernel<T, N><<<static_cast<unsigned>(zero_blocks), 256, 0, stream>>>(inv, R, D, out);
+  zero_rows_kernel<T, N><<<static_cast<unsigned>(zero_blocks), 256, 0, stream>>>(UnfedByInverse{inv}, R, D, out);
   return cudaGetLastError();
 }
 
@@ -267,7 +266,8 @@ cudaError_t scatter_located_n(const T* src, const int64_t* slots, const void* w,
   }
   if (capacity < 0) return cudaSuccess;   // dropless: every one of the T*K rows is fed
   const int64_t zero_blocks = std::min<int64_t>((R + 7) / 8, 132 * 16);
-  zero_tail_rows_kernel<T, N><<<static_cast<unsigned>(zero_blocks), 256, 0, stream>>>(counts, capacity, R, D, out);
+  zero_rows_kernel<T, N><<<static_cast<unsigned>(zero_blocks), 256, 0, stream>>>(UnfedByCounts{counts, capacity}, R,
+                                                                                  D, out);
   return cudaGetLastError();
 }
 

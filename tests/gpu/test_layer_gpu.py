@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 import adaptmoe as am  # noqa: E402
-from adaptmoe.examples.timing import capture_no_grad  # noqa: E402
+from graph_replay import replays_and_eager  # noqa: E402
 
 DEV = "cuda"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
@@ -47,12 +47,7 @@ def test_layer_compiles_with_inductor_and_matches_eager(dtype, cf):
 def test_capacity_layer_forward_replays_from_a_cuda_graph(dtype):
     layer = make_layer(dtype, 1.0).eval()
     x = torch.randn(96, 64, device=DEV, dtype=dtype)
-    graph, out = capture_no_grad(lambda: layer(x))
-    for _ in range(2):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        with torch.no_grad():
-            ref = layer(x)
+    for out, ref in replays_and_eager(lambda: layer(x), x):
         torch.testing.assert_close(out, ref, rtol=0, atol=0)   # the same kernels on the same inputs
 
 

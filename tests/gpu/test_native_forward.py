@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 
 import adaptmoe as am  # noqa: E402
 from adaptmoe import native_forward, ops  # noqa: E402
-from adaptmoe.examples.timing import capture_no_grad  # noqa: E402
+from graph_replay import replays_and_eager  # noqa: E402
 
 from reference import reference_forward  # noqa: E402
 
@@ -142,11 +142,7 @@ def test_gathered_path_replays_from_a_cuda_graph(monkeypatch):
     layer = am.MoELayer(cfg).to(device=DEV, dtype=torch.bfloat16).eval()
     x = torch.randn(96, 128, device=DEV, dtype=torch.bfloat16)
     assert gathered_plan(layer, x)
-    graph, out = capture_no_grad(lambda: layer(x))
-    for _ in range(2):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        (y, _, _), _ = both_paths(layer, x)
+    for out, y in replays_and_eager(lambda: layer(x), x):
         assert torch.equal(out, y)   # the same kernels on the same inputs
 
 
@@ -188,11 +184,7 @@ def test_experts_without_tokens_and_dropped_choices():
 def test_native_forward_replays_from_a_cuda_graph(cf):
     layer = make_layer(CASES[0], torch.bfloat16, cf)
     x = torch.randn(96, layer.config.model_dim, device=DEV, dtype=torch.bfloat16)
-    graph, out = capture_no_grad(lambda: layer(x))
-    for _ in range(2):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        (y, _, _), _ = both_paths(layer, x)
+    for out, y in replays_and_eager(lambda: layer(x), x):
         assert torch.equal(out, y)
 
 

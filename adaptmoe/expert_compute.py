@@ -143,6 +143,9 @@ def _ffn_grouped_mm(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable
     if x_RD.dtype != bf16 or any(t.dtype != bf16 for t in _weight_tensors(w)):  # bf16 autocast
         x_RD = x_RD.to(bf16)
         w = FFNWeights(*[None if t is None else t.to(bf16) for t in w])
+    y_RO = _triton_relu_ffn(x_RD, counts_e, w, act) if torch.is_grad_enabled() else None
+    if y_RO is not None:
+        return y_RO
     with torch.autocast("cuda", enabled=False):
         offs_e = torch.cumsum(counts_e, 0, dtype=torch.int32)
         rows_e = None
@@ -162,6 +165,17 @@ def _ffn_grouped_mm(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable
             rows_e = _row_experts(offs_e, x_RD.shape[0]) if rows_e is None else rows_e
             y_RO = (y_RO + w.b2_eO.float().index_select(0, rows_e)).to(bf16)
     return y_RO
+
+
+def _triton_relu_ffn(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor | None:
+    """Training calls of 2-matrix relu experts run the Triton grouped FFN (relu and its backward
+    in GEMM epilogues, faster ragged weight gradients: ``ops._triton_ffn``); None where it can't."""
+    from .ops import _triton_ffn   # lazy: ops imports this module's users
+    biases = (w.b1_eH, w.b2_eO)
+    if _triton_ffn.blocker(x_RD, w.w1_eHD, w.w2_eHO, biases, _is_relu(act), w.w3_eHD is not None) is not None:
+        return None
+    with torch.autocast("cuda", enabled=False):
+        return _triton_ffn.relu_ffn(x_RD, counts_e, w.w1_eHD, w.b1_eH, w.w2_eHO, w.b2_eO)
 
 
 def _is_relu(act: Callable[[Tensor], Tensor]) -> bool:

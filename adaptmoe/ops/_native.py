@@ -107,11 +107,15 @@ def status() -> str:
     return _status
 
 
+_KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def for_tensor(t: torch.Tensor) -> ModuleType | None:
-    """The extension if ``t`` is on CUDA and it can be had; warns once when a CUDA tensor must
-    take the PyTorch path instead."""
+    """The extension if ``t`` is on CUDA in a dtype its kernels take and it can be had; warns once
+    when a CUDA tensor must take the PyTorch path for want of the extension (float64 tensors take
+    it silently: the kernels have no float64 instantiation, the reference is exact there)."""
     global _warned
-    if not t.is_cuda:
+    if not t.is_cuda or (t.is_floating_point() and t.dtype not in _KERNEL_FLOATS):
         return None
     module = load()
     if module is None and not _warned:

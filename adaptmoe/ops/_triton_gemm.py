@@ -1,20 +1,28 @@
-"""Grouped first expert GEMM in Triton that gathers its rows straight from the tokens and applies
-the relu (and bias) in its epilogue: the dropless no-grad forward of fine-grained experts.
+"""Grouped expert GEMMs in Triton over expert-major rows whose per-expert counts stay on the GPU.
 
-Legend: T tokens, D model dim, H hidden, E experts, K top-k, R = T*K grouped rows (expert-major).
+Legend: T tokens, D model dim, H hidden, O output dim, E experts, K top-k, R grouped rows
+(expert e owns counts_E[e] consecutive rows), P x Q one expert's weight-gradient matrix.
 
-Why: the dropless path otherwise dispatches the T*K rows (one write + read of R x D), runs
-``torch._grouped_mm`` (no epilogue) and then a relu pass over R x H. On an H100 (bf16, balanced
-routing, ``scripts/explore_triton_grouped.py``, ``h100_explore_triton_grouped.log``) this kernel
-did fine-grained's fc1 (T=8192, D=2048, H=1024, E=64, k=8) in 0.447 ms against 0.626 ms for that
-chain and 0.523 ms for the capacity-padded cf=1 chain (dispatch + cuBLASLt GEMM with relu
-epilogue); on DeepSeek-V3's (D=7168, H=2048) and Mixtral's (D=4096, H=14336) experts it was 4-5%
-slower than the chain, so it serves experts of at most ``MAX_EXPERT_WEIGHTS`` elements per matrix.
+Two kernels, each with no host synchronization (the expert of a tile comes from prefix sums of the
+counts, computed in registers):
+- ``grouped_rows_mm``: c[r] = epilogue(a[r] @ B[e(r)] + bias[e(r)]), B given by strides so one
+  kernel serves x w1^T, h w2, gy w2^T and gh w1; the A rows may be gathered from the tokens (row
+  r reads token gather[r] // K: no dispatch pass); epilogue relu, or relu's backward masked by
+  the saved relu output (no separate elementwise pass either way).
+- ``ragged_k_mm``: c[e] = a[rows of e]^T @ b[rows of e], the weight gradients, with optional fp32
+  column sums of a or b over the same rows (bias gradients).
 
-Triton ships with torch's CUDA wheels (it is torch.compile's code generator); where it cannot be
-imported this path is not taken, and ``gathered_fc1_blocker`` says so.
+Why: ``torch._grouped_mm`` has no epilogue (a relu pass, a threshold_backward pass, a dispatch
+pass around it) and its ragged-K weight gradient ran 14-33% slower than cuBLAS's bmm at the same
+balanced counts on an H100 (``native/NOTES.md``, fourth session). Measurements per kernel and
+shape are in ``scripts/explore_triton_train.py`` and ``native/NOTES.md``.
+
+Triton ships with torch's CUDA wheels (torch.compile's code generator); where it cannot be
+imported these paths are not taken and the blockers say so.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,69 +36,210 @@ except ImportError:   # CPU wheels, other platforms: the grouped_mm path serves 
 # (rtol, atol) against the float64 reference of the same inputs: fp32 accumulation, one bf16
 # rounding of the output (the bias is added before it, unlike the grouped_mm chain).
 TOLERANCE = (2e-2, 2e-2)
-# H*D of one expert's first matrix; fine-grained 2048x1024 wins, 7168x2048 and 4096x14336 lose.
+# H*D of one expert's first matrix; fine-grained 2048x1024 wins, 7168x2048 and 4096x14336 lose
+# (gathered first GEMM, no-grad forward).
 MAX_EXPERT_WEIGHTS = 1 << 22
-_BLOCK_M, _BLOCK_K = 128, 64
+EPILOGUE_NONE, EPILOGUE_RELU, EPILOGUE_RELU_GRAD = 0, 1, 2
+
+
+class Tiles(NamedTuple):
+    """Tile shape and pipeline of one launch: rows x columns x reduction step, warps, stages."""
+    m: int
+    n: int
+    k: int
+    warps: int
+    stages: int
+
+
+# The fastest of five shapes tried for every GEMM of fine-grained, DeepSeek-V3, Mixtral and README
+# experts (scripts/explore_triton_train.py, H100): 4 stages beat 3 by 5-30%.
+ROWS_TILES = Tiles(m=128, n=256, k=64, warps=8, stages=4)
+RAGGED_TILES = Tiles(m=128, n=256, k=64, warps=8, stages=4)
 
 
 if triton is not None:
     @triton.jit
-    def _gathered_fc1_relu_kernel(x_ptr, inv_ptr, w_ptr, b_ptr, h_ptr, counts_ptr, E, K, D, H,
-                                  HAS_BIAS: tl.constexpr, EP: tl.constexpr,
-                                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # Program (m-tile, n-tile) over the experts' row tiles laid end to end; the expert of an
-        # m-tile comes from the counts (tiles per expert, prefix sums in registers): no host sync.
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+    def _expert_of_tile(counts_ptr, E, pid_m, EP: tl.constexpr, BM: tl.constexpr):
+        """(expert, first row, row stop, first row of this m-tile) of m-tile ``pid_m`` when each
+        expert's rows are cut into BM-row tiles laid end to end; expert == E past the last tile."""
         experts = tl.arange(0, EP)
         counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
         tiles = (counts + BM - 1) // BM
         tile_end = tl.cumsum(tiles, 0)
         row_end = tl.cumsum(counts, 0)
         e = tl.sum((tile_end <= pid_m).to(tl.int32), 0)
-        if e >= E:
-            return
         mine = experts == e
         tile_start = tl.sum(tl.where(mine, tile_end - tiles, 0), 0)
         row_start = tl.sum(tl.where(mine, row_end - counts, 0), 0)
         row_stop = tl.sum(tl.where(mine, row_end, 0), 0)
-        rows = row_start + (pid_m - tile_start) * BM + tl.arange(0, BM)
+        return e, row_stop, row_start + (pid_m - tile_start) * BM
+
+    @triton.jit
+    def _grouped_rows_kernel(a_ptr, gather_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, counts_ptr,
+                             E, TOP_K, KD, N, stride_be, stride_bk, stride_bn,
+                             N_TILES: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             EPILOGUE: tl.constexpr,
+                             EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # c[r] = epilogue(a[r] @ B[e(r)] + bias[e(r)]) over expert-grouped rows; one spare m-tile
+        # per expert (tiles are cut per expert), which exit at once. Column tiles vary fastest:
+        # the programs running together share their A rows and one expert's B, which L2 then
+        # serves (m-tiles fastest streamed A once per column tile from HBM: 25-50% slower, H100).
+        pid_m = tl.program_id(0) // N_TILES
+        pid_n = tl.program_id(0) % N_TILES
+        e, row_stop, first_row = _expert_of_tile(counts_ptr, E, pid_m, EP, BM)
+        if e >= E:
+            return
+        rows = first_row + tl.arange(0, BM)
         in_rows = rows < row_stop
-        tokens = (tl.load(inv_ptr + rows, mask=in_rows, other=0) // K).to(tl.int64)
+        if GATHER:   # row r is choice gather[r] of token gather[r] // TOP_K: read the token itself
+            a_rows = (tl.load(gather_ptr + rows, mask=in_rows, other=0) // TOP_K).to(tl.int64)
+        else:
+            a_rows = rows.to(tl.int64)
         cols = pid_n * BN + tl.arange(0, BN)
         ks = tl.arange(0, BK)
-        a_ptrs = x_ptr + tokens[:, None] * D + ks[None, :]
-        b_ptrs = w_ptr + e.to(tl.int64) * H * D + cols[None, :].to(tl.int64) * D + ks[:, None]
+        a_ptrs = a_ptr + a_rows[:, None] * KD + ks[None, :]
+        b_ptrs = b_ptr + e.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bn + ks[:, None] * stride_bk
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for _ in range(0, tl.cdiv(D, BK)):
+        for _ in range(0, KD, BK):
             a = tl.load(a_ptrs, mask=in_rows[:, None], other=0.0)
             b = tl.load(b_ptrs)
             acc = tl.dot(a, b, acc)
             a_ptrs += BK
-            b_ptrs += BK
+            b_ptrs += BK * stride_bk
         if HAS_BIAS:
-            acc += tl.load(b_ptr + e.to(tl.int64) * H + cols).to(tl.float32)[None, :]
-        acc = tl.maximum(acc, 0.0)
-        h_ptrs = h_ptr + rows[:, None].to(tl.int64) * H + cols[None, :]
-        tl.store(h_ptrs, acc.to(tl.bfloat16), mask=in_rows[:, None])
+            acc += tl.load(bias_ptr + e.to(tl.int64) * N + cols).to(tl.float32)[None, :]
+        c_offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+        if EPILOGUE == 1:     # relu
+            acc = tl.maximum(acc, 0.0)
+        elif EPILOGUE == 2:   # relu's backward: keep the gradient where the saved relu output is > 0
+            kept = tl.load(mask_ptr + c_offsets, mask=in_rows[:, None], other=0.0)
+            acc = tl.where(kept > 0, acc, 0.0)
+        tl.store(c_ptr + c_offsets, acc.to(c_ptr.dtype.element_ty), mask=in_rows[:, None])
+
+    @triton.jit
+    def _ragged_k_kernel(a_ptr, b_ptr, c_ptr, sum_a_ptr, sum_b_ptr, counts_ptr, E, P, Q,
+                         SUM_A: tl.constexpr, SUM_B: tl.constexpr,
+                         EP: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+        # c[e] = a[rows of e]^T @ b[rows of e] (P x Q per expert; the reduction runs over that
+        # expert's rows, however many: zero rows write zeros). Expert-major program order keeps
+        # one expert's rows in L2 while its P x Q tiles run. Optional fp32 column sums of a and b
+        # over the same rows (bias gradients) come from the tiles of the first column / row.
+        pid = tl.program_id(0)
+        tiles_p = tl.cdiv(P, BP)
+        tiles_q = tl.cdiv(Q, BQ)
+        e = pid // (tiles_p * tiles_q)
+        pid_p = (pid % (tiles_p * tiles_q)) // tiles_q
+        pid_q = pid % tiles_q
+        experts = tl.arange(0, EP)
+        counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
+        row_start = tl.sum(tl.where(experts < e, counts, 0), 0)
+        count = tl.sum(tl.where(experts == e, counts, 0), 0)
+        ps = pid_p * BP + tl.arange(0, BP)
+        qs = pid_q * BQ + tl.arange(0, BQ)
+        ks = tl.arange(0, BK)
+        rows = (row_start + ks).to(tl.int64)
+        a_ptrs = a_ptr + rows[:, None] * P + ps[None, :]
+        b_ptrs = b_ptr + rows[:, None] * Q + qs[None, :]
+        acc = tl.zeros((BP, BQ), dtype=tl.float32)
+        sum_a = tl.zeros((BP,), dtype=tl.float32)
+        sum_b = tl.zeros((BQ,), dtype=tl.float32)
+        for k in range(0, tl.cdiv(count, BK)):
+            in_rows = (k * BK + ks) < count
+            a = tl.load(a_ptrs, mask=in_rows[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=in_rows[:, None], other=0.0)
+            acc = tl.dot(tl.trans(a), b, acc)
+            if SUM_A:
+                sum_a += tl.sum(a.to(tl.float32), 0)
+            if SUM_B:
+                sum_b += tl.sum(b.to(tl.float32), 0)
+            a_ptrs += BK * P
+            b_ptrs += BK * Q
+        e64 = e.to(tl.int64)
+        tl.store(c_ptr + e64 * P * Q + ps[:, None].to(tl.int64) * Q + qs[None, :], acc.to(c_ptr.dtype.element_ty))
+        if SUM_A:
+            if pid_q == 0:
+                tl.store(sum_a_ptr + e64 * P + ps, sum_a)
+        if SUM_B:
+            if pid_p == 0:
+                tl.store(sum_b_ptr + e64 * Q + qs, sum_b)
+
+
+def _experts_pow2(E: int) -> int:
+    return max(16, triton.next_power_of_2(E))
+
+
+def grouped_rows_mm(a: Tensor, counts_E: Tensor, b_E: Tensor, transpose_b: bool, *, bias_EN: Tensor | None = None,
+                    gather_R: Tensor | None = None, top_k: int = 1, epilogue: int = EPILOGUE_NONE,
+                    relu_out: Tensor | None = None, tiles: Tiles = ROWS_TILES) -> Tensor:
+    """c_RN[r] = epilogue(a[r'] @ B_e + bias_EN[e]) for the expert e owning grouped row r, where
+    B_e = b_E[e]^T if ``transpose_b`` else b_E[e] (so [E, N, KD] or [E, KD, N]) and r' = r, or
+    gather_R[r] // top_k when ``gather_R`` is given (a holds tokens). ``relu_out`` (R x N, the
+    saved relu output) is the mask of EPILOGUE_RELU_GRAD. No autograd; check a blocker first."""
+    E = b_E.shape[0]
+    N, KD = (b_E.shape[1], b_E.shape[2]) if transpose_b else (b_E.shape[2], b_E.shape[1])
+    R = a.shape[0] if gather_R is None else gather_R.numel()
+    c_RN = torch.empty(R, N, device=a.device, dtype=a.dtype)
+    if R == 0:
+        return c_RN
+    stride_bk, stride_bn = (1, KD) if transpose_b else (N, 1)
+    block_n = tiles.n if N % tiles.n == 0 else 128   # the blocker asks N % 128 == 0, KD % 64 == 0
+    block_k = tiles.k if KD % tiles.k == 0 else 64
+    grid = ((triton.cdiv(R, tiles.m) + E) * (N // block_n),)
+    dummy = a   # pointer arguments a disabled feature never reads
+    _grouped_rows_kernel[grid](
+        a.contiguous(), dummy if gather_R is None else gather_R, b_E, dummy if bias_EN is None else bias_EN,
+        dummy if relu_out is None else relu_out, c_RN, counts_E, E, top_k, KD, N, KD * N, stride_bk, stride_bn,
+        N_TILES=N // block_n, GATHER=gather_R is not None, HAS_BIAS=bias_EN is not None, EPILOGUE=epilogue, EP=_experts_pow2(E),
+        BM=tiles.m, BN=block_n, BK=block_k, num_warps=tiles.warps, num_stages=tiles.stages)
+    return c_RN
+
+
+def ragged_k_mm(a_RP: Tensor, b_RQ: Tensor, counts_E: Tensor, *, sum_a: bool = False, sum_b: bool = False,
+                tiles: Tiles = RAGGED_TILES) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(c_EPQ, sum_a_EP, sum_b_EQ): c[e] = a[rows of e]^T b[rows of e]; the sums (fp32, when
+    asked) are a's and b's columns summed over the same rows. No autograd."""
+    E, P, Q = counts_E.numel(), a_RP.shape[1], b_RQ.shape[1]
+    c_EPQ = torch.empty(E, P, Q, device=a_RP.device, dtype=a_RP.dtype)
+    sum_a_EP = torch.empty(E, P, device=a_RP.device, dtype=torch.float32) if sum_a else None
+    sum_b_EQ = torch.empty(E, Q, device=a_RP.device, dtype=torch.float32) if sum_b else None
+    block_p = tiles.m if P % tiles.m == 0 else 128   # stores are unmasked: P, Q % 128 == 0 (blocker)
+    block_q = tiles.n if Q % tiles.n == 0 else 128
+    grid = (E * (P // block_p) * (Q // block_q),)
+    _ragged_k_kernel[grid](
+        a_RP.contiguous(), b_RQ.contiguous(), c_EPQ, c_EPQ if sum_a_EP is None else sum_a_EP,
+        c_EPQ if sum_b_EQ is None else sum_b_EQ, counts_E, E, P, Q, SUM_A=sum_a, SUM_B=sum_b,
+        EP=_experts_pow2(E), BP=block_p, BQ=block_q, BK=tiles.k, num_warps=tiles.warps, num_stages=tiles.stages)
+    return c_EPQ, sum_a_EP, sum_b_EQ
 
 
 def gathered_fc1_blocker(x_TD: Tensor, w1_EHD: Tensor, b1_EH: Tensor | None, is_relu: bool) -> str | None:
-    """Why the gathered Triton GEMM cannot serve this first expert matrix, or None."""
-    if triton is None:
-        return "triton is not importable"
-    if not x_TD.is_cuda or torch.cuda.get_device_capability(x_TD.device) < (9, 0):
-        return "needs a CUDA GPU of compute capability 9.0 or newer"
+    """Why the gathered Triton first GEMM cannot serve this first expert matrix, or None."""
+    reason = kernel_blocker(x_TD, (w1_EHD, b1_EH), reduced=(w1_EHD.shape[2],), produced=(w1_EHD.shape[1],))
+    if reason is not None:
+        return reason
     if not is_relu:
         return "activation is not relu (the only epilogue wired)"
-    if any(t is not None and t.dtype != torch.bfloat16 for t in (x_TD, w1_EHD, b1_EH)):
-        return "tokens and weights must be bfloat16"
-    E, H, D = w1_EHD.shape
-    if D % _BLOCK_K or H % 128:
-        return f"D must be a multiple of {_BLOCK_K} and H of 128, got D={D}, H={H}"
-    if H * D > MAX_EXPERT_WEIGHTS:
+    if w1_EHD.shape[1] * w1_EHD.shape[2] > MAX_EXPERT_WEIGHTS:
+        H, D = w1_EHD.shape[1:]
         return f"experts of {H}x{D} weights: on large experts grouped_mm is faster (measured)"
-    if not w1_EHD.is_contiguous() or (b1_EH is not None and not b1_EH.is_contiguous()):
+    return None
+
+
+def kernel_blocker(x: Tensor, weights: tuple[Tensor | None, ...], reduced: tuple[int, ...] = (),
+                   produced: tuple[int, ...] = ()) -> str | None:
+    """Why these kernels cannot take tokens ``x`` with these weights, or None. ``reduced``: dims a
+    GEMM sums over (multiples of the 64-wide reduction step: no masked loads along them);
+    ``produced``: output columns (multiples of 128, the narrowest column tile)."""
+    if triton is None:
+        return "triton is not importable"
+    if not x.is_cuda or torch.cuda.get_device_capability(x.device) < (9, 0):
+        return "needs a CUDA GPU of compute capability 9.0 or newer"
+    if any(t is not None and t.dtype != torch.bfloat16 for t in (x, *weights)):
+        return "tokens and weights must be bfloat16"
+    if any(d % 64 for d in reduced) or any(d % 128 for d in produced):
+        return (f"summed dims must be multiples of 64 and output dims of 128, got {tuple(reduced)} and "
+                f"{tuple(produced)}")
+    if any(t is not None and not t.is_contiguous() for t in weights):
         return "non-contiguous expert weights"
     return None
 
@@ -99,22 +248,14 @@ def gathered_fc1_relu(x_TD: Tensor, inv_R: Tensor, top_k: int, counts_E: Tensor,
                       b1_EH: Tensor | None) -> Tensor:
     """h_RH[r] = relu(x_TD[inv_R[r] // top_k] @ w1_EHD[e(r)]^T + b1_EH[e(r)]) over the grouped rows
     (expert e owns counts_E[e] consecutive rows). No autograd; check the blocker first."""
-    E, H, D = w1_EHD.shape
-    R = inv_R.numel()
-    h_RH = torch.empty(R, H, device=x_TD.device, dtype=torch.bfloat16)
-    if R == 0:
-        return h_RH
-    block_n = 256 if H % 256 == 0 else 128
-    grid = (triton.cdiv(R, _BLOCK_M) + E, H // block_n)
-    _gathered_fc1_relu_kernel[grid](
-        x_TD.contiguous(), inv_R, w1_EHD, b1_EH if b1_EH is not None else w1_EHD, h_RH, counts_E, E, top_k, D, H,
-        HAS_BIAS=b1_EH is not None, EP=max(16, triton.next_power_of_2(E)), BM=_BLOCK_M, BN=block_n, BK=_BLOCK_K,
-        num_warps=8, num_stages=3)
-    return h_RH
+    return grouped_rows_mm(x_TD, counts_E, w1_EHD, True, bias_EN=b1_EH, gather_R=inv_R, top_k=top_k,
+                           epilogue=EPILOGUE_RELU)
 
 
 def is_available() -> bool:
     return triton is not None
 
 
-__all__ = ["MAX_EXPERT_WEIGHTS", "TOLERANCE", "gathered_fc1_blocker", "gathered_fc1_relu", "is_available"]
+__all__ = ["EPILOGUE_NONE", "EPILOGUE_RELU", "EPILOGUE_RELU_GRAD", "MAX_EXPERT_WEIGHTS", "TOLERANCE", "Tiles",
+           "gathered_fc1_blocker", "gathered_fc1_relu", "grouped_rows_mm", "is_available", "kernel_blocker",
+           "ragged_k_mm"]

@@ -93,12 +93,12 @@ def test_triton_training_ffn_blocker_names_its_reasons():
     from adaptmoe.ops import _triton_ffn
     x = torch.randn(8, 128, dtype=torch.bfloat16)
     w1, w2 = torch.randn(4, 256, 128, dtype=torch.bfloat16), torch.randn(4, 256, 128, dtype=torch.bfloat16)
-    assert "gated" in _triton_ffn.blocker(x, w1, w2, (None, None), is_relu=True, gated=True)
-    assert "relu" in _triton_ffn.blocker(x, w1, w2, (None, None), is_relu=False, gated=False)
-    assert _triton_ffn.blocker(x, w1, w2, (None, None), is_relu=True, gated=False) in (
-        "triton is not importable", "needs a CUDA GPU of compute capability 9.0 or newer")
-    _triton_ffn.set_enabled(False)
+    assert "set_enabled(True)" in _triton_ffn.blocker(x, w1, w2, (None, None), is_relu=True, gated=False)
+    _triton_ffn.set_enabled(True)
     try:
-        assert "set_enabled(False)" in _triton_ffn.blocker(x, w1, w2, (None, None), is_relu=True, gated=False)
+        assert "gated" in _triton_ffn.blocker(x, w1, w2, (None, None), is_relu=True, gated=True)
+        assert "relu" in _triton_ffn.blocker(x, w1, w2, (None, None), is_relu=False, gated=False)
+        assert _triton_ffn.blocker(x, w1, w2, (None, None), is_relu=True, gated=False) in (
+            "triton is not importable", "needs a CUDA GPU of compute capability 9.0 or newer")
     finally:
-        _triton_ffn.set_enabled(True)
+        _triton_ffn.set_enabled(False)

@@ -8,6 +8,15 @@ Backward: gh = (gy w2^T) masked by h > 0 in the GEMM's epilogue (no threshold_ba
 gx = gh w1, and the weight gradients as ragged-K GEMMs (w1: gh^T x, w2: h^T gy) whose bias
 gradients come out of the same pass as column sums. Saves x and h, as autograd over
 ``torch._grouped_mm`` + relu does. Every GEMM is sync-free, so a step can be captured in a CUDA graph.
+
+Opt-in (``set_enabled(True)``): on an H100 (bf16, balanced routing, ``scripts/explore_triton_train.py``,
+``h100_explore_triton_train.log``) a whole forward + backward on these kernels was not faster than
+autograd over grouped_mm for any benchmark shape, whichever GEMMs ran in Triton: fine-grained
+3.69-3.81 ms vs 3.61, DeepSeek-V3 56.7-61.7 vs 54.6, Mixtral 22.5-23.8 vs 19.5, README 1.51-1.57
+vs 1.53. GEMM by GEMM Triton wins fc1 + relu (fine-grained 0.47 vs 0.54 ms) and the ragged weight
+gradient of experts with >= 1024 rows (fine-grained dW1 0.46 vs 0.50, Mixtral 3.02 vs 3.12) and
+loses the rest, most on Mixtral's 4-stage tiles. Kept as the base for a persistent (epilogue-
+overlapped) version: tested against float64, capturable.
 """
 from __future__ import annotations
 
@@ -18,14 +27,14 @@ from torch import Tensor
 
 from . import _triton_gemm as tg
 
-_enabled = True
+_enabled = False   # opt-in: see the module docstring
 
 
 def blocker(x_RD: Tensor, w1_EHD: Tensor, w2_EHO: Tensor, biases: tuple[Tensor | None, ...], is_relu: bool,
             gated: bool) -> str | None:
     """Why ``relu_ffn`` cannot serve this call, or None."""
     if not _enabled:
-        return "turned off by adaptmoe.ops._triton_ffn.set_enabled(False)"
+        return "opt-in, off (measured slower than grouped_mm): adaptmoe.ops._triton_ffn.set_enabled(True)"
     if gated or not is_relu:
         return "only the 2-matrix relu FFN is wired (gated or other activations use grouped_mm)"
     if torch.compiler.is_compiling():
@@ -105,7 +114,8 @@ def _offsets(counts_E: Tensor) -> Tensor:
 
 
 def set_enabled(enabled: bool) -> None:
-    """Dropless relu FFNs on sm90 run these kernels (default) or torch._grouped_mm (an A/B switch)."""
+    """Dropless relu training FFNs on sm90 run these kernels (True) or torch._grouped_mm (False,
+    the default: see the module docstring)."""
     global _enabled
     _enabled = bool(enabled)
 

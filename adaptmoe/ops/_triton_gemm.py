@@ -14,8 +14,11 @@ counts, computed in registers):
 
 Why: ``torch._grouped_mm`` has no epilogue (a relu pass, a threshold_backward pass, a dispatch
 pass around it) and its ragged-K weight gradient ran 14-33% slower than cuBLAS's bmm at the same
-balanced counts on an H100 (``native/NOTES.md``, fourth session). Measurements per kernel and
-shape are in ``scripts/explore_triton_train.py`` and ``native/NOTES.md``.
+balanced counts on an H100 (``native/NOTES.md``, fourth session). Measured per GEMM and shape by
+``scripts/explore_triton_train.py`` (``h100_explore_triton_train.log``): the gathered first GEMM
+wins for the no-grad forward of experts up to ``MAX_EXPERT_WEIGHTS``; in training the kernels win
+some GEMMs and lose others, and a whole training FFN on them was not faster than grouped_mm's, so
+``_triton_ffn`` is opt-in (see there).
 
 Triton ships with torch's CUDA wheels (torch.compile's code generator); where it cannot be
 imported these paths are not taken and the blockers say so.
@@ -36,9 +39,10 @@ except ImportError:   # CPU wheels, other platforms: the grouped_mm path serves 
 # (rtol, atol) against the float64 reference of the same inputs: fp32 accumulation, one bf16
 # rounding of the output (the bias is added before it, unlike the grouped_mm chain).
 TOLERANCE = (2e-2, 2e-2)
-# H*D of one expert's first matrix; fine-grained 2048x1024 wins, 7168x2048 and 4096x14336 lose
-# (gathered first GEMM, no-grad forward).
-MAX_EXPERT_WEIGHTS = 1 << 22
+# H*D of one expert's first matrix up to which the gathered first GEMM (no-grad forward) beats
+# dispatch + grouped_mm + relu (h100_explore_triton_train.log): fine-grained 2048x1024 0.47 ms vs
+# ~0.65, DeepSeek-V3 7168x2048 6.69 vs ~7.2; Mixtral's 4096x14336 loses (3.62 vs ~3.3).
+MAX_EXPERT_WEIGHTS = 1 << 24
 EPILOGUE_NONE, EPILOGUE_RELU, EPILOGUE_RELU_GRAD = 0, 1, 2
 
 

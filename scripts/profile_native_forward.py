@@ -1,7 +1,10 @@
 """Profile (torch.profiler) of the one-call native forward: host time of the ATen calls inside it
 and GPU time of every kernel it launches, per config and capacity mode.
 
-    python scripts/profile_native_forward.py [config ...]   # default: fine64
+    python scripts/profile_native_forward.py [config ...] [--balanced]   # default: fine64
+
+--balanced: every expert gets exactly T*k/E tokens (bench_layer --routing balanced), so cf=1 and
+dropless compute the same rows and their kernel tables compare one to one.
 """
 from __future__ import annotations
 
@@ -11,14 +14,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from adaptmoe import native_forward
-from adaptmoe.examples.bench_layer import CONFIGS, build_layer
+from adaptmoe.examples.bench_layer import CONFIGS, balance_routing, build_layer
 
 
 def main() -> None:
-    for name in sys.argv[1:] or ["fine64"]:
+    balanced = "--balanced" in sys.argv
+    for name in [a for a in sys.argv[1:] if not a.startswith("--")] or ["fine64"]:
         cfg = CONFIGS[name]
         layer = build_layer(cfg, "cuda")
         x = torch.randn(cfg["T"], cfg["D"], device="cuda", dtype=layer.experts.batched_fc1_w.dtype)
+        if balanced:
+            balance_routing(layer, x, cfg["K"])
         for mode, cf in (("cf=1", 1.0), ("dropless", 0.0)):
             knobs = layer.resolve_knobs(capacity_factor=cf)
             with torch.no_grad():

@@ -168,8 +168,9 @@ def _ffn_grouped_mm(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable
 
 
 def _triton_relu_ffn(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor | None:
-    """Training calls of 2-matrix relu experts run the Triton grouped FFN (relu and its backward
-    in GEMM epilogues, faster ragged weight gradients: ``ops._triton_ffn``); None where it can't."""
+    """Training calls of 2-matrix relu experts through the Triton grouped FFN (relu and its
+    backward in GEMM epilogues: ``ops._triton_ffn``, opt-in, measured slower end to end so far);
+    None where it is off or cannot serve."""
     from .ops import _triton_ffn   # lazy: ops imports this module's users
     biases = (w.b1_eH, w.b2_eO)
     if _triton_ffn.blocker(x_RD, w.w1_eHD, w.w2_eHO, biases, _is_relu(act), w.w3_eHD is not None) is not None:

@@ -20,7 +20,7 @@ overlapped) version: tested against float64, capturable.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -43,11 +43,14 @@ def blocker(x_RD: Tensor, w1_EHD: Tensor, w2_EHO: Tensor, biases: tuple[Tensor |
     return tg.kernel_blocker(x_RD, (w1_EHD, w2_EHO, *biases), reduced=(D, H, O), produced=(D, H, O))
 
 
+Kernel = Literal["triton", "grouped_mm"]
+
+
 class FFNKernels(NamedTuple):
     """Which kernel runs each GEMM that has no epilogue (the relu GEMM and its backward, which
-    carry epilogues, always run in Triton): "triton" or "grouped_mm"."""
-    plain: str = "triton"           # h w2 and gh w1
-    weight_grads: str = "triton"    # gh^T x and h^T gy (Triton when there are biases: column sums)
+    carry epilogues, always run in Triton)."""
+    plain: Kernel = "triton"           # h w2 and gh w1
+    weight_grads: Kernel = "triton"    # gh^T x and h^T gy (Triton when there are biases: column sums)
 
 
 def kernels_for(rows: int, experts: int, has_bias: bool) -> FFNKernels:
@@ -60,7 +63,7 @@ def kernels_for(rows: int, experts: int, has_bias: bool) -> FFNKernels:
 
 
 # Average rows per expert below which grouped_mm's weight gradient wins (DeepSeek-V3's 512 rows:
-# grouped_mm 7.3 ms vs Triton 8.5; fine-grained's 1024: Triton 0.47 vs 0.51).
+# grouped_mm 7.2 / 7.3 ms vs Triton 8.4 / 8.7; fine-grained's 1024: Triton 0.46 / 0.51 vs 0.50 / 0.50).
 _RAGGED_MIN_ROWS_PER_EXPERT = 1024
 
 

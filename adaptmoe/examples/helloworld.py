@@ -157,7 +157,12 @@ def _now(device: torch.device) -> float:
 
 def main(argv=None) -> list[float]:
     try:
-        return run(parse_args(argv))
+        losses = run(parse_args(argv))
+        if dist.is_available() and dist.is_initialized():
+            # A rank whose last collective returned may still have a peer reading from it:
+            # closing its sockets then aborts that peer (gloo IoException; seen once in CI).
+            dist.barrier()
+        return losses
     finally:
         # An initialized group left to interpreter exit can abort the process ("terminate called
         # without an active exception") and turn a good run into a failed one.

@@ -123,7 +123,7 @@ def run(name: str, T: int, D: int, H: int, E: int, K: int, device: str = "cuda")
     bf = torch.bfloat16
     R, C = T * K, T * K // E
     torch.manual_seed(0)
-    x, gy = torch.randn(R, D, device=device, dtype=bf), torch.randn(R, D, device=device, dtype=bf)
+    x = torch.randn(R, D, device=device, dtype=bf)
     w1 = torch.randn(E, H, D, device=device, dtype=bf) / D ** 0.5
     w2 = torch.randn(E, H, D, device=device, dtype=bf) / H ** 0.5
     counts = torch.full((E,), C, device=device, dtype=torch.int64)

@@ -1,0 +1,107 @@
+"""Checks of the Triton kernels on a machine without a GPU (developer tool, not CI: triton is not
+a dependency of the CPU install).
+
+    pip install --target /tmp/tritonlib triton==3.6.0      # the wheel torch's CUDA builds use
+    TRITON_INTERPRET=1 PYTHONPATH=/tmp/tritonlib:. python scripts/check_triton_on_cpu.py interpret
+    PYTHONPATH=/tmp/tritonlib:. python scripts/check_triton_on_cpu.py compile
+
+interpret: runs the shipped kernels (``adaptmoe.ops._triton_gemm``, ``_triton_ffn``) and the
+persistent exploration variants in Triton's interpreter on fp32 CPU tensors (its bfloat16 is
+wrong) against float64 per-expert references: forward, every gradient, gathered rows.
+compile: compiles them for sm90 ahead of time (ptxas ships in the wheel) and prints each one's
+shared memory, which shows whether the loop was software-pipelined (a 128x256x64 bf16 stage is
+48 KiB). Triton 3.6 under numpy 2 needs ``int(self.handle.data)`` in
+``triton/runtime/interpreter.py`` changed to ``int(self.handle.data.reshape(-1)[0])``.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from adaptmoe.ops import _triton_ffn
+from adaptmoe.ops import _triton_gemm as tg
+
+COUNTS = [30, 70, 0, 28]   # partial tiles, an expert with no rows, a partial last reduction step
+
+
+def _per_expert(fn) -> list[torch.Tensor]:
+    start, out = 0, []
+    for e, n in enumerate(COUNTS):
+        out.append(fn(e, slice(start, start + n)))
+        start += n
+    return out
+
+
+def interpret() -> None:
+    import scripts.explore_triton_persistent as persistent
+    torch.manual_seed(0)
+    E, D, H = len(COUNTS), 128, 128
+    counts, R = torch.tensor(COUNTS), sum(COUNTS)
+    x = torch.randn(R, D, requires_grad=True)
+    w1 = (torch.randn(E, H, D) / D ** 0.5).requires_grad_()
+    b1 = torch.randn(E, H, requires_grad=True)
+    w2 = (torch.randn(E, H, D) / H ** 0.5).requires_grad_()
+    b2 = torch.randn(E, D, requires_grad=True)
+    leaves, gy = [x, w1, b1, w2, b2], torch.randn(R, D)
+    kernels = _triton_ffn.FFNKernels("triton", "triton")   # grouped_mm has no CPU kernel
+    y = _triton_ffn.relu_ffn(x, counts, w1, b1, w2, b2, kernels)
+    got = torch.autograd.grad(y, leaves, gy)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    y_ref = torch.cat(_per_expert(lambda e, s: torch.relu(ref[0][s] @ ref[1][e].t() + ref[2][e]) @ ref[3][e]
+                                  + ref[4][e]))
+    print(f"relu_ffn output: max |diff| {(y.double() - y_ref).abs().max().item():.3g}")
+    for name, g, w in zip("x w1 b1 w2 b2".split(), got, torch.autograd.grad(y_ref, ref, gy.double())):
+        print(f"relu_ffn grad {name}: max |diff| {(g.double() - w).abs().max().item():.3g}")
+    t = tg.Tiles(32, 64, 32, 4, 2)
+    a, w, wn, h = x.detach(), w1.detach(), torch.randn(E, D, H), torch.randn(R, H)
+    for flatten in (False, True):
+        diffs = [
+            persistent.rows_persistent(a, counts, w, True, True, t, flatten)
+            - tg.grouped_rows_mm(a, counts, w, True, epilogue=tg.EPILOGUE_RELU, tiles=t),
+            persistent.rows_persistent(a, counts, wn, False, False, t, flatten)
+            - tg.grouped_rows_mm(a, counts, wn, False, tiles=t),
+            persistent.ragged_persistent(h, a, counts, t, flatten) - tg.ragged_k_mm(h, a, counts, tiles=t)[0],
+        ]
+        print(f"persistent flatten={flatten} vs shipped: max |diff| {max(d.abs().max().item() for d in diffs):.3g}")
+
+
+def compile_for_sm90() -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import scripts.explore_triton_persistent as persistent
+    aligned = ("KD", "N", "P", "Q", "stride_be", "stride_bn")
+
+    def build(fn, signature: dict, constexprs: dict, stages: int) -> None:
+        # pointers 16-byte aligned and sizes divisible by 16, as Triton specializes them at launch
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+                 if kind.startswith("*") or (kind == "i32" and name in aligned)}
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": stages})
+        print(f"{fn.__name__} {constexprs.get('FLATTEN', '')} stages={stages}: shared {kernel.metadata.shared} B")
+
+    ptrs = {name: "*bf16" for name in ("a_ptr", "b_ptr", "c_ptr")}
+    tiles = {"EP": 64, "BK": 64}
+    rows = {**ptrs, "counts_ptr": "*i64", "E": "i32", "KD": "i32", "N": "i32", "stride_be": "i32",
+            "stride_bk": "constexpr", "stride_bn": "i32", **{k: "constexpr" for k in (
+                "N_TILES", "RELU", "FLATTEN", "NUM_PROGRAMS", "EP", "BM", "BN", "BK")}}
+    ragged = {**ptrs, "counts_ptr": "*i64", "E": "i32", "P": "i32", "Q": "i32",
+              **{k: "constexpr" for k in ("FLATTEN", "NUM_PROGRAMS", "EP", "BP", "BQ", "BK")}}
+    shipped = {"a_ptr": "*bf16", "gather_ptr": "*i32", "b_ptr": "*bf16", "bias_ptr": "*bf16", "mask_ptr": "*bf16",
+               "c_ptr": "*bf16", "counts_ptr": "*i64", "E": "i32", "TOP_K": "i32", "KD": "i32", "N": "i32",
+               "stride_be": "i32", "stride_bk": "constexpr", "stride_bn": "i32", **{k: "constexpr" for k in (
+                   "N_TILES", "GATHER", "HAS_BIAS", "EPILOGUE", "EP", "BM", "BN", "BK")}}
+    for stages in (3, 4):
+        build(tg._grouped_rows_kernel, shipped, {"stride_bk": 1, "N_TILES": 4, "GATHER": False, "HAS_BIAS": False,
+                                                 "EPILOGUE": 1, "BM": 128, "BN": 256, **tiles}, stages)
+    for flatten in (False, True):
+        build(persistent._rows_persistent_kernel, rows, {"stride_bk": 1, "N_TILES": 4, "RELU": True, "FLATTEN": flatten,
+                                                         "NUM_PROGRAMS": 132, "BM": 128, "BN": 256, **tiles}, 4)
+        build(persistent._ragged_persistent_kernel, ragged, {"FLATTEN": flatten, "NUM_PROGRAMS": 132, "BP": 128,
+                                                             "BQ": 256, **tiles}, 4)
+
+
+if __name__ == "__main__":
+    {"interpret": interpret, "compile": compile_for_sm90}[sys.argv[1] if len(sys.argv) > 1 else "interpret"]()

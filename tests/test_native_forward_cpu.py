@@ -102,3 +102,13 @@ def test_triton_training_ffn_blocker_names_its_reasons():
             "triton is not importable", "needs a CUDA GPU of compute capability 9.0 or newer")
     finally:
         _triton_ffn.set_enabled(False)
+
+
+def test_triton_training_ffn_picks_grouped_mm_weight_gradients_for_short_experts():
+    from adaptmoe.ops import _triton_ffn
+    fine_grained = _triton_ffn.kernels_for(rows=8192 * 8, experts=64, has_bias=False)      # 1024 rows each
+    deepseek = _triton_ffn.kernels_for(rows=16384 * 8, experts=256, has_bias=False)        # 512 rows each
+    deepseek_biases = _triton_ffn.kernels_for(rows=16384 * 8, experts=256, has_bias=True)
+    assert fine_grained == _triton_ffn.FFNKernels("triton", "triton")
+    assert deepseek == _triton_ffn.FFNKernels("triton", "grouped_mm")
+    assert deepseek_biases.weight_grads == "triton"   # the bias gradients come from its column sums

@@ -11,8 +11,8 @@ persistent loop with ``tl.range(..., flatten=True)`` lets the compiler pipeline 
 loads under the current tile's epilogue. Every tile in the loop is a real one (the row kernel
 counts its m-tiles from the counts in registers), so the loop body has no early exit.
 Variants per GEMM: flatten on / off. Correctness was checked in Triton's interpreter (CPU, fp32).
-The kernels' tile bodies are copies of the shipped kernels' (compared side by side); whichever
-wins replaces the other.
+The persistent kernels run the shipped kernels' own tile bodies (``_grouped_rows_tile``,
+``_ragged_k_tile``) in their loops, so only the program-to-tile mapping differs.
 
 Legend: T tokens, D model dim, H hidden, E experts, K top-k, R = T*K grouped rows, C = R/E.
 """
@@ -24,9 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from adaptmoe.examples.timing import pipelined_ms
 from adaptmoe.ops import _triton_gemm as tg
-from scripts.explore_triton_tma import CONFIGS, TILES, _row
+from scripts.explore_triton_tma import CONFIGS, compare, operands
 
 
 @triton.jit
@@ -38,59 +37,17 @@ def _rows_persistent_kernel(a_ptr, b_ptr, c_ptr, counts_ptr, E, KD, N, stride_be
     counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
     m_tiles = tl.sum((counts + BM - 1) // BM, 0)
     for tile in tl.range(tl.program_id(0), m_tiles * N_TILES, NUM_PROGRAMS, flatten=FLATTEN):
-        pid_m = tile // N_TILES
-        pid_n = tile % N_TILES
-        e, row_stop, first_row = tg._expert_of_tile(counts_ptr, E, pid_m, EP, BM)
-        rows = first_row + tl.arange(0, BM)
-        in_rows = rows < row_stop
-        cols = pid_n * BN + tl.arange(0, BN)
-        ks = tl.arange(0, BK)
-        a_ptrs = a_ptr + rows[:, None].to(tl.int64) * KD + ks[None, :]
-        b_ptrs = (b_ptr + e.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bn
-                  + ks[:, None] * stride_bk)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for _ in range(0, KD, BK):
-            a = tl.load(a_ptrs, mask=in_rows[:, None], other=0.0)
-            b = tl.load(b_ptrs)
-            acc = tl.dot(a, b, acc)
-            a_ptrs += BK
-            b_ptrs += BK * stride_bk
-        if RELU:
-            acc = tl.maximum(acc, 0.0)
-        tl.store(c_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-                 mask=in_rows[:, None])
+        e, row_stop, first_row = tg._expert_of_tile(counts_ptr, E, tile // N_TILES, EP, BM)
+        tg._grouped_rows_tile(a_ptr, a_ptr, b_ptr, a_ptr, a_ptr, c_ptr, e, row_stop, first_row, tile % N_TILES,
+                              1, KD, N, stride_be, stride_bk, stride_bn, False, False, 1 if RELU else 0, BM, BN, BK)
 
 
 @triton.jit
 def _ragged_persistent_kernel(a_ptr, b_ptr, c_ptr, counts_ptr, E, P, Q, FLATTEN: tl.constexpr,
                               NUM_PROGRAMS: tl.constexpr, EP: tl.constexpr,
                               BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
-    tiles_p = P // BP
-    tiles_q = Q // BQ
-    experts = tl.arange(0, EP)
-    counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
-    for tile in tl.range(tl.program_id(0), E * tiles_p * tiles_q, NUM_PROGRAMS, flatten=FLATTEN):
-        e = tile // (tiles_p * tiles_q)
-        pid_p = (tile % (tiles_p * tiles_q)) // tiles_q
-        pid_q = tile % tiles_q
-        row_start = tl.sum(tl.where(experts < e, counts, 0), 0)
-        count = tl.sum(tl.where(experts == e, counts, 0), 0)
-        ps = pid_p * BP + tl.arange(0, BP)
-        qs = pid_q * BQ + tl.arange(0, BQ)
-        ks = tl.arange(0, BK)
-        rows = (row_start + ks).to(tl.int64)
-        a_ptrs = a_ptr + rows[:, None] * P + ps[None, :]
-        b_ptrs = b_ptr + rows[:, None] * Q + qs[None, :]
-        acc = tl.zeros((BP, BQ), dtype=tl.float32)
-        for k in range(0, tl.cdiv(count, BK)):
-            in_rows = (k * BK + ks) < count
-            a = tl.load(a_ptrs, mask=in_rows[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=in_rows[:, None], other=0.0)
-            acc = tl.dot(tl.trans(a), b, acc)
-            a_ptrs += BK * P
-            b_ptrs += BK * Q
-        tl.store(c_ptr + e.to(tl.int64) * P * Q + ps[:, None].to(tl.int64) * Q + qs[None, :],
-                 acc.to(c_ptr.dtype.element_ty))
+    for tile in tl.range(tl.program_id(0), E * (P // BP) * (Q // BQ), NUM_PROGRAMS, flatten=FLATTEN):
+        tg._ragged_k_tile(a_ptr, b_ptr, c_ptr, c_ptr, c_ptr, counts_ptr, tile, E, P, Q, False, False, EP, BP, BQ, BK)
 
 
 def _programs(device) -> int:
@@ -123,40 +80,20 @@ def ragged_persistent(a, b, counts, t: tg.Tiles, flatten: bool):
 
 
 def run(name: str, T: int, D: int, H: int, E: int, K: int) -> None:
-    bf, dev = torch.bfloat16, "cuda"
-    R, C = T * K, T * K // E
-    torch.manual_seed(0)
-    x = torch.randn(R, D, device=dev, dtype=bf)
-    w1 = torch.randn(E, H, D, device=dev, dtype=bf) / D ** 0.5
-    w2 = torch.randn(E, H, D, device=dev, dtype=bf) / H ** 0.5
-    counts = torch.full((E,), C, device=dev, dtype=torch.int64)
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    h = torch.relu(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs))
-    flops = 2.0 * R * D * H
+    o = operands(T, D, H, E, K, uneven=False)
     print(f"\n=== {name} T={T} D={D} H={H} E={E} k={K}", flush=True)
-    cases = [
-        ("fc1+relu", lambda: torch.bmm(x.view(E, C, D), w1.transpose(1, 2)),
-         lambda t: tg.grouped_rows_mm(x, counts, w1, True, epilogue=tg.EPILOGUE_RELU, tiles=t),
-         lambda t, f: rows_persistent(x, counts, w1, True, True, t, f)),
-        ("fc2", lambda: torch.bmm(h.view(E, C, H), w2),
-         lambda t: tg.grouped_rows_mm(h, counts, w2, False, tiles=t),
-         lambda t, f: rows_persistent(h, counts, w2, False, False, t, f)),
-        ("dW1 (reference: grouped_mm)", lambda: torch._grouped_mm(h.t(), x, offs=offs),
-         lambda t: tg.ragged_k_mm(h, x, counts, tiles=t)[0],
-         lambda t, f: ragged_persistent(h, x, counts, t, f)),
-    ]
-    for label, reference, shipped, persistent in cases:
-        _row(f"{label} reference", pipelined_ms(reference), flops)
-        for t in TILES:
-            want = shipped(t).float()
-            _row(f"{label} shipped {tuple(t)}", pipelined_ms(lambda t=t: shipped(t)), flops)
-            for flatten in (False, True):
-                try:
-                    err = (persistent(t, flatten).float() - want).abs().max().item()
-                    _row(f"{label} persistent flatten={flatten} {tuple(t)}",
-                         pipelined_ms(lambda t=t, f=flatten: persistent(t, f)), flops, err)
-                except Exception as exc:   # an exploration: report and go on
-                    print(f"  {label} persistent flatten={flatten} {tuple(t)} failed: {str(exc)[:300]}", flush=True)
+
+    def persistent(fn):
+        return {f"persistent flatten={f}": (lambda t, f=f: fn(t, f)) for f in (False, True)}
+    compare("fc1+relu", lambda: torch.bmm(o.x.view(E, o.C, D), o.w1.transpose(1, 2)),
+            lambda t: tg.grouped_rows_mm(o.x, o.counts, o.w1, True, epilogue=tg.EPILOGUE_RELU, tiles=t),
+            persistent(lambda t, f: rows_persistent(o.x, o.counts, o.w1, True, True, t, f)), o.flops)
+    compare("fc2", lambda: torch.bmm(o.h.view(E, o.C, H), o.w2),
+            lambda t: tg.grouped_rows_mm(o.h, o.counts, o.w2, False, tiles=t),
+            persistent(lambda t, f: rows_persistent(o.h, o.counts, o.w2, False, False, t, f)), o.flops)
+    compare("dW1 (reference: grouped_mm)", lambda: torch._grouped_mm(o.h.t(), o.x, offs=o.offs),
+            lambda t: tg.ragged_k_mm(o.h, o.x, o.counts, tiles=t)[0],
+            persistent(lambda t, f: ragged_persistent(o.h, o.x, o.counts, t, f)), o.flops)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ Legend: T tokens, D model dim, H hidden, E experts, K top-k, R = T*K grouped row
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import torch
 import triton
@@ -119,37 +120,50 @@ def _row(label: str, ms: float, flops: float, err: float | None = None) -> None:
     print(f"  {label:<40} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TF/s{extra}", flush=True)
 
 
-def run(name: str, T: int, D: int, H: int, E: int, K: int, device: str = "cuda") -> None:
-    bf = torch.bfloat16
+def operands(T: int, D: int, H: int, E: int, K: int, uneven: bool) -> SimpleNamespace:
+    """bf16 rows, weights and per-expert counts of one config (balanced; with ``uneven`` the first
+    and last expert differ by 40 rows: partial tiles and a partial last reduction step)."""
+    bf, dev = torch.bfloat16, "cuda"
     R, C = T * K, T * K // E
     torch.manual_seed(0)
-    x = torch.randn(R, D, device=device, dtype=bf)
-    w1 = torch.randn(E, H, D, device=device, dtype=bf) / D ** 0.5
-    w2 = torch.randn(E, H, D, device=device, dtype=bf) / H ** 0.5
-    counts = torch.full((E,), C, device=device, dtype=torch.int64)
-    counts[0], counts[-1] = C - 40, C + 40   # partial tiles and a partial last K step
+    x = torch.randn(R, D, device=dev, dtype=bf)
+    w1 = torch.randn(E, H, D, device=dev, dtype=bf) / D ** 0.5
+    w2 = torch.randn(E, H, D, device=dev, dtype=bf) / H ** 0.5
+    counts = torch.full((E,), C, device=dev, dtype=torch.int64)
+    if uneven:
+        counts[0], counts[-1] = C - 40, C + 40
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    h = torch.relu(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs)) if device == "cuda" else None
-    flops = 2.0 * R * D * H
-    print(f"\n=== {name} T={T} D={D} H={H} E={E} k={K}", flush=True)
-    cases = [
-        ("fc1+relu", lambda t: tg.grouped_rows_mm(x, counts, w1, True, epilogue=tg.EPILOGUE_RELU, tiles=t),
-         lambda t: rows_tma(x, counts, w1, True, True, t), lambda: torch.bmm(x.view(E, C, D), w1.transpose(1, 2))),
-        ("fc2", lambda t: tg.grouped_rows_mm(h, counts, w2, False, tiles=t),
-         lambda t: rows_tma(h, counts, w2, False, False, t), lambda: torch.bmm(h.view(E, C, H), w2)),
-        ("dW1", lambda t: tg.ragged_k_mm(h, x, counts, tiles=t)[0],
-         lambda t: ragged_tma(h, x, counts, t), lambda: torch._grouped_mm(h.t(), x, offs=offs)),
-    ]
-    for label, shipped, tma, reference in cases:
-        _row(f"{label} reference (bmm / grouped_mm for dW)", pipelined_ms(reference), flops)
-        for t in TILES:
-            want = shipped(t).float()
+    h = torch.relu(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs))
+    return SimpleNamespace(x=x, w1=w1, w2=w2, counts=counts, offs=offs, h=h, C=C, flops=2.0 * R * D * H)
+
+
+def compare(label: str, reference, shipped, variants: dict, flops: float) -> None:
+    """Times ``reference()``, then per tile shape the shipped kernel ``shipped(tiles)`` and each
+    variant ``variants[name](tiles)``, with the variant's max |diff| from the shipped output."""
+    _row(f"{label} reference", pipelined_ms(reference), flops)
+    for t in TILES:
+        want = shipped(t).float()
+        _row(f"{label} shipped {tuple(t)}", pipelined_ms(lambda t=t: shipped(t)), flops)
+        for name, variant in variants.items():
             try:
-                err = (tma(t).float() - want).abs().max().item()
-                _row(f"{label} shipped {tuple(t)}", pipelined_ms(lambda t=t: shipped(t)), flops)
-                _row(f"{label} tma {tuple(t)}", pipelined_ms(lambda t=t: tma(t)), flops, err)
+                err = (variant(t).float() - want).abs().max().item()
+                _row(f"{label} {name} {tuple(t)}", pipelined_ms(lambda t=t, v=variant: v(t)), flops, err)
             except Exception as exc:   # an exploration: report and go on
-                print(f"  {label} tma {tuple(t)} failed: {str(exc)[:300]}", flush=True)
+                print(f"  {label} {name} {tuple(t)} failed: {str(exc)[:300]}", flush=True)
+
+
+def run(name: str, T: int, D: int, H: int, E: int, K: int) -> None:
+    o = operands(T, D, H, E, K, uneven=True)
+    print(f"\n=== {name} T={T} D={D} H={H} E={E} k={K}", flush=True)
+    compare("fc1+relu", lambda: torch.bmm(o.x.view(E, o.C, D), o.w1.transpose(1, 2)),
+            lambda t: tg.grouped_rows_mm(o.x, o.counts, o.w1, True, epilogue=tg.EPILOGUE_RELU, tiles=t),
+            {"tma": lambda t: rows_tma(o.x, o.counts, o.w1, True, True, t)}, o.flops)
+    compare("fc2", lambda: torch.bmm(o.h.view(E, o.C, H), o.w2),
+            lambda t: tg.grouped_rows_mm(o.h, o.counts, o.w2, False, tiles=t),
+            {"tma": lambda t: rows_tma(o.h, o.counts, o.w2, False, False, t)}, o.flops)
+    compare("dW1 (reference: grouped_mm)", lambda: torch._grouped_mm(o.h.t(), o.x, offs=o.offs),
+            lambda t: tg.ragged_k_mm(o.h, o.x, o.counts, tiles=t)[0],
+            {"tma": lambda t: ragged_tma(o.h, o.x, o.counts, t)}, o.flops)
 
 
 def main() -> None:

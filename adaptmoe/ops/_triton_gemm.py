@@ -90,10 +90,20 @@ if triton is not None:
         # the programs running together share their A rows and one expert's B, which L2 then
         # serves (m-tiles fastest streamed A once per column tile from HBM: 25-50% slower, H100).
         pid_m = tl.program_id(0) // N_TILES
-        pid_n = tl.program_id(0) % N_TILES
         e, row_stop, first_row = _expert_of_tile(counts_ptr, E, pid_m, EP, BM)
         if e >= E:
             return
+        _grouped_rows_tile(a_ptr, gather_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, e, row_stop, first_row,
+                           tl.program_id(0) % N_TILES, TOP_K, KD, N, stride_be, stride_bk, stride_bn,
+                           GATHER, HAS_BIAS, EPILOGUE, BM, BN, BK)
+
+    @triton.jit
+    def _grouped_rows_tile(a_ptr, gather_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, e, row_stop, first_row, pid_n,
+                           TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """One BM x BN output tile of ``_grouped_rows_kernel``: rows [first_row, first_row + BM) of
+        expert e (those at or past row_stop belong to the next expert: read as 0, not stored)."""
         rows = first_row + tl.arange(0, BM)
         in_rows = rows < row_stop
         if GATHER:   # row r is choice gather[r] of token gather[r] // TOP_K: read the token itself
@@ -129,12 +139,19 @@ if triton is not None:
         # expert's rows, however many: zero rows write zeros). Expert-major program order keeps
         # one expert's rows in L2 while its P x Q tiles run. Optional fp32 column sums of a and b
         # over the same rows (bias gradients) come from the tiles of the first column / row.
-        pid = tl.program_id(0)
+        _ragged_k_tile(a_ptr, b_ptr, c_ptr, sum_a_ptr, sum_b_ptr, counts_ptr, tl.program_id(0), E, P, Q,
+                       SUM_A, SUM_B, EP, BP, BQ, BK)
+
+    @triton.jit
+    def _ragged_k_tile(a_ptr, b_ptr, c_ptr, sum_a_ptr, sum_b_ptr, counts_ptr, tile, E, P, Q,
+                       SUM_A: tl.constexpr, SUM_B: tl.constexpr,
+                       EP: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+        """Output tile ``tile`` of ``_ragged_k_kernel`` (expert-major, then P, then Q tiles)."""
         tiles_p = tl.cdiv(P, BP)
         tiles_q = tl.cdiv(Q, BQ)
-        e = pid // (tiles_p * tiles_q)
-        pid_p = (pid % (tiles_p * tiles_q)) // tiles_q
-        pid_q = pid % tiles_q
+        e = tile // (tiles_p * tiles_q)
+        pid_p = (tile % (tiles_p * tiles_q)) // tiles_q
+        pid_q = tile % tiles_q
         experts = tl.arange(0, EP)
         counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
         row_start = tl.sum(tl.where(experts < e, counts, 0), 0)

@@ -15,16 +15,7 @@ import torch
 
 from adaptmoe import native_forward
 from adaptmoe.examples.bench_layer import CONFIGS, DTYPES, balance_routing, build_layer
-from adaptmoe.examples.timing import capture_no_grad
-
-
-def replay_ms(graph) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+from adaptmoe.examples.timing import capture_no_grad, time_call
 
 
 def run(name: str, iters: int) -> None:
@@ -42,7 +33,7 @@ def run(name: str, iters: int) -> None:
     labels = list(graphs)
     for i in range(iters):
         for label in labels[i % 3:] + labels[:i % 3]:
-            samples[label].append(replay_ms(graphs[label]))
+            samples[label].append(time_call(graphs[label].replay, "cuda"))
     medians = {label: statistics.median(v) for label, v in samples.items()}
     for label, ms in medians.items():
         print(f"{name:<8} {label:<20} {ms:8.3f} ms  x cf=1 {ms / medians['cf=1']:.3f}", flush=True)

@@ -7,11 +7,11 @@ then the per-kernel split from torch.profiler. Mixtral shapes by default, bf16, 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
 from adaptmoe import decode
+from adaptmoe.examples.timing import capture_no_grad, median_ms
 from adaptmoe.expert_compute import FFNWeights
 from adaptmoe.ops._decode_op import decode_ffn
 
@@ -19,25 +19,9 @@ D, H, E, K = 4096, 14336, 8, 2
 
 
 def graph_ms(fn, iters: int) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(iters):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+    """Median ms of ``fn`` replayed from a CUDA graph (its tensors need no gradient)."""
+    graph, _ = capture_no_grad(fn)
+    return median_ms(graph.replay, "cuda", iters)
 
 
 def main() -> None:

@@ -15,16 +15,10 @@ if not torch.cuda.is_available():  # pragma: no cover - CPU CI
 
 import adaptmoe.ops as ops  # noqa: E402
 from adaptmoe.ops._decode_op import ACTIVATION_CODES, decode_ffn_op, decode_ffn_reference  # noqa: E402
+from gpu_poison import poison  # noqa: E402
 
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def poison(nbytes, byte=0xFF):
-    torch.cuda.synchronize()
-    junk = torch.empty(max(int(nbytes), 1 << 20) * 2, dtype=torch.uint8, device=DEV)
-    junk.fill_(byte)
-    del junk
 
 
 def make_case(T, D, H, E, K, dtype, gated, bias, seed=0, masked=0):

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():  # pragma: no cover - CPU CI
 from adaptmoe.expert_compute import FFNWeights, ffn_padded  # noqa: E402
 from adaptmoe.ops import _fused_gemm  # noqa: E402
 from adaptmoe.ops._fused_gemm import TOLERANCES, fc1_relu, fused_ffn_blocker, fused_relu_ffn  # noqa: E402
+from gpu_poison import poison  # noqa: E402
 
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -25,13 +26,6 @@ SHAPES = [(1, 1, 8, 8), (1, 5, 16, 24), (4, 37, 64, 128), (8, 256, 2048, 1024), 
 def tol(dtype, scale=1.0):
     rtol, atol = TOLERANCES[dtype]
     return dict(rtol=rtol * scale, atol=atol * scale)
-
-
-def poison(nbytes):
-    torch.cuda.synchronize()
-    junk = torch.empty(max(int(nbytes), 1 << 20) * 2, dtype=torch.uint8, device=DEV)
-    junk.fill_(0xFF)   # NaN in every float dtype
-    del junk
 
 
 def operands(e, C, D, H, dtype, bias, seed=0):

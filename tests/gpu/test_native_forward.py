@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
 
 import adaptmoe as am  # noqa: E402
 from adaptmoe import native_forward, ops  # noqa: E402
+from gpu_poison import poison  # noqa: E402
 from graph_replay import replays_and_eager  # noqa: E402
 
 from reference import reference_forward  # noqa: E402
@@ -157,7 +158,7 @@ def test_gathered_kernel_vs_per_expert_matmul():
     b1 = torch.randn(E, H, device=DEV, dtype=torch.bfloat16)
     counts = torch.tensor([0, 130, 1, 0, 200, 69, 200, 0], device=DEV)
     inv = torch.randperm(T * K, device=DEV).to(torch.int32)   # any choice may feed any row
-    torch.empty(T * K * H * 4, dtype=torch.uint8, device=DEV).fill_(0xFF)   # NaN into the cache
+    poison(T * K * H * 2)   # NaN into the cache
     h = _triton_gemm.gathered_fc1_relu(x, inv, K, counts, w1, b1)
     rows = x.float()[(inv // K).long()]
     want, start = torch.empty(T * K, H, device=DEV), 0

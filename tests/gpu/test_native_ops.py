@@ -19,6 +19,7 @@ from graph_replay import replays_and_eager  # noqa: E402
 from adaptmoe.expert_compute import FFNWeights, ffn_grouped, ffn_grouped_loop  # noqa: E402
 from adaptmoe.ops._ops import _assign_ref  # noqa: E402
 from adaptmoe.routing import build_routing  # noqa: E402
+from gpu_poison import poison  # noqa: E402
 
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -27,14 +28,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def tol(op, dtype):
     rtol, atol = ops.TOLERANCES[op][dtype]
     return dict(rtol=rtol, atol=atol)
-
-
-def poison(nbytes, byte=0xFF):
-    """Fill free cached memory with a byte pattern (0xFF: NaN for every float dtype)."""
-    torch.cuda.synchronize()
-    junk = torch.empty(max(int(nbytes), 1 << 20) * 2, dtype=torch.uint8, device=DEV)
-    junk.fill_(byte)
-    del junk
 
 
 def test_native_loaded():

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 import adaptmoe as am  # noqa: E402
 from adaptmoe.ops import _triton_ffn  # noqa: E402
 from adaptmoe.ops import _triton_gemm as tg  # noqa: E402
+from gpu_poison import poison  # noqa: E402
 
 if tg.kernel_blocker(torch.zeros(1, 128, device="cuda", dtype=torch.bfloat16), ()) is not None:
     pytest.skip("the Triton kernels need triton and an sm90+ GPU", allow_module_level=True)
@@ -30,10 +31,6 @@ def triton_ffn_on():
     _triton_ffn.set_enabled(True)
     yield
     _triton_ffn.set_enabled(False)
-
-
-def poison_cache() -> None:
-    torch.empty(64 << 20, dtype=torch.uint8, device=DEV).fill_(0xFF)   # NaN bf16 into freed memory
 
 
 def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rel: float = REL_TOL, what: str = "") -> None:
@@ -61,7 +58,7 @@ def test_ragged_k_mm_vs_per_expert_matmul(sums):
     counts = torch.tensor(COUNTS, device=DEV)
     R, P, Q = sum(COUNTS), 256, 384
     a, b = rand(R, P), rand(R, Q)
-    poison_cache()
+    poison(32 << 20)   # 64 MiB of NaN bytes
     c, sum_a, sum_b = tg.ragged_k_mm(a, b, counts, sum_a=sums[0], sum_b=sums[1])
     want = torch.stack(per_expert(lambda e, s: a[s].double().t() @ b[s].double(), COUNTS))
     assert_close_rel(c, want)
@@ -85,7 +82,7 @@ def test_grouped_rows_mm_layouts_and_epilogues(transpose_b, epilogue, bias):
     b = rand(E, N, KD, scale=KD ** -0.5) if transpose_b else rand(E, KD, N, scale=KD ** -0.5)
     bias_EN = rand(E, N) if bias else None
     relu_out = torch.relu(rand(R, N)) if epilogue == tg.EPILOGUE_RELU_GRAD else None
-    poison_cache()
+    poison(32 << 20)   # 64 MiB of NaN bytes
     c = tg.grouped_rows_mm(a, counts, b, transpose_b, bias_EN=bias_EN, epilogue=epilogue, relu_out=relu_out)
 
     def reference(e, s):
@@ -123,7 +120,7 @@ def test_relu_ffn_output_and_gradients_vs_float64(biases, kernels, triton_ffn_on
     counts = torch.tensor(COUNTS, device=DEV)
     assert _triton_ffn.blocker(leaves[0], leaves[1], leaves[3], (leaves[2], leaves[4]), True, False) is None
     gy = rand(R, D)
-    poison_cache()
+    poison(32 << 20)   # 64 MiB of NaN bytes
     y = _triton_ffn.relu_ffn(leaves[0], counts, *leaves[1:], kernels=kernels)
     present = [t for t in leaves if t is not None]
     grads = torch.autograd.grad(y, present, gy)

@@ -11,9 +11,9 @@ graph. The native call enqueues gate GEMM, routing, dispatch, FFN and combine ba
 costs ~15-20 us of host time on that machine's CPU, so the Python around the call was not all of it).
 
 The Python path stays the reference: this module only decides whether the native call computes
-what the Python path would (op for op, except that large dropless calls of fine-grained relu
-experts gather their rows inside a Triton first GEMM, ``ops._triton_gemm``, which rounds its own
-way; ``native_forward_blocker`` says why a call cannot be served, and the layer then runs the
+what the Python path would (op for op, except that large dropless calls of relu experts of up to
+``ops._triton_gemm.MAX_EXPERT_WEIGHTS`` weights gather their rows inside a Triton first GEMM,
+which rounds its own way; ``native_forward_blocker`` says why a call cannot be served, and the layer then runs the
 Python path), and packages its outputs the way the Python path does.
 """
 from __future__ import annotations
@@ -141,7 +141,7 @@ def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Ro
     capacity = capacity_for(knobs.capacity_factor, T, E, k)
     gate = layer.gates[knobs.gate_index]
     w = layer.experts.stored_weights()
-    if plan.gathered_fc1 and x_TD.shape[0] * k * (w.w1_eHD.shape[1] + w.w1_eHD.shape[2]) >= _GATHER_MIN_ELEMENTS:
+    if plan.gathered_fc1 and T * k * (w.w1_eHD.shape[1] + w.w1_eHD.shape[2]) >= _GATHER_MIN_ELEMENTS:
         return _run_gathered(layer, x_TD, knobs, plan, gate, w)
     (y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E,
      slots_TK) = _native.loaded().moe_forward_nograd(
@@ -154,8 +154,9 @@ def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Ro
 
 
 def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, w) -> tuple:
-    """Dropless fine-grained experts: native routing, the first GEMM gathering its rows from the
-    tokens with relu in its epilogue (``ops._triton_gemm``), grouped second GEMM, native combine."""
+    """Dropless relu experts (``_triton_gemm.gathered_fc1_blocker`` says which): native routing,
+    the first GEMM gathering its rows from the tokens with relu in its epilogue
+    (``ops._triton_gemm``), grouped second GEMM, native combine."""
     T, k = x_TD.shape[0], knobs.top_k
     native = _native.loaded()
     (logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK,

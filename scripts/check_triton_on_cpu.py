@@ -64,6 +64,11 @@ def interpret() -> None:
             persistent.ragged_persistent(h, a, counts, t, flatten) - tg.ragged_k_mm(h, a, counts, tiles=t)[0],
         ]
         print(f"persistent flatten={flatten} vs shipped: max |diff| {max(d.abs().max().item() for d in diffs):.3g}")
+    tokens, inv = torch.randn(R // 2 + 1, D), torch.randperm(R)
+    gathered = tg.grouped_rows_mm(tokens, counts, w, True, gather_R=inv, top_k=2, epilogue=tg.EPILOGUE_RELU, tiles=t)
+    for group_m in (0, 2):
+        diff = persistent.gathered_ordered(tokens, inv, 2, counts, w, t, group_m) - gathered
+        print(f"gathered order group_m={group_m} vs shipped: max |diff| {diff.abs().max().item():.3g}")
 
 
 def compile_for_sm90() -> None:

@@ -50,6 +50,41 @@ def _ragged_persistent_kernel(a_ptr, b_ptr, c_ptr, counts_ptr, E, P, Q, FLATTEN:
         tg._ragged_k_tile(a_ptr, b_ptr, c_ptr, c_ptr, c_ptr, counts_ptr, tile, E, P, Q, False, False, EP, BP, BQ, BK)
 
 
+@triton.jit
+def _rows_order_kernel(a_ptr, gather_ptr, b_ptr, c_ptr, counts_ptr, E, TOP_K, KD, N, M_TILES,
+                       stride_be, stride_bk, stride_bn, N_TILES: tl.constexpr, GROUP_M: tl.constexpr,
+                       EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # The shipped gathered fc1 + relu with another program-to-tile order: GROUP_M == 0 puts m-tiles
+    # fastest (the fifth session's order); GROUP_M > 0 walks GROUP_M m-tiles down one column tile,
+    # then the next column tile (blocks of GROUP_M x N_TILES tiles share A rows and B columns in L2).
+    pid = tl.program_id(0)
+    if GROUP_M == 0:
+        pid_m = pid % M_TILES
+        pid_n = pid // M_TILES
+    else:
+        group = pid // (GROUP_M * N_TILES)
+        first_m = group * GROUP_M
+        group_rows = tl.minimum(M_TILES - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * N_TILES)) % group_rows
+        pid_n = (pid % (GROUP_M * N_TILES)) // group_rows
+    e, row_stop, first_row = tg._expert_of_tile(counts_ptr, E, pid_m, EP, BM)
+    if e >= E:
+        return
+    tg._grouped_rows_tile(a_ptr, gather_ptr, b_ptr, a_ptr, a_ptr, c_ptr, e, row_stop, first_row, pid_n,
+                          TOP_K, KD, N, stride_be, stride_bk, stride_bn, True, False, 1, BM, BN, BK)
+
+
+def gathered_ordered(x_TD, inv_R, top_k, counts, w1, t: tg.Tiles, group_m: int):
+    E, N, KD = w1.shape
+    R = inv_R.numel()
+    c = torch.empty(R, N, device=x_TD.device, dtype=x_TD.dtype)
+    m_tiles = triton.cdiv(R, t.m) + E
+    _rows_order_kernel[(m_tiles * (N // t.n),)](
+        x_TD, inv_R, w1, c, counts, E, top_k, KD, N, m_tiles, KD * N, 1, KD, N_TILES=N // t.n, GROUP_M=group_m,
+        EP=max(16, triton.next_power_of_2(E)), BM=t.m, BN=t.n, BK=t.k, num_warps=t.warps, num_stages=t.stages)
+    return c
+
+
 def _programs(device) -> int:
     if isinstance(device, torch.device) and device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -91,6 +126,13 @@ def run(name: str, T: int, D: int, H: int, E: int, K: int) -> None:
     compare("fc2", lambda: torch.bmm(o.h.view(E, o.C, H), o.w2),
             lambda t: tg.grouped_rows_mm(o.h, o.counts, o.w2, False, tiles=t),
             persistent(lambda t, f: rows_persistent(o.h, o.counts, o.w2, False, False, t, f)), o.flops)
+    x_TD = torch.randn(T, D, device=o.x.device, dtype=o.x.dtype)
+    inv_R = torch.randperm(T * K, device=o.x.device)
+    orders = {f"order group_m={g}": (lambda t, g=g: gathered_ordered(x_TD, inv_R, K, o.counts, o.w1, t, g))
+              for g in (0, 8, 32)}
+    compare("gathered fc1+relu (reference: bmm)", lambda: torch.bmm(o.x.view(E, o.C, D), o.w1.transpose(1, 2)),
+            lambda t: tg.grouped_rows_mm(x_TD, o.counts, o.w1, True, gather_R=inv_R, top_k=K, epilogue=tg.EPILOGUE_RELU,
+                                        tiles=t), orders, o.flops)
     compare("dW1 (reference: grouped_mm)", lambda: torch._grouped_mm(o.h.t(), o.x, offs=o.offs),
             lambda t: tg.ragged_k_mm(o.h, o.x, o.counts, tiles=t)[0],
             persistent(lambda t, f: ragged_persistent(o.h, o.x, o.counts, t, f)), o.flops)

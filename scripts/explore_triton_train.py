@@ -2,6 +2,7 @@
 torch._grouped_mm and cuBLAS bmm, GEMM by GEMM and as a whole dropless training FFN.
 
     python3 scripts/explore_triton_train.py [fine64 dsv3 mixtral readme]
+    python3 scripts/explore_triton_train.py --profile fine64    # kernel table of each whole FFN
 
 Not product code: it picks tile shapes and answers "where do the Triton kernels beat grouped_mm?"
 (issue #3). It supersedes the fifth session's ``explore_triton_grouped.py`` (gathered first GEMM
@@ -102,7 +103,7 @@ def gemms(name: str, T: int, D: int, H: int, E: int, K: int) -> None:
               (lambda t: tri(t).reshape(-1)) if ragged else tri, flops, want)
 
 
-def whole_ffn(name: str, T: int, D: int, H: int, E: int, K: int) -> None:
+def whole_ffn(name: str, T: int, D: int, H: int, E: int, K: int, profile: bool = False) -> None:
     dev, bf = "cuda", torch.bfloat16
     R, C = T * K, T * K // E
     x = torch.randn(R, D, device=dev, dtype=bf, requires_grad=True)
@@ -117,6 +118,10 @@ def whole_ffn(name: str, T: int, D: int, H: int, E: int, K: int) -> None:
     def triton_step(kernels):
         _triton_ffn.relu_ffn(x, counts, w.w1_eHD, None, w.w2_eHO, None, kernels).backward(gy)
 
+    if profile:
+        _profile({"grouped_mm autograd": lambda: step(None), "padded bmm": lambda: step(C),
+                  **{f"triton {k.plain}/{k.weight_grads}": (lambda k=k: triton_step(k)) for k in KERNEL_CHOICES}})
+        return
     print(f"  -- {name} whole relu FFN, forward + backward (GEMMs alone: 3 x floor's two)", flush=True)
     flops = 6.0 * 2 * R * D * H
     _triton_ffn.set_enabled(False)   # the default; relu_ffn below is called directly
@@ -128,12 +133,34 @@ def whole_ffn(name: str, T: int, D: int, H: int, E: int, K: int) -> None:
     print(f"  (kernels_for picks {_triton_ffn.kernels_for(R, E, False)})", flush=True)
 
 
+def _profile(steps: dict) -> None:
+    """GPU time per kernel of each step (10 steps after 3 warmup), to find where a whole FFN spends
+    more than the sum of its GEMMs."""
+    from torch.profiler import ProfilerActivity, profile
+    for label, fn in steps.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_time_total > 0]
+        total = sum(e.device_time_total for e in events) / 10 / 1e3
+        wall = pipelined_ms(fn, calls=5)
+        print(f"\n  -- {label}: {total:.3f} ms of kernels per step, {wall:.3f} ms per step back to back", flush=True)
+        for e in sorted(events, key=lambda e: -e.device_time_total)[:12]:
+            print(f"    {e.device_time_total / 10 / 1e3:7.3f} ms x{e.count // 10:<3} {e.key[:90]}", flush=True)
+
+
 def main() -> None:
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
-    for name in sys.argv[1:] or list(CONFIGS):
+    profile = "--profile" in sys.argv
+    for name in [a for a in sys.argv[1:] if a != "--profile"] or list(CONFIGS):
         cfg = CONFIGS[name]
-        gemms(name, **cfg)
-        whole_ffn(name, **cfg)
+        if not profile:
+            gemms(name, **cfg)
+        whole_ffn(name, **cfg, profile=profile)
 
 
 if __name__ == "__main__":

@@ -66,9 +66,15 @@ def interpret() -> None:
         print(f"persistent flatten={flatten} vs shipped: max |diff| {max(d.abs().max().item() for d in diffs):.3g}")
     tokens, inv = torch.randn(R // 2 + 1, D), torch.randperm(R)
     gathered = tg.grouped_rows_mm(tokens, counts, w, True, gather_R=inv, top_k=2, epilogue=tg.EPILOGUE_RELU, tiles=t)
-    for group_m in (0, 2):
-        diff = persistent.gathered_ordered(tokens, inv, 2, counts, w, t, group_m) - gathered
-        print(f"gathered order group_m={group_m} vs shipped: max |diff| {diff.abs().max().item():.3g}")
+    for group_m in (0, 1, 2):
+        diffs = [persistent.rows_ordered(tokens, counts, w, True, True, t, group_m, inv, 2) - gathered,
+                 persistent.rows_ordered(a, counts, wn, False, False, t, group_m)
+                 - tg.grouped_rows_mm(a, counts, wn, False, tiles=t)]
+        for flatten in (False, True):
+            diffs.append(persistent.rows_persistent(tokens, counts, w, True, True, t, flatten, group_m, inv, 2)
+                         - gathered)
+        print(f"order group_m={group_m} (one program per tile, persistent) vs shipped: max |diff| "
+              f"{max(d.abs().max().item() for d in diffs):.3g}")
 
 
 def compile_for_sm90() -> None:

@@ -29,17 +29,33 @@ from scripts.explore_triton_tma import CONFIGS, compare, operands
 
 
 @triton.jit
-def _rows_persistent_kernel(a_ptr, b_ptr, c_ptr, counts_ptr, E, KD, N, stride_be, stride_bk, stride_bn,
-                            N_TILES: tl.constexpr, RELU: tl.constexpr, FLATTEN: tl.constexpr,
-                            NUM_PROGRAMS: tl.constexpr, EP: tl.constexpr,
-                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _tile_of(pid, M_TILES, N_TILES: tl.constexpr, GROUP_M: tl.constexpr):
+    """(m-tile, column tile) of program or loop index ``pid``. GROUP_M == 0: m-tiles fastest (the
+    fifth session's order); GROUP_M == 1: column tiles fastest (shipped); GROUP_M > 1: GROUP_M
+    m-tiles down one column tile, then the next column tile (blocks of GROUP_M x N_TILES tiles
+    share A rows and B columns in L2)."""
+    if GROUP_M == 0:
+        return pid % M_TILES, pid // M_TILES
+    first_m = (pid // (GROUP_M * N_TILES)) * GROUP_M
+    group_rows = tl.minimum(M_TILES - first_m, GROUP_M)
+    in_group = pid % (GROUP_M * N_TILES)
+    return first_m + in_group % group_rows, in_group // group_rows
+
+
+@triton.jit
+def _rows_persistent_kernel(a_ptr, gather_ptr, b_ptr, c_ptr, counts_ptr, E, TOP_K, KD, N, stride_be, stride_bk,
+                            stride_bn, N_TILES: tl.constexpr, GATHER: tl.constexpr, RELU: tl.constexpr,
+                            FLATTEN: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                            EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     experts = tl.arange(0, EP)
     counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
     m_tiles = tl.sum((counts + BM - 1) // BM, 0)
     for tile in tl.range(tl.program_id(0), m_tiles * N_TILES, NUM_PROGRAMS, flatten=FLATTEN):
-        e, row_stop, first_row = tg._expert_of_tile(counts_ptr, E, tile // N_TILES, EP, BM)
-        tg._grouped_rows_tile(a_ptr, a_ptr, b_ptr, a_ptr, a_ptr, c_ptr, e, row_stop, first_row, tile % N_TILES,
-                              1, KD, N, stride_be, stride_bk, stride_bn, False, False, 1 if RELU else 0, BM, BN, BK)
+        pid_m, pid_n = _tile_of(tile, m_tiles, N_TILES, GROUP_M)
+        e, row_stop, first_row = tg._expert_of_tile(counts_ptr, E, pid_m, EP, BM)
+        tg._grouped_rows_tile(a_ptr, gather_ptr, b_ptr, a_ptr, a_ptr, c_ptr, e, row_stop, first_row, pid_n,
+                              TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER, False, 1 if RELU else 0,
+                              BM, BN, BK)
 
 
 @triton.jit
@@ -52,35 +68,33 @@ def _ragged_persistent_kernel(a_ptr, b_ptr, c_ptr, counts_ptr, E, P, Q, FLATTEN:
 
 @triton.jit
 def _rows_order_kernel(a_ptr, gather_ptr, b_ptr, c_ptr, counts_ptr, E, TOP_K, KD, N, M_TILES,
-                       stride_be, stride_bk, stride_bn, N_TILES: tl.constexpr, GROUP_M: tl.constexpr,
+                       stride_be, stride_bk, stride_bn, N_TILES: tl.constexpr, GATHER: tl.constexpr,
+                       RELU: tl.constexpr, GROUP_M: tl.constexpr,
                        EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # The shipped gathered fc1 + relu with another program-to-tile order: GROUP_M == 0 puts m-tiles
-    # fastest (the fifth session's order); GROUP_M > 0 walks GROUP_M m-tiles down one column tile,
-    # then the next column tile (blocks of GROUP_M x N_TILES tiles share A rows and B columns in L2).
-    pid = tl.program_id(0)
-    if GROUP_M == 0:
-        pid_m = pid % M_TILES
-        pid_n = pid // M_TILES
-    else:
-        group = pid // (GROUP_M * N_TILES)
-        first_m = group * GROUP_M
-        group_rows = tl.minimum(M_TILES - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * N_TILES)) % group_rows
-        pid_n = (pid % (GROUP_M * N_TILES)) // group_rows
+    # The shipped row kernel (one program per tile) with another program-to-tile order (_tile_of)
+    pid_m, pid_n = _tile_of(tl.program_id(0), M_TILES, N_TILES, GROUP_M)
     e, row_stop, first_row = tg._expert_of_tile(counts_ptr, E, pid_m, EP, BM)
     if e >= E:
         return
     tg._grouped_rows_tile(a_ptr, gather_ptr, b_ptr, a_ptr, a_ptr, c_ptr, e, row_stop, first_row, pid_n,
-                          TOP_K, KD, N, stride_be, stride_bk, stride_bn, True, False, 1, BM, BN, BK)
+                          TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER, False, 1 if RELU else 0, BM, BN, BK)
 
 
-def gathered_ordered(x_TD, inv_R, top_k, counts, w1, t: tg.Tiles, group_m: int):
-    E, N, KD = w1.shape
-    R = inv_R.numel()
-    c = torch.empty(R, N, device=x_TD.device, dtype=x_TD.dtype)
+def _b_layout(b, trans_b: bool):
+    """(N, KD, stride_bk, stride_bn) of expert matrices b given as [E, N, KD] (trans_b) or [E, KD, N]."""
+    N, KD = (b.shape[1], b.shape[2]) if trans_b else (b.shape[2], b.shape[1])
+    return (N, KD, 1, KD) if trans_b else (N, KD, N, 1)
+
+
+def rows_ordered(a, counts, b, trans_b: bool, relu: bool, t: tg.Tiles, group_m: int, gather=None, top_k=1):
+    E = b.shape[0]
+    N, KD, stride_bk, stride_bn = _b_layout(b, trans_b)
+    R = a.shape[0] if gather is None else gather.numel()
+    c = torch.empty(R, N, device=a.device, dtype=a.dtype)
     m_tiles = triton.cdiv(R, t.m) + E
     _rows_order_kernel[(m_tiles * (N // t.n),)](
-        x_TD, inv_R, w1, c, counts, E, top_k, KD, N, m_tiles, KD * N, 1, KD, N_TILES=N // t.n, GROUP_M=group_m,
+        a, a if gather is None else gather, b, c, counts, E, top_k, KD, N, m_tiles, KD * N, stride_bk, stride_bn,
+        N_TILES=N // t.n, GATHER=gather is not None, RELU=relu, GROUP_M=group_m,
         EP=max(16, triton.next_power_of_2(E)), BM=t.m, BN=t.n, BK=t.k, num_warps=t.warps, num_stages=t.stages)
     return c
 
@@ -91,14 +105,16 @@ def _programs(device) -> int:
     return 4   # the interpreter (CPU): a few programs, so each loops over several tiles
 
 
-def rows_persistent(a, counts, b, trans_b: bool, relu: bool, t: tg.Tiles, flatten: bool):
+def rows_persistent(a, counts, b, trans_b: bool, relu: bool, t: tg.Tiles, flatten: bool, group_m: int = 1,
+                    gather=None, top_k=1):
     E = b.shape[0]
-    N, KD = (b.shape[1], b.shape[2]) if trans_b else (b.shape[2], b.shape[1])
-    c = torch.empty(a.shape[0], N, device=a.device, dtype=a.dtype)
-    stride_bk, stride_bn = (1, KD) if trans_b else (N, 1)
+    N, KD, stride_bk, stride_bn = _b_layout(b, trans_b)
+    R = a.shape[0] if gather is None else gather.numel()
+    c = torch.empty(R, N, device=a.device, dtype=a.dtype)
     programs = _programs(a.device)
     _rows_persistent_kernel[(programs,)](
-        a, b, c, counts, E, KD, N, KD * N, stride_bk, stride_bn, N_TILES=N // t.n, RELU=relu, FLATTEN=flatten,
+        a, a if gather is None else gather, b, c, counts, E, top_k, KD, N, KD * N, stride_bk, stride_bn,
+        N_TILES=N // t.n, GATHER=gather is not None, RELU=relu, FLATTEN=flatten, GROUP_M=group_m,
         NUM_PROGRAMS=programs, EP=max(16, triton.next_power_of_2(E)), BM=t.m, BN=t.n, BK=t.k,
         num_warps=t.warps, num_stages=t.stages)
     return c
@@ -117,30 +133,35 @@ def ragged_persistent(a, b, counts, t: tg.Tiles, flatten: bool):
 def run(name: str, T: int, D: int, H: int, E: int, K: int) -> None:
     o = operands(T, D, H, E, K, uneven=False)
     print(f"\n=== {name} T={T} D={D} H={H} E={E} k={K}", flush=True)
-
-    def persistent(fn):
-        return {f"persistent flatten={f}": (lambda t, f=f: fn(t, f)) for f in (False, True)}
-    compare("fc1+relu", lambda: torch.bmm(o.x.view(E, o.C, D), o.w1.transpose(1, 2)),
-            lambda t: tg.grouped_rows_mm(o.x, o.counts, o.w1, True, epilogue=tg.EPILOGUE_RELU, tiles=t),
-            persistent(lambda t, f: rows_persistent(o.x, o.counts, o.w1, True, True, t, f)), o.flops)
-    compare("fc2", lambda: torch.bmm(o.h.view(E, o.C, H), o.w2),
-            lambda t: tg.grouped_rows_mm(o.h, o.counts, o.w2, False, tiles=t),
-            persistent(lambda t, f: rows_persistent(o.h, o.counts, o.w2, False, False, t, f)), o.flops)
     x_TD = torch.randn(T, D, device=o.x.device, dtype=o.x.dtype)
     inv_R = torch.randperm(T * K, device=o.x.device)
-    orders = {f"order group_m={g}": (lambda t, g=g: gathered_ordered(x_TD, inv_R, K, o.counts, o.w1, t, g))
-              for g in (0, 8, 32)}
-    compare("gathered fc1+relu (reference: bmm)", lambda: torch.bmm(o.x.view(E, o.C, D), o.w1.transpose(1, 2)),
-            lambda t: tg.grouped_rows_mm(x_TD, o.counts, o.w1, True, gather_R=inv_R, top_k=K, epilogue=tg.EPILOGUE_RELU,
-                                        tiles=t), orders, o.flops)
-    compare("dW1 (reference: grouped_mm)", lambda: torch._grouped_mm(o.h.t(), o.x, offs=o.offs),
-            lambda t: tg.ragged_k_mm(o.h, o.x, o.counts, tiles=t)[0],
-            persistent(lambda t, f: ragged_persistent(o.h, o.x, o.counts, t, f)), o.flops)
+    # (label, a, b, trans_b, relu, gather, flatten choices): flatten=True ran fc2 2.5-3x slower (first run)
+    gemms = [("fc1+relu", o.x, o.w1, True, True, None, (False, True)),
+             ("fc2", o.h, o.w2, False, False, None, (False,)),
+             ("gathered fc1+relu", x_TD, o.w1, True, True, inv_R, (False, True))]
+    for label, a, b, trans_b, relu, gather, flattens in gemms:
+        variants = {"order group_m=8": lambda t, a=a, b=b, tb=trans_b, r=relu, g=gather:
+                    rows_ordered(a, o.counts, b, tb, r, t, 8, g, K)}
+        for f in flattens:
+            for g in (1, 8):
+                variants[f"persistent flatten={f} group_m={g}"] = (
+                    lambda t, a=a, b=b, tb=trans_b, r=relu, gt=gather, f=f, g=g:
+                    rows_persistent(a, o.counts, b, tb, r, t, f, g, gt, K))
+        epilogue = tg.EPILOGUE_RELU if relu else tg.EPILOGUE_NONE
+        compare(label, lambda: torch.bmm(o.x.view(E, o.C, D), o.w1.transpose(1, 2)) if trans_b
+                else torch.bmm(o.h.view(E, o.C, H), o.w2),
+                lambda t, a=a, b=b, tb=trans_b, g=gather, ep=epilogue:
+                tg.grouped_rows_mm(a, o.counts, b, tb, gather_R=g, top_k=K, epilogue=ep, tiles=t), variants, o.flops)
+    if "--ragged" in sys.argv:   # first run (h100_explore_triton_persistent.log): no gain over the shipped kernel
+        compare("dW1 (reference: grouped_mm)", lambda: torch._grouped_mm(o.h.t(), o.x, offs=o.offs),
+                lambda t: tg.ragged_k_mm(o.h, o.x, o.counts, tiles=t)[0],
+                {f"persistent flatten={f}": (lambda t, f=f: ragged_persistent(o.h, o.x, o.counts, t, f))
+                 for f in (False, True)}, o.flops)
 
 
 def main() -> None:
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
-    for name in sys.argv[1:] or list(CONFIGS):
+    for name in [a for a in sys.argv[1:] if not a.startswith("--")] or list(CONFIGS):
         run(name, **CONFIGS[name])
 
 

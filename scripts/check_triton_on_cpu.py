@@ -95,20 +95,22 @@ def compile_for_sm90() -> None:
 
     ptrs = {name: "*bf16" for name in ("a_ptr", "b_ptr", "c_ptr")}
     tiles = {"EP": 64, "BK": 64}
-    rows = {**ptrs, "counts_ptr": "*i64", "E": "i32", "KD": "i32", "N": "i32", "stride_be": "i32",
-            "stride_bk": "constexpr", "stride_bn": "i32", **{k: "constexpr" for k in (
-                "N_TILES", "RELU", "FLATTEN", "NUM_PROGRAMS", "EP", "BM", "BN", "BK")}}
+    rows = {"a_ptr": "*bf16", "gather_ptr": "*i32", "b_ptr": "*bf16", "c_ptr": "*bf16", "counts_ptr": "*i64",
+            "E": "i32", "TOP_K": "i32", "KD": "i32", "N": "i32", "stride_be": "i32", "stride_bk": "constexpr",
+            "stride_bn": "i32", **{k: "constexpr" for k in (
+                "N_TILES", "GATHER", "RELU", "FLATTEN", "GROUP_M", "NUM_PROGRAMS", "EP", "BM", "BN", "BK")}}
     ragged = {**ptrs, "counts_ptr": "*i64", "E": "i32", "P": "i32", "Q": "i32",
               **{k: "constexpr" for k in ("FLATTEN", "NUM_PROGRAMS", "EP", "BP", "BQ", "BK")}}
     shipped = {"a_ptr": "*bf16", "gather_ptr": "*i32", "b_ptr": "*bf16", "bias_ptr": "*bf16", "mask_ptr": "*bf16",
                "c_ptr": "*bf16", "counts_ptr": "*i64", "E": "i32", "TOP_K": "i32", "KD": "i32", "N": "i32",
-               "stride_be": "i32", "stride_bk": "constexpr", "stride_bn": "i32", **{k: "constexpr" for k in (
-                   "N_TILES", "GATHER", "HAS_BIAS", "EPILOGUE", "EP", "BM", "BN", "BK")}}
+               "stride_be": "i32", "stride_bk": "constexpr", "stride_bn": "i32", "PROGRAMS": "i32", **{k: "constexpr" for k in (
+                   "N_TILES", "GATHER", "HAS_BIAS", "EPILOGUE", "GROUP_M", "EP", "BM", "BN", "BK")}}
     for stages in (3, 4):
         build(tg._grouped_rows_kernel, shipped, {"stride_bk": 1, "N_TILES": 4, "GATHER": False, "HAS_BIAS": False,
-                                                 "EPILOGUE": 1, "BM": 128, "BN": 256, **tiles}, stages)
+                                                 "EPILOGUE": 1, "GROUP_M": 8, "BM": 128, "BN": 256, **tiles}, stages)
     for flatten in (False, True):
-        build(persistent._rows_persistent_kernel, rows, {"stride_bk": 1, "N_TILES": 4, "RELU": True, "FLATTEN": flatten,
+        build(persistent._rows_persistent_kernel, rows, {"stride_bk": 1, "N_TILES": 4, "GATHER": False, "RELU": True,
+                                                         "FLATTEN": flatten, "GROUP_M": 8,
                                                          "NUM_PROGRAMS": 132, "BM": 128, "BN": 256, **tiles}, 4)
         build(persistent._ragged_persistent_kernel, ragged, {"FLATTEN": flatten, "NUM_PROGRAMS": 132, "BP": 128,
                                                              "BQ": 256, **tiles}, 4)

@@ -1,18 +1,18 @@
-"""Exploration (device machine, not yet run): persistent versions of the Triton grouped GEMMs, one
-program per SM looping over output tiles, against the shipped one-program-per-tile kernels
-(``adaptmoe.ops._triton_gemm``) and cuBLAS bmm / torch._grouped_mm.
+"""Exploration (device machine): program-to-tile orders and persistent loops for the Triton row
+GEMM, against the shipped kernel (``adaptmoe.ops._triton_gemm``) and cuBLAS bmm / grouped_mm.
 
-    python3 scripts/explore_triton_persistent.py [fine64 dsv3 mixtral]
+    python3 scripts/explore_triton_persistent.py [fine64 dsv3 mixtral] [--ragged]
 
-Not product code. Why (``native/NOTES.md``, sixth session): our kernels trail cuBLAS by 10-25% and
-lose most where each tile reduces over few steps (DeepSeek-V3's ragged weight gradient: 8 steps
-of 64 rows per tile), which points at per-tile prologue and epilogue that nothing overlaps. A
-persistent loop with ``tl.range(..., flatten=True)`` lets the compiler pipeline the next tile's
-loads under the current tile's epilogue. Every tile in the loop is a real one (the row kernel
-counts its m-tiles from the counts in registers), so the loop body has no early exit.
-Variants per GEMM: flatten on / off. Correctness was checked in Triton's interpreter (CPU, fp32).
-The persistent kernels run the shipped kernels' own tile bodies (``_grouped_rows_tile``,
-``_ragged_k_tile``) in their loops, so only the program-to-tile mapping differs.
+Not product code. It found what the shipped row kernel now does (seventh session,
+``h100_explore_triton_persistent_orders.log``): one program per SM looping over the real tiles,
+in blocks of 8 m-tiles per column tile. Variants kept here: one program per tile in any order
+(``rows_ordered``; GROUP_M 0 = m-tiles fastest, 1 = column tiles fastest), and the persistent loop
+with ``tl.range(..., flatten=True)`` (pipelines the next tile's loads under this tile's epilogue:
+won 1-3% on some first GEMMs, ran fc2 2.5-3x slower), and a persistent ragged weight-gradient
+kernel (``--ragged``: no gain, ``h100_explore_triton_persistent.log``). Correctness of every
+variant: Triton's interpreter on CPU (``scripts/check_triton_on_cpu.py``). All run the shipped
+tile bodies (``_grouped_rows_tile``, ``_ragged_k_tile``); only the mapping of programs to tiles
+differs.
 
 Legend: T tokens, D model dim, H hidden, E experts, K top-k, R = T*K grouped rows, C = R/E.
 """
@@ -31,15 +31,11 @@ from scripts.explore_triton_tma import CONFIGS, compare, operands
 @triton.jit
 def _tile_of(pid, M_TILES, N_TILES: tl.constexpr, GROUP_M: tl.constexpr):
     """(m-tile, column tile) of program or loop index ``pid``. GROUP_M == 0: m-tiles fastest (the
-    fifth session's order); GROUP_M == 1: column tiles fastest (shipped); GROUP_M > 1: GROUP_M
-    m-tiles down one column tile, then the next column tile (blocks of GROUP_M x N_TILES tiles
-    share A rows and B columns in L2)."""
+    fifth session's order); GROUP_M == 1: column tiles fastest (the sixth session's); GROUP_M > 1:
+    the shipped blocks of GROUP_M m-tiles (``_triton_gemm._tile_of``)."""
     if GROUP_M == 0:
         return pid % M_TILES, pid // M_TILES
-    first_m = (pid // (GROUP_M * N_TILES)) * GROUP_M
-    group_rows = tl.minimum(M_TILES - first_m, GROUP_M)
-    in_group = pid % (GROUP_M * N_TILES)
-    return first_m + in_group % group_rows, in_group // group_rows
+    return tg._tile_of(pid, M_TILES, N_TILES, GROUP_M)
 
 
 @triton.jit

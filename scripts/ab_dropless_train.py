@@ -1,0 +1,90 @@
+"""Interleaved A/B (device machine): one training step (forward + backward, gshard loss included)
+of the layer, balanced routing, cf=1 against dropless with the expert FFN on grouped_mm (the
+default) and on the Triton kernels (``ops._triton_ffn``) with each choice of kernels.
+
+    python3 scripts/ab_dropless_train.py [fine64 dsv3 mixtral ...] [--iters N]
+
+Each round runs every variant once in a rotating order (CUDA events around each step, a sync
+after it); medians over the rounds, and each variant's peak memory over one step. Issue #3 asks
+dropless to be within 5% of cf=1 on balanced routing.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from adaptmoe.examples.bench_layer import CONFIGS, DTYPES, balance_routing, build_layer
+from adaptmoe.examples.timing import time_call
+from adaptmoe.ops import _triton_ffn
+
+# label -> (capacity factor, Triton FFN kernels or None for grouped_mm, or "auto" for kernels_for)
+VARIANTS = {
+    "cf=1": (1.0, None),
+    "dropless grouped_mm": (0.0, None),
+    "dropless triton auto": (0.0, "auto"),
+    "dropless triton all": (0.0, _triton_ffn.FFNKernels("triton", "triton")),
+    "dropless triton, dW grouped_mm": (0.0, _triton_ffn.FFNKernels("triton", "grouped_mm")),
+}
+
+
+def _step_fn(layer, x, cf: float, kernels):
+    x_in = x.clone().requires_grad_(True)
+    g = torch.randn_like(x)
+    auto = _triton_ffn.kernels_for
+
+    def step():
+        _triton_ffn.set_enabled(kernels is not None)
+        if kernels is not None and kernels != "auto":
+            _triton_ffn.kernels_for = lambda *args: kernels
+        try:
+            y = layer(x_in, capacity_factor=cf)
+            torch.autograd.backward([y, y.l_aux], [g, torch.ones_like(y.l_aux)])
+        finally:
+            _triton_ffn.kernels_for = auto
+            _triton_ffn.set_enabled(False)
+        for p in layer.parameters():
+            p.grad = None
+        x_in.grad = None
+    return step
+
+
+def run(name: str, iters: int) -> None:
+    cfg = CONFIGS[name]
+    layer = build_layer(cfg, "cuda")
+    x = torch.randn(cfg["T"], cfg["D"], device="cuda", dtype=DTYPES[cfg["dtype"]])
+    balance_routing(layer, x, cfg["K"])
+    steps, peaks = {}, {}
+    for label, (cf, kernels) in VARIANTS.items():
+        steps[label] = _step_fn(layer, x, cf, kernels)
+        for _ in range(3):
+            steps[label]()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        steps[label]()
+        torch.cuda.synchronize()
+        peaks[label] = torch.cuda.max_memory_allocated() / 2**30
+    samples = {label: [] for label in steps}
+    labels = list(steps)
+    for i in range(iters):
+        for label in labels[i % len(labels):] + labels[:i % len(labels)]:
+            samples[label].append(time_call(steps[label], "cuda"))
+    medians = {label: statistics.median(v) for label, v in samples.items()}
+    for label, ms in medians.items():
+        print(f"{name:<8} {label:<32} {ms:8.3f} ms  x cf=1 {ms / medians['cf=1']:.3f}  peak {peaks[label]:6.2f} GiB",
+              flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("configs", nargs="*", default=["fine64", "dsv3", "mixtral"])
+    ap.add_argument("--iters", type=int, default=30)
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(), flush=True)
+    for name in args.configs:
+        run(name, args.iters)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 of the layer, balanced routing, cf=1 against dropless with the expert FFN on grouped_mm (the
 default) and on the Triton kernels (``ops._triton_ffn``) with each choice of kernels.
 
-    python3 scripts/ab_dropless_train.py [fine64 dsv3 mixtral ...] [--iters N]
+    python3 scripts/ab_dropless_train.py [fine64 dsv3 mixtral ...] [--iters N] [--profile]
 
 Each round runs every variant once in a rotating order (CUDA events around each step, a sync
 after it); medians over the rounds, and each variant's peak memory over one step. Issue #3 asks
@@ -18,6 +18,7 @@ import torch
 from adaptmoe.examples.bench_layer import CONFIGS, DTYPES, balance_routing, build_layer
 from adaptmoe.examples.timing import time_call
 from adaptmoe.ops import _triton_ffn
+from scripts.explore_triton_train import profile_steps
 
 # label -> (capacity factor, Triton FFN kernels or None for grouped_mm, or "auto" for kernels_for)
 VARIANTS = {
@@ -50,7 +51,7 @@ def _step_fn(layer, x, cf: float, kernels):
     return step
 
 
-def run(name: str, iters: int) -> None:
+def run(name: str, iters: int, profile: bool) -> None:
     cfg = CONFIGS[name]
     layer = build_layer(cfg, "cuda")
     x = torch.randn(cfg["T"], cfg["D"], device="cuda", dtype=DTYPES[cfg["dtype"]])
@@ -65,6 +66,8 @@ def run(name: str, iters: int) -> None:
         steps[label]()
         torch.cuda.synchronize()
         peaks[label] = torch.cuda.max_memory_allocated() / 2**30
+    if profile:
+        profile_steps({label: steps[label] for label in ("cf=1", "dropless grouped_mm")})
     samples = {label: [] for label in steps}
     labels = list(steps)
     for i in range(iters):
@@ -80,10 +83,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("configs", nargs="*", default=["fine64", "dsv3", "mixtral"])
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--profile", action="store_true", help="GPU time per kernel of cf=1 and dropless grouped_mm")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
     for name in args.configs:
-        run(name, args.iters)
+        run(name, args.iters, args.profile)
 
 
 if __name__ == "__main__":

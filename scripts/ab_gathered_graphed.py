@@ -1,7 +1,7 @@
 """Interleaved A/B (device machine): a dropless no-grad forward replayed from a CUDA graph with the
 gathered Triton first GEMM on and off, and the cf=1 forward, balanced routing, per config.
 
-    python3 scripts/ab_gathered_graphed.py [dsv3 fine64 ...] [--iters N] [--no-size-limit]
+    python3 scripts/ab_gathered_graphed.py [dsv3 fine64 ...] [--iters N]
 
 Each round replays the three graphs back to back in a rotating order (CUDA events around each
 replay, a sync after it); medians over the rounds. GPU time only: no host work per replay.
@@ -43,12 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("configs", nargs="*", default=["dsv3", "fine64", "mixtral"])
     ap.add_argument("--iters", type=int, default=40)
-    ap.add_argument("--no-size-limit", action="store_true",
-                    help="gathered first GEMM for experts of any size (lifts _triton_gemm.MAX_EXPERT_WEIGHTS)")
     args = ap.parse_args()
-    if args.no_size_limit:
-        from adaptmoe.ops import _triton_gemm
-        _triton_gemm.MAX_EXPERT_WEIGHTS = 1 << 62
     print(torch.cuda.get_device_name())
     for name in args.configs:
         run(name, args.iters)

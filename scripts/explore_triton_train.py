@@ -119,7 +119,7 @@ def whole_ffn(name: str, T: int, D: int, H: int, E: int, K: int, profile: bool =
         _triton_ffn.relu_ffn(x, counts, w.w1_eHD, None, w.w2_eHO, None, kernels).backward(gy)
 
     if profile:
-        _profile({"grouped_mm autograd": lambda: step(None), "padded bmm": lambda: step(C),
+        profile_steps({"grouped_mm autograd": lambda: step(None), "padded bmm": lambda: step(C),
                   **{f"triton {k.plain}/{k.weight_grads}": (lambda k=k: triton_step(k)) for k in KERNEL_CHOICES}})
         return
     print(f"  -- {name} whole relu FFN, forward + backward (GEMMs alone: 3 x floor's two)", flush=True)
@@ -133,7 +133,7 @@ def whole_ffn(name: str, T: int, D: int, H: int, E: int, K: int, profile: bool =
     print(f"  (kernels_for picks {_triton_ffn.kernels_for(R, E, False)})", flush=True)
 
 
-def _profile(steps: dict) -> None:
+def profile_steps(steps: dict) -> None:
     """GPU time per kernel of each step (10 steps after 3 warmup), to find where a whole FFN spends
     more than the sum of its GEMMs."""
     from torch.profiler import ProfilerActivity, profile
@@ -149,8 +149,9 @@ def _profile(steps: dict) -> None:
         total = sum(e.device_time_total for e in events) / 10 / 1e3
         wall = pipelined_ms(fn, calls=5)
         print(f"\n  -- {label}: {total:.3f} ms of kernels per step, {wall:.3f} ms per step back to back", flush=True)
-        for e in sorted(events, key=lambda e: -e.device_time_total)[:12]:
-            print(f"    {e.device_time_total / 10 / 1e3:7.3f} ms x{e.count // 10:<3} {e.key[:90]}", flush=True)
+        for e in sorted(events, key=lambda e: -e.device_time_total)[:20]:
+            name = e.key if len(e.key) <= 100 else e.key[:60] + " ... " + e.key[-35:]
+            print(f"    {e.device_time_total / 10 / 1e3:7.3f} ms x{e.count // 10:<3} {name}", flush=True)
 
 
 def main() -> None:

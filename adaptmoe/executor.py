@@ -48,6 +48,10 @@ def run_experts_local(x_RD: Tensor, routing: Routing, experts, num_experts: int)
 
 def run_local(x_TD: Tensor, routing: Routing, experts, *, num_experts: int, is_postscore: bool) -> Tensor:
     scale_TK, combine_TK = gate_scales(routing, is_postscore)
+    layout = experts.slot_layout(x_TD, routing) if hasattr(experts, "slot_layout") else None
+    if layout is not None:   # dropless in cf=1's slots, overflow rows in free ones (experts.slot_layout)
+        x_SD = dispatch_ops.dispatch(x_TD, layout.slots_TK, num_experts * layout.capacity, scale_TK)
+        return dispatch_ops.combine(experts.forward_slotted(x_SD, layout), layout.slots_TK, combine_TK)
     x_RD = dispatch_ops.dispatch(x_TD, routing.slots_TK, routing.num_rows, scale_TK)
     y_RO = run_experts_local(x_RD, routing, experts, num_experts)
     return dispatch_ops.combine(y_RO, routing.slots_TK, combine_TK)

@@ -223,3 +223,18 @@ def ffn_grouped_loop(x_RD: Tensor, counts_e: Tensor, w: FFNWeights, act: Callabl
     if not outputs:
         return x_RD.new_zeros(0, w.w2_eHO.shape[2])
     return torch.cat(outputs, dim=0)
+
+
+def ffn_slotted(x_SD: Tensor, layout, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor:
+    """The FFN over a dropless routing laid out in capacity slots (``routing.OverflowSlots``):
+    every GEMM a cuBLAS bmm over the slots plus Triton fix-ups of the overflow rows
+    (``ops._triton_slotted``; check its blocker first). The activation is elementwise, so it
+    needs no fix-up."""
+    from .ops._triton_slotted import slotted_bmm   # lazy: ops imports this module's users
+    with torch.autocast("cuda", enabled=False):
+        h_SH = slotted_bmm(x_SD, w.w1_eHD, True, layout)
+        if w.w3_eHD is not None:
+            h_SH = gated_product(h_SH, slotted_bmm(x_SD, w.w3_eHD, True, layout), act)
+        else:
+            h_SH = act(h_SH)
+        return slotted_bmm(h_SH, w.w2_eHO, False, layout)

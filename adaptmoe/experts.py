@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ExpertConfig
-from .expert_compute import FFNWeights, ffn_grouped, ffn_padded
+from .expert_compute import FFNWeights, ffn_grouped, ffn_padded, ffn_slotted
+from .routing import OverflowSlots, capacity_for, overflow_slots
 
 ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -94,6 +95,27 @@ class FFNExperts(nn.Module):
     def forward_grouped(self, x_RD: Tensor, counts_e: Tensor, weights: FFNWeights | None = None,
                         max_rows_per_expert: int | None = None) -> Tensor:
         return ffn_grouped(x_RD, counts_e, weights or self.stored_weights(), self.activation, max_rows_per_expert)
+
+    def slot_layout(self, x_TD: Tensor, routing) -> OverflowSlots | None:
+        """The capacity-slot layout for a dropless training call of these experts on one process
+        (``ops._triton_slotted``), or None where grouped_mm serves: no gradient, a blocker, or
+        the layer's last call overflowed cf=1's capacity by too much."""
+        from .ops import _triton_slotted   # lazy: ops imports this module's users
+        if not (_triton_slotted.is_enabled() and torch.is_grad_enabled() and routing.dropless):
+            return None
+        w = self.stored_weights()
+        weights = (w.w1_eHD, w.w2_eHO) + (() if w.w3_eHD is None else (w.w3_eHD,))
+        T, K = routing.indices_TK.shape
+        if T == 0 or _triton_slotted.blocker(x_TD, weights, (w.b1_eH, w.b2_eO)) is not None:
+            return None
+        capacity = capacity_for(1.0, T, self.num_local_experts, K)
+        monitor = self.__dict__.setdefault("_overflow_monitor", _triton_slotted.OverflowMonitor())
+        prefer = monitor.prefer_slots()
+        monitor.record(routing.counts_E, capacity, T * K)
+        return overflow_slots(routing, capacity) if prefer else None
+
+    def forward_slotted(self, x_SD: Tensor, layout: OverflowSlots) -> Tensor:
+        return ffn_slotted(x_SD, layout, self.stored_weights(), self.activation)
 
     def extra_repr(self) -> str:
         kind = "gated_ffn" if self.gated else "ffn"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -114,3 +115,41 @@ def fused_routing(logits_TE: Tensor, config, top_k: int, capacity_factor: float)
     probs_TE = scores_TE / scores_TE.sum(dim=1, keepdim=True).clamp(min=1e-9) if sigmoid else scores_TE
     num_rows = T * top_k if capacity is None else E * capacity
     return Routing(indices_TK, weights_TK, locations_TK, counts_E, capacity, slots_TK, num_rows), probs_TE
+
+
+class OverflowSlots(NamedTuple):
+    """A dropless routing laid out in E*C capacity slots: each expert's first C rows in its own
+    slots, the rest ("overflow") in slots other experts leave free. Overflow row g (ordered by
+    true expert, then rank) sits in slot rows_O[g]; the g-th free slot in slot order, so rows_O
+    increases with g and is grouped both by true expert (counts over_E) and by the expert owning
+    the slot (counts hosted_E). Only the first sum(over_E) entries of rows_O are meaningful."""
+    slots_TK: Tensor    # int64 slot of each choice (none dropped)
+    rows_O: Tensor      # int64 [T*K] slots of the overflow rows
+    over_E: Tensor      # int64 overflow rows per true expert
+    hosted_E: Tensor    # int64 overflow rows placed in each expert's free slots
+    capacity: int
+
+
+def overflow_slots(routing: Routing, capacity: int) -> OverflowSlots:
+    """Places a dropless ``routing`` in ``capacity`` slots per expert with no host sync (torch
+    ops on the routing's device). Needs E * capacity >= T * K so that every overflow row finds a
+    free slot."""
+    T, K = routing.indices_TK.shape
+    E = routing.counts_E.numel()
+    if E * capacity < T * K:
+        raise ValueError(f"capacity must hold every row: {E} experts x {capacity} < {T * K} rows")
+    e_TK, loc_TK, n_E = routing.indices_TK, routing.locations_TK, routing.counts_E
+    over_E = (n_E - capacity).clamp(min=0)
+    free_E = (capacity - n_E).clamp(min=0)
+    free_end_E = torch.cumsum(free_E, 0)
+    over_TK = loc_TK >= capacity
+    g_TK = (torch.cumsum(over_E, 0) - over_E)[e_TK] + loc_TK - capacity   # overflow index, where over_TK
+    g_TK = torch.where(over_TK, g_TK, torch.zeros_like(g_TK))
+    host_TK = torch.searchsorted(free_end_E, g_TK, right=True).clamp(max=E - 1)
+    free_slot_TK = host_TK * capacity + n_E[host_TK] + g_TK - (free_end_E - free_E)[host_TK]
+    slots_TK = torch.where(over_TK, free_slot_TK, e_TK * capacity + loc_TK)
+    rows_O = torch.zeros(T * K + 1, dtype=torch.int64, device=e_TK.device)
+    rows_O.scatter_(0, torch.where(over_TK, g_TK, T * K).reshape(-1), slots_TK.reshape(-1))
+    total_over = over_E.sum()
+    hosted_E = (total_over - (free_end_E - free_E)).clamp(min=0).minimum(free_E)
+    return OverflowSlots(slots_TK, rows_O[:T * K], over_E, hosted_E, capacity)

@@ -1,8 +1,9 @@
 """Interleaved A/B (device machine): one training step (forward + backward, gshard loss included)
-of the layer, balanced routing, cf=1 against dropless with the expert FFN on grouped_mm (the
-default) and on the Triton kernels (``ops._triton_ffn``) with each choice of kernels.
+of the layer, cf=1 against dropless in capacity slots (``ops._triton_slotted``, the default),
+on grouped_mm, and on the Triton FFN (``ops._triton_ffn``) with each choice of kernels.
 
     python3 scripts/ab_dropless_train.py [fine64 dsv3 mixtral ...] [--iters N] [--profile]
+        [--routing balanced|random]
 
 Each round runs every variant once in a rotating order (CUDA events around each step, a sync
 after it); medians over the rounds, and each variant's peak memory over one step. Issue #3 asks
@@ -17,26 +18,27 @@ import torch
 
 from adaptmoe.examples.bench_layer import CONFIGS, DTYPES, balance_routing, build_layer
 from adaptmoe.examples.timing import time_call
-from adaptmoe.ops import _triton_ffn
+from adaptmoe.ops import _triton_ffn, _triton_slotted
 from scripts.explore_triton_train import profile_steps
 
-# label -> (capacity factor, Triton FFN kernels or None for grouped_mm, or "auto" for kernels_for)
+# label -> (capacity factor, slot path on, Triton FFN kernels: None off, "auto" for kernels_for)
 VARIANTS = {
-    "cf=1": (1.0, None),
-    "dropless grouped_mm": (0.0, None),
-    "dropless triton auto": (0.0, "auto"),
-    "dropless triton all": (0.0, _triton_ffn.FFNKernels("triton", "triton")),
-    "dropless triton, dW grouped_mm": (0.0, _triton_ffn.FFNKernels("triton", "grouped_mm")),
+    "cf=1": (1.0, False, None),
+    "dropless slots (default)": (0.0, True, None),
+    "dropless grouped_mm": (0.0, False, None),
+    "dropless triton auto": (0.0, False, "auto"),
+    "dropless triton, dW grouped_mm": (0.0, False, _triton_ffn.FFNKernels("triton", "grouped_mm")),
 }
 
 
-def _step_fn(layer, x, cf: float, kernels):
+def _step_fn(layer, x, cf: float, slots: bool, kernels):
     x_in = x.clone().requires_grad_(True)
     g = torch.randn_like(x)
     auto = _triton_ffn.kernels_for
 
     def step():
         _triton_ffn.set_enabled(kernels is not None)
+        _triton_slotted.set_enabled(slots)
         if kernels is not None and kernels != "auto":
             _triton_ffn.kernels_for = lambda *args: kernels
         try:
@@ -45,20 +47,23 @@ def _step_fn(layer, x, cf: float, kernels):
         finally:
             _triton_ffn.kernels_for = auto
             _triton_ffn.set_enabled(False)
+            _triton_slotted.set_enabled(True)
         for p in layer.parameters():
             p.grad = None
         x_in.grad = None
     return step
 
 
-def run(name: str, iters: int, profile: bool) -> None:
+def run(name: str, iters: int, profile: bool, routing: str) -> None:
     cfg = CONFIGS[name]
+    torch.manual_seed(0)
     layer = build_layer(cfg, "cuda")
     x = torch.randn(cfg["T"], cfg["D"], device="cuda", dtype=DTYPES[cfg["dtype"]])
-    balance_routing(layer, x, cfg["K"])
+    if routing == "balanced":
+        balance_routing(layer, x, cfg["K"])
     steps, peaks = {}, {}
-    for label, (cf, kernels) in VARIANTS.items():
-        steps[label] = _step_fn(layer, x, cf, kernels)
+    for label, (cf, slots, kernels) in VARIANTS.items():
+        steps[label] = _step_fn(layer, x, cf, slots, kernels)
         for _ in range(3):
             steps[label]()
         torch.cuda.synchronize()
@@ -67,13 +72,16 @@ def run(name: str, iters: int, profile: bool) -> None:
         torch.cuda.synchronize()
         peaks[label] = torch.cuda.max_memory_allocated() / 2**30
     if profile:
-        profile_steps({label: steps[label] for label in ("cf=1", "dropless grouped_mm")})
+        profile_steps({label: steps[label] for label in ("cf=1", "dropless slots (default)", "dropless grouped_mm")})
     samples = {label: [] for label in steps}
     labels = list(steps)
     for i in range(iters):
         for label in labels[i % len(labels):] + labels[:i % len(labels)]:
             samples[label].append(time_call(steps[label], "cuda"))
     medians = {label: statistics.median(v) for label, v in samples.items()}
+    monitor = getattr(layer.experts, "_overflow_monitor", None)
+    print(f"{name:<8} {routing} routing; overflow fraction of the last measured slot-path call: "
+          f"{None if monitor is None else monitor.fraction}", flush=True)
     for label, ms in medians.items():
         print(f"{name:<8} {label:<32} {ms:8.3f} ms  x cf=1 {ms / medians['cf=1']:.3f}  peak {peaks[label]:6.2f} GiB",
               flush=True)
@@ -83,11 +91,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("configs", nargs="*", default=["fine64", "dsv3", "mixtral"])
     ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--profile", action="store_true", help="GPU time per kernel of cf=1 and dropless grouped_mm")
+    ap.add_argument("--profile", action="store_true", help="GPU time per kernel of cf=1 and the dropless paths")
+    ap.add_argument("--routing", choices=["balanced", "random"], default="balanced")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
     for name in args.configs:
-        run(name, args.iters, args.profile)
+        run(name, args.iters, args.profile, args.routing)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ a dependency of the CPU install).
 
     pip install --target /tmp/tritonlib triton==3.6.0      # the wheel torch's CUDA builds use
     TRITON_INTERPRET=1 PYTHONPATH=/tmp/tritonlib:. python scripts/check_triton_on_cpu.py interpret
+    TRITON_INTERPRET=1 PYTHONPATH=/tmp/tritonlib:. python scripts/check_triton_on_cpu.py slotted
     PYTHONPATH=/tmp/tritonlib:. python scripts/check_triton_on_cpu.py compile
 
 interpret: runs the shipped kernels (``adaptmoe.ops._triton_gemm``, ``_triton_ffn``) and the
@@ -77,6 +78,41 @@ def interpret() -> None:
               f"{max(d.abs().max().item() for d in diffs):.3g}")
 
 
+def slotted() -> None:
+    """The slot path (``ops._triton_slotted``) on skewed routing (overflow rows, experts with none)
+    against a float64 loop over tokens and their experts: outputs and every gradient."""
+    from adaptmoe.dispatch import combine_reference, dispatch_reference
+    from adaptmoe.expert_compute import FFNWeights, ffn_slotted
+    from adaptmoe.routing import build_routing, overflow_slots
+    torch.manual_seed(0)
+    T, E, K, D, H = 40, 4, 2, 128, 128
+    idx_TK = (torch.randn(T, E) + torch.tensor([2.0, 1.0, 0.0, -3.0])).topk(K, dim=1).indices
+    routing = build_routing(idx_TK, torch.rand(T, K), E, 0.0)
+    layout = overflow_slots(routing, K * -(-T // E))
+    x = torch.randn(T, D, requires_grad=True)
+    w = [(torch.randn(E, H, D) / D ** 0.5).requires_grad_() for _ in range(3)]
+    for gated in (False, True):
+        weights = FFNWeights(w[0], w[1], w3_eHD=w[2] if gated else None)
+        x_SD = dispatch_reference(x, layout.slots_TK, E * layout.capacity)
+        y = combine_reference(ffn_slotted(x_SD, layout, weights, torch.relu), layout.slots_TK, routing.weights_TK)
+        gy = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x, *w[:3 if gated else 2]], gy)
+        ref = [t.detach().double().requires_grad_() for t in (x, *w)]
+        y_ref = torch.zeros(T, D, dtype=torch.float64)
+        for t in range(T):
+            for j in range(K):
+                e = int(idx_TK[t, j])
+                h = torch.relu(ref[0][t] @ ref[1][e].t())
+                if gated:
+                    h = h * (ref[0][t] @ ref[3][e].t())
+                y_ref[t] += float(routing.weights_TK[t, j]) * (h @ ref[2][e])
+        want = torch.autograd.grad(y_ref, [ref[0], ref[1], ref[2]] + ([ref[3]] if gated else []), gy.double())
+        diffs = [(y.double() - y_ref).abs().max().item()] + [(g.double() - r).abs().max().item()
+                                                            for g, r in zip(got, want)]
+        print(f"slotted ffn gated={gated}: overflow rows {layout.over_E.tolist()}, hosted {layout.hosted_E.tolist()}; "
+              f"max |diff| output {diffs[0]:.3g}, grads {max(diffs[1:]):.3g}")
+
+
 def compile_for_sm90() -> None:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -104,9 +140,9 @@ def compile_for_sm90() -> None:
     shipped = {"a_ptr": "*bf16", "gather_ptr": "*i32", "b_ptr": "*bf16", "bias_ptr": "*bf16", "mask_ptr": "*bf16",
                "c_ptr": "*bf16", "counts_ptr": "*i64", "E": "i32", "TOP_K": "i32", "KD": "i32", "N": "i32",
                "stride_be": "i32", "stride_bk": "constexpr", "stride_bn": "i32", "PROGRAMS": "i32", **{k: "constexpr" for k in (
-                   "N_TILES", "GATHER", "HAS_BIAS", "EPILOGUE", "GROUP_M", "EP", "BM", "BN", "BK")}}
+                   "N_TILES", "GATHER", "SCATTER", "HAS_BIAS", "EPILOGUE", "GROUP_M", "EP", "BM", "BN", "BK")}}
     for stages in (3, 4):
-        build(tg._grouped_rows_kernel, shipped, {"stride_bk": 1, "N_TILES": 4, "GATHER": False, "HAS_BIAS": False,
+        build(tg._grouped_rows_kernel, shipped, {"stride_bk": 1, "N_TILES": 4, "GATHER": False, "SCATTER": False, "HAS_BIAS": False,
                                                  "EPILOGUE": 1, "GROUP_M": 8, "BM": 128, "BN": 256, **tiles}, stages)
     for flatten in (False, True):
         build(persistent._rows_persistent_kernel, rows, {"stride_bk": 1, "N_TILES": 4, "GATHER": False, "RELU": True,
@@ -117,4 +153,4 @@ def compile_for_sm90() -> None:
 
 
 if __name__ == "__main__":
-    {"interpret": interpret, "compile": compile_for_sm90}[sys.argv[1] if len(sys.argv) > 1 else "interpret"]()
+    {"interpret": interpret, "slotted": slotted, "compile": compile_for_sm90}[sys.argv[1] if len(sys.argv) > 1 else "interpret"]()

@@ -50,7 +50,7 @@ def _rows_persistent_kernel(a_ptr, gather_ptr, b_ptr, c_ptr, counts_ptr, E, TOP_
         pid_m, pid_n = _tile_of(tile, m_tiles, N_TILES, GROUP_M)
         e, row_stop, first_row = tg._expert_of_tile(counts_ptr, E, pid_m, EP, BM)
         tg._grouped_rows_tile(a_ptr, gather_ptr, b_ptr, a_ptr, a_ptr, c_ptr, e, row_stop, first_row, pid_n,
-                              TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER, False, 1 if RELU else 0,
+                              TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER, False, False, 1 if RELU else 0,
                               BM, BN, BK)
 
 
@@ -59,7 +59,8 @@ def _ragged_persistent_kernel(a_ptr, b_ptr, c_ptr, counts_ptr, E, P, Q, FLATTEN:
                               NUM_PROGRAMS: tl.constexpr, EP: tl.constexpr,
                               BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
     for tile in tl.range(tl.program_id(0), E * (P // BP) * (Q // BQ), NUM_PROGRAMS, flatten=FLATTEN):
-        tg._ragged_k_tile(a_ptr, b_ptr, c_ptr, c_ptr, c_ptr, counts_ptr, tile, E, P, Q, False, False, EP, BP, BQ, BK)
+        tg._ragged_k_tile(a_ptr, b_ptr, c_ptr, c_ptr, c_ptr, counts_ptr, a_ptr, tile, E, P, Q, False, False, False, 0,
+                          EP, BP, BQ, BK)
 
 
 @triton.jit
@@ -73,7 +74,8 @@ def _rows_order_kernel(a_ptr, gather_ptr, b_ptr, c_ptr, counts_ptr, E, TOP_K, KD
     if e >= E:
         return
     tg._grouped_rows_tile(a_ptr, gather_ptr, b_ptr, a_ptr, a_ptr, c_ptr, e, row_stop, first_row, pid_n,
-                          TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER, False, 1 if RELU else 0, BM, BN, BK)
+                          TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER, False, False, 1 if RELU else 0,
+                          BM, BN, BK)
 
 
 def _b_layout(b, trans_b: bool):

@@ -96,8 +96,8 @@ if triton is not None:
     @triton.jit
     def _grouped_rows_kernel(a_ptr, gather_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, counts_ptr,
                              E, TOP_K, KD, N, stride_be, stride_bk, stride_bn, PROGRAMS,
-                             N_TILES: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             EPILOGUE: tl.constexpr, GROUP_M: tl.constexpr,
+                             N_TILES: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, GROUP_M: tl.constexpr,
                              EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         # c[r] = epilogue(a[r] @ B[e(r)] + bias[e(r)]) over expert-grouped rows. Persistent: PROGRAMS
         # programs (at most one per SM; a runtime value, so batch sizes that change every call
@@ -114,15 +114,17 @@ if triton is not None:
             pid_m, pid_n = _tile_of(tile, m_tiles, N_TILES, GROUP_M)
             e, row_stop, first_row = _expert_of_tile(counts_ptr, E, pid_m, EP, BM)
             _grouped_rows_tile(a_ptr, gather_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, e, row_stop, first_row, pid_n,
-                               TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER, HAS_BIAS, EPILOGUE, BM, BN, BK)
+                               TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER, SCATTER, HAS_BIAS, EPILOGUE,
+                               BM, BN, BK)
 
     @triton.jit
     def _grouped_rows_tile(a_ptr, gather_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, e, row_stop, first_row, pid_n,
                            TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+                           SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """One BM x BN output tile of ``_grouped_rows_kernel``: rows [first_row, first_row + BM) of
-        expert e (those at or past row_stop belong to the next expert: read as 0, not stored)."""
+        expert e (those at or past row_stop belong to the next expert: read as 0, not stored).
+        SCATTER (with GATHER, TOP_K 1): the output row, and the relu mask's, is the gathered row."""
         rows = first_row + tl.arange(0, BM)
         in_rows = rows < row_stop
         if GATHER:   # row r is choice gather[r] of token gather[r] // TOP_K: read the token itself
@@ -142,7 +144,10 @@ if triton is not None:
             b_ptrs += BK * stride_bk
         if HAS_BIAS:
             acc += tl.load(bias_ptr + e.to(tl.int64) * N + cols).to(tl.float32)[None, :]
-        c_offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+        if SCATTER:
+            c_offsets = a_rows[:, None] * N + cols[None, :]
+        else:
+            c_offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
         if EPILOGUE == 1:     # relu
             acc = tl.maximum(acc, 0.0)
         elif EPILOGUE == 2:   # relu's backward: keep the gradient where the saved relu output is > 0
@@ -158,14 +163,24 @@ if triton is not None:
         # expert's rows, however many: zero rows write zeros). Expert-major program order keeps
         # one expert's rows in L2 while its P x Q tiles run. Optional fp32 column sums of a and b
         # over the same rows (bias gradients) come from the tiles of the first column / row.
-        _ragged_k_tile(a_ptr, b_ptr, c_ptr, sum_a_ptr, sum_b_ptr, counts_ptr, tl.program_id(0), E, P, Q,
-                       SUM_A, SUM_B, EP, BP, BQ, BK)
+        _ragged_k_tile(a_ptr, b_ptr, c_ptr, sum_a_ptr, sum_b_ptr, counts_ptr, a_ptr, tl.program_id(0), E, P, Q,
+                       SUM_A, SUM_B, False, 0, EP, BP, BQ, BK)
 
     @triton.jit
-    def _ragged_k_tile(a_ptr, b_ptr, c_ptr, sum_a_ptr, sum_b_ptr, counts_ptr, tile, E, P, Q,
-                       SUM_A: tl.constexpr, SUM_B: tl.constexpr,
+    def _ragged_k_update_kernel(a_ptr, b_ptr, c_ptr, counts_ptr, gather_ptr, E, P, Q, SIGN: tl.constexpr,
+                                EP: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+        # c[e] += SIGN * a[gather[rows of e]]^T @ b[gather[rows of e]]; experts with no rows are not
+        # touched (no read or write of their c), so an update over few rows costs little.
+        _ragged_k_tile(a_ptr, b_ptr, c_ptr, c_ptr, c_ptr, counts_ptr, gather_ptr, tl.program_id(0), E, P, Q,
+                       False, False, True, SIGN, EP, BP, BQ, BK)
+
+    @triton.jit
+    def _ragged_k_tile(a_ptr, b_ptr, c_ptr, sum_a_ptr, sum_b_ptr, counts_ptr, gather_ptr, tile, E, P, Q,
+                       SUM_A: tl.constexpr, SUM_B: tl.constexpr, GATHER: tl.constexpr, SIGN: tl.constexpr,
                        EP: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
-        """Output tile ``tile`` of ``_ragged_k_kernel`` (expert-major, then P, then Q tiles)."""
+        """Output tile ``tile`` of ``_ragged_k_kernel`` (expert-major, then P, then Q tiles).
+        GATHER: grouped row r is row gather[r] of a and b. SIGN 0 stores the tile; +1 / -1 add it
+        to / subtract it from c, for experts with rows only."""
         tiles_p = tl.cdiv(P, BP)
         tiles_q = tl.cdiv(Q, BQ)
         e = tile // (tiles_p * tiles_q)
@@ -186,8 +201,13 @@ if triton is not None:
         sum_b = tl.zeros((BQ,), dtype=tl.float32)
         for k in range(0, tl.cdiv(count, BK)):
             in_rows = (k * BK + ks) < count
-            a = tl.load(a_ptrs, mask=in_rows[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=in_rows[:, None], other=0.0)
+            if GATHER:
+                src = tl.load(gather_ptr + rows + k * BK, mask=in_rows, other=0).to(tl.int64)
+                a = tl.load(a_ptr + src[:, None] * P + ps[None, :], mask=in_rows[:, None], other=0.0)
+                b = tl.load(b_ptr + src[:, None] * Q + qs[None, :], mask=in_rows[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=in_rows[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=in_rows[:, None], other=0.0)
             acc = tl.dot(tl.trans(a), b, acc)
             if SUM_A:
                 sum_a += tl.sum(a.to(tl.float32), 0)
@@ -196,7 +216,11 @@ if triton is not None:
             a_ptrs += BK * P
             b_ptrs += BK * Q
         e64 = e.to(tl.int64)
-        tl.store(c_ptr + e64 * P * Q + ps[:, None].to(tl.int64) * Q + qs[None, :], acc.to(c_ptr.dtype.element_ty))
+        c_ptrs = c_ptr + e64 * P * Q + ps[:, None].to(tl.int64) * Q + qs[None, :]
+        if SIGN == 0:
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty))
+        elif count > 0:
+            tl.store(c_ptrs, (tl.load(c_ptrs).to(tl.float32) + SIGN * acc).to(c_ptr.dtype.element_ty))
         if SUM_A:
             if pid_q == 0:
                 tl.store(sum_a_ptr + e64 * P + ps, sum_a)
@@ -222,15 +246,19 @@ def _experts_pow2(E: int) -> int:
 
 def grouped_rows_mm(a: Tensor, counts_E: Tensor, b_E: Tensor, transpose_b: bool, *, bias_EN: Tensor | None = None,
                     gather_R: Tensor | None = None, top_k: int = 1, epilogue: int = EPILOGUE_NONE,
-                    relu_out: Tensor | None = None, tiles: Tiles = ROWS_TILES) -> Tensor:
+                    relu_out: Tensor | None = None, out: Tensor | None = None, tiles: Tiles = ROWS_TILES) -> Tensor:
     """c_RN[r] = epilogue(a[r'] @ B_e + bias_EN[e]) for the expert e owning grouped row r, where
     B_e = b_E[e]^T if ``transpose_b`` else b_E[e] (so [E, N, KD] or [E, KD, N]) and r' = r, or
     gather_R[r] // top_k when ``gather_R`` is given (a holds tokens). ``relu_out`` (R x N, the
-    saved relu output) is the mask of EPILOGUE_RELU_GRAD. No autograd; check a blocker first."""
+    saved relu output) is the mask of EPILOGUE_RELU_GRAD. With ``out`` (and ``gather_R``, top_k 1)
+    the rows go to out[r'] instead, the relu mask is read at r' too, and only the first
+    sum(counts_E) entries of gather_R are used (it may be longer). No autograd; check a blocker first."""
     E = b_E.shape[0]
     N, KD = (b_E.shape[1], b_E.shape[2]) if transpose_b else (b_E.shape[2], b_E.shape[1])
     R = a.shape[0] if gather_R is None else gather_R.numel()
-    c_RN = torch.empty(R, N, device=a.device, dtype=a.dtype)
+    if out is not None and (gather_R is None or top_k != 1 or out.shape[1] != N or not out.is_contiguous()):
+        raise ValueError("out= needs gather_R, top_k=1 and a contiguous output of N columns")
+    c_RN = torch.empty(R, N, device=a.device, dtype=a.dtype) if out is None else out
     if R == 0:
         return c_RN
     stride_bk, stride_bn = (1, KD) if transpose_b else (N, 1)
@@ -241,7 +269,8 @@ def grouped_rows_mm(a: Tensor, counts_E: Tensor, b_E: Tensor, transpose_b: bool,
     _grouped_rows_kernel[(programs,)](
         a.contiguous(), dummy if gather_R is None else gather_R, b_E, dummy if bias_EN is None else bias_EN,
         dummy if relu_out is None else relu_out, c_RN, counts_E, E, top_k, KD, N, KD * N, stride_bk, stride_bn,
-        programs, N_TILES=N // block_n, GATHER=gather_R is not None, HAS_BIAS=bias_EN is not None, EPILOGUE=epilogue,
+        programs, N_TILES=N // block_n, GATHER=gather_R is not None, SCATTER=out is not None,
+        HAS_BIAS=bias_EN is not None, EPILOGUE=epilogue,
         GROUP_M=ROWS_GROUP_M, EP=_experts_pow2(E), BM=tiles.m, BN=block_n, BK=block_k, num_warps=tiles.warps, num_stages=tiles.stages)
     return c_RN
 
@@ -262,6 +291,21 @@ def ragged_k_mm(a_RP: Tensor, b_RQ: Tensor, counts_E: Tensor, *, sum_a: bool = F
         c_EPQ if sum_b_EQ is None else sum_b_EQ, counts_E, E, P, Q, SUM_A=sum_a, SUM_B=sum_b,
         EP=_experts_pow2(E), BP=block_p, BQ=block_q, BK=tiles.k, num_warps=tiles.warps, num_stages=tiles.stages)
     return c_EPQ, sum_a_EP, sum_b_EQ
+
+
+def ragged_k_update(c_EPQ: Tensor, a_SP: Tensor, b_SQ: Tensor, counts_E: Tensor, rows_R: Tensor, sign: int,
+                    tiles: Tiles = RAGGED_TILES) -> Tensor:
+    """c_EPQ[e] += sign * a[rows of e]^T b[rows of e] in place, where the rows of e are
+    rows_R[offsets of counts_E]; experts with no rows are left untouched. No autograd."""
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be 1 or -1, got {sign}")
+    E, P, Q = counts_E.numel(), a_SP.shape[1], b_SQ.shape[1]
+    block_p = tiles.m if P % tiles.m == 0 else 128
+    block_q = tiles.n if Q % tiles.n == 0 else 128
+    _ragged_k_update_kernel[(E * (P // block_p) * (Q // block_q),)](
+        a_SP, b_SQ, c_EPQ, counts_E, rows_R, E, P, Q, SIGN=sign, EP=_experts_pow2(E), BP=block_p, BQ=block_q,
+        BK=tiles.k, num_warps=tiles.warps, num_stages=tiles.stages)
+    return c_EPQ
 
 
 def gathered_fc1_blocker(x_TD: Tensor, w1_EHD: Tensor, b1_EH: Tensor | None, is_relu: bool) -> str | None:
@@ -307,4 +351,4 @@ def is_available() -> bool:
 
 __all__ = ["EPILOGUE_NONE", "EPILOGUE_RELU", "EPILOGUE_RELU_GRAD", "TOLERANCE", "Tiles",
            "gathered_fc1_blocker", "gathered_fc1_relu", "grouped_rows_mm", "is_available", "kernel_blocker",
-           "ragged_k_mm"]
+           "ragged_k_mm", "ragged_k_update"]

@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 
 import adaptmoe as am  # noqa: E402
 from adaptmoe.ops import _triton_ffn  # noqa: E402
+from adaptmoe.ops import _triton_slotted  # noqa: E402
 from adaptmoe.ops import _triton_gemm as tg  # noqa: E402
 from gpu_poison import poison  # noqa: E402
 
@@ -27,10 +28,13 @@ REL_TOL = 2e-2
 
 @pytest.fixture
 def triton_ffn_on():
-    """The Triton training FFN is opt-in (measured slower than grouped_mm end to end)."""
+    """The Triton training FFN is opt-in (measured slower than grouped_mm end to end); the slot
+    path, which would serve bias-free dropless training calls first, is off meanwhile."""
     _triton_ffn.set_enabled(True)
+    _triton_slotted.set_enabled(False)
     yield
     _triton_ffn.set_enabled(False)
+    _triton_slotted.set_enabled(True)
 
 
 def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rel: float = REL_TOL, what: str = "") -> None:

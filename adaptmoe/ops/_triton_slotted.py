@@ -1,0 +1,136 @@
+"""Dropless expert GEMMs in capacity slots: cuBLAS batched GEMMs plus Triton fix-ups for the rows
+that overflow their expert.
+
+Legend: T tokens, D model dim, H hidden, E experts, K top-k, C slots per expert (cf=1's capacity),
+S = E*C slot rows, O overflow rows (``routing.OverflowSlots``), N / KD a GEMM's output / reduced dim.
+
+Why: on balanced routing a dropless training step on ``torch._grouped_mm`` ran 7-8% slower than
+cf=1's padded batched matmuls (H100, bf16: DeepSeek-V3 45.1 vs 41.9 ms, Mixtral 19.5 vs 18.0;
+``h100_bench_layer_session7_balanced_30ec3e7.log``): grouped_mm's GEMMs trail cuBLAS's batched
+ones by ~7% at the same sizes, which is all of the gap (``h100_ab_dropless_train_dsv3_profile.log``),
+and our Triton kernels trail cuBLAS as much. Here every expert's first C rows sit in its own
+slots and the rest in slots other experts leave free, so the GEMMs run as cuBLAS bmm over
+exactly cf=1's shapes. Overflow rows are then computed with their slot owner's weights; Triton
+kernels recompute them with their own expert's and write them back in place (outputs and input
+gradients), and the weight gradients take off what each overflow row added to its slot owner's
+and add it to its own expert's. Those kernels loop over the overflow rows only (counts on the
+GPU, no host sync): with little overflow they cost a few launches; with much, this path does
+more work than grouped_mm (overflow rows twice), so ``expert_compute`` picks it by the previous
+call's overflow.
+
+One autograd node per GEMM, like cf=1's bmm, activation, bmm graph (any elementwise activation,
+gated or not, sits between them unchanged), so activations are freed exactly when cf=1 frees
+them (a single node for the whole FFN keeps them to its end: +0.4-2.3 GiB peak, ``_fused_gemm``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..routing import OverflowSlots
+from . import _triton_gemm as tg
+
+
+def blocker(x_SD: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...]) -> str | None:
+    """Why ``slotted_bmm`` cannot serve these expert weights (each [E, H, D] or [E, H, O]), or None."""
+    if any(b is not None for b in biases):
+        return "expert biases are not wired (their rows would need the owner's and the true expert's bias)"
+    if torch.compiler.is_compiling():
+        return "under torch.compile the traceable grouped_mm path serves"
+    dims = {d for w in weights for d in w.shape[1:]}
+    return tg.kernel_blocker(x_SD, weights, reduced=tuple(dims), produced=tuple(dims))
+
+
+def slotted_bmm(a_SK: Tensor, w_E: Tensor, transpose_w: bool, layout: OverflowSlots) -> Tensor:
+    """c_SN[s] = a_SK[s] @ W_e for every slot row s, e the expert the row belongs to (its slot's
+    owner, or its own expert for overflow rows); W_e = w_E[e]^T if ``transpose_w`` (w_E is
+    [E, N, KD]) else w_E[e] ([E, KD, N]). Differentiable in a and w."""
+    return _SlottedBmm.apply(a_SK, w_E, transpose_w, layout.rows_O, layout.over_E, layout.hosted_E)
+
+
+def _bmm(a_SK: Tensor, w_E: Tensor, transpose_w: bool) -> Tensor:
+    E = w_E.shape[0]
+    w = w_E.transpose(1, 2) if transpose_w else w_E
+    return torch.bmm(a_SK.view(E, -1, a_SK.shape[1]), w).view(a_SK.shape[0], -1)
+
+
+class _SlottedBmm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a_SK, w_E, transpose_w, rows_O, over_E, hosted_E):
+        a_SK = a_SK.contiguous()
+        c_SN = _bmm(a_SK, w_E, transpose_w)
+        tg.grouped_rows_mm(a_SK, over_E, w_E, transpose_w, gather_R=rows_O, top_k=1, out=c_SN)
+        ctx.save_for_backward(a_SK, w_E, rows_O, over_E, hosted_E)
+        ctx.transpose_w = transpose_w
+        return c_SN
+
+    @staticmethod
+    def backward(ctx, gc_SN):
+        a_SK, w_E, rows_O, over_E, hosted_E = ctx.saved_tensors
+        transpose_w, E = ctx.transpose_w, w_E.shape[0]
+        gc_SN = gc_SN.contiguous()
+        ga_SK = gw_E = None
+        if ctx.needs_input_grad[0]:
+            ga_SK = _bmm(gc_SN, w_E, not transpose_w)
+            tg.grouped_rows_mm(gc_SN, over_E, w_E, not transpose_w, gather_R=rows_O, top_k=1, out=ga_SK)
+        if ctx.needs_input_grad[1]:
+            # [E, N, KD] = gc^T a per expert, or [E, KD, N] = a^T gc
+            p_SP, q_SQ = (gc_SN, a_SK) if transpose_w else (a_SK, gc_SN)
+            gw_E = torch.bmm(p_SP.view(E, -1, p_SP.shape[1]).transpose(1, 2), q_SQ.view(E, -1, q_SQ.shape[1]))
+            # the bmm summed each overflow row into its slot owner's gradient: move it to its own expert's
+            tg.ragged_k_update(gw_E, p_SP, q_SQ, hosted_E, rows_O, -1)
+            tg.ragged_k_update(gw_E, p_SP, q_SQ, over_E, rows_O, 1)
+        return ga_SK, gw_E, None, None, None, None
+
+
+
+
+_enabled = True
+# Overflow rows per slot row above which grouped_mm serves the next call: the slot path costs
+# cf=1's bmm plus its overflow rows again in Triton, grouped_mm ~7% over bmm (H100, bf16), so
+# the break-even sits near 5% of the rows.
+MAX_OVERFLOW_FRACTION = 0.04
+
+
+def set_enabled(enabled: bool) -> None:
+    """Dropless training calls may use the slot path (True, the default) or always grouped_mm."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+class OverflowMonitor:
+    """The overflow fraction of a layer's last dropless call, read back without a host sync: the
+    count is copied to pinned memory behind the call's kernels and read once that copy is done,
+    so a decision uses the newest finished call's routing (usually the previous one)."""
+
+    def __init__(self) -> None:
+        self.fraction: float | None = None
+        self._pending: tuple[Tensor, torch.cuda.Event, int] | None = None
+
+    def __reduce__(self):   # copies and pickles of a layer start afresh (CUDA events do not copy)
+        return (OverflowMonitor, ())
+
+    def prefer_slots(self) -> bool:
+        """Whether the next call should take the slot path (also while a CUDA graph is captured:
+        the captured call keeps the path decided then)."""
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if self._pending is not None and not capturing and self._pending[1].query():
+            host, _, rows = self._pending
+            self.fraction, self._pending = int(host.item()) / max(rows, 1), None
+        return self.fraction is None or self.fraction <= MAX_OVERFLOW_FRACTION
+
+    def record(self, counts_E: Tensor, capacity: int, rows: int) -> None:
+        if not counts_E.is_cuda or torch.cuda.is_current_stream_capturing() or self._pending is not None:
+            return
+        host = torch.empty((), dtype=torch.int64, pin_memory=True)
+        host.copy_((counts_E - capacity).clamp(min=0).sum(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (host, event, rows)
+
+
+__all__ = ["MAX_OVERFLOW_FRACTION", "OverflowMonitor", "blocker", "is_enabled", "set_enabled", "slotted_bmm"]

@@ -1,0 +1,168 @@
+"""Dropless training in capacity slots (adaptmoe.ops._triton_slotted): the fix-up kernels on
+poisoned memory, the layer's training step against the same layer in float64 on routings with no,
+some and extreme overflow, the switch to grouped_mm after heavy overflow, and CUDA-graph replay."""
+import copy
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+import adaptmoe as am  # noqa: E402
+from adaptmoe.ops import _triton_slotted  # noqa: E402
+from adaptmoe.ops import _triton_gemm as tg  # noqa: E402
+from gpu_poison import poison  # noqa: E402
+
+if tg.kernel_blocker(torch.zeros(1, 128, device="cuda", dtype=torch.bfloat16), ()) is not None:
+    pytest.skip("the Triton kernels need triton and an sm90+ GPU", allow_module_level=True)
+
+DEV = "cuda"
+REL_TOL = 2e-2   # bf16 inputs, fp32 accumulation, one bf16 rounding (two for weight gradients)
+
+
+def assert_close_rel(got, want, rel=REL_TOL, what=""):
+    scale = max(want.abs().max().item(), 1e-6)
+    torch.testing.assert_close(got.double(), want.double(), rtol=rel, atol=rel * scale,
+                               msg=lambda m: f"{what}: {m}" if what else m)
+
+
+def rand(*shape, scale=1.0):
+    return (torch.randn(*shape, device=DEV) * scale).to(torch.bfloat16)
+
+
+def test_scattered_rows_and_weight_gradient_updates_touch_only_their_rows():
+    torch.manual_seed(0)
+    S, E, KD, N = 640, 4, 192, 256
+    counts = torch.tensor([0, 3, 130, 1], device=DEV)   # an expert with none, a partial tile, several tiles
+    rows = torch.randperm(S, device=DEV)[:int(counts.sum())].sort().values
+    a, w = rand(S, KD), rand(E, N, KD, scale=KD ** -0.5)
+    poison(32 << 20)
+    out = rand(S, N)
+    before = out.clone()
+    tg.grouped_rows_mm(a, counts, w, True, gather_R=torch.cat([rows, rows[:5]]), top_k=1, out=out)
+    owner = torch.repeat_interleave(torch.arange(E, device=DEV), counts)
+    want = torch.einsum("rk,rnk->rn", a[rows].double(), w[owner].double())
+    assert_close_rel(out[rows], want)
+    untouched = torch.ones(S, dtype=torch.bool, device=DEV)
+    untouched[rows] = False
+    assert torch.equal(out[untouched], before[untouched])
+
+    b = rand(S, N)
+    g = rand(E, KD, N)
+    g_before = g.clone()
+    tg.ragged_k_update(g, a, b, counts, rows, -1)
+    for e in range(E):
+        mine = rows[owner == e]
+        if mine.numel() == 0:
+            assert torch.equal(g[e], g_before[e])   # not read-modified-written either
+        else:
+            assert_close_rel(g[e], g_before[e].double() - a[mine].double().t() @ b[mine].double(), what=f"expert {e}")
+    with pytest.raises(ValueError, match="sign must be 1 or -1"):
+        tg.ragged_k_update(g, a, b, counts, rows, 0)
+
+
+def layer(gated: bool, E: int = 8, k: int = 2):
+    torch.manual_seed(3)
+    cfg = am.MoEConfig(model_dim=128, num_experts=E, gate=am.GateConfig(top_k=k, capacity_factor=0.0),
+                       experts=am.ExpertConfig(kind="gated_ffn" if gated else "ffn", hidden_size=256,
+                                               activation="silu" if gated else "relu",
+                                               has_fc1_bias=False, has_fc2_bias=False))
+    lay = am.MoELayer(cfg).to(DEV).to(torch.bfloat16)
+    with torch.no_grad():   # logits = x[:, :E], exact in bf16: both dtypes route alike
+        lay.gates[0].wg.weight.zero_()
+        lay.gates[0].wg.weight[:, :E] = torch.eye(E)
+    return lay
+
+
+def routed_input(T: int, E: int, skew: float):
+    """Tokens whose logits are x[:, :E] (distinct, no ties), tilted towards low experts by ``skew``."""
+    x = torch.randn(T, 128, device=DEV)
+    x[:, :E] = (torch.argsort(torch.rand(T, E, device=DEV), dim=1) + 1) * 0.25
+    x[:, :E] += skew * torch.linspace(1, 0, E, device=DEV)
+    return x.bfloat16()
+
+
+def balanced_input(T: int, E: int, k: int):
+    """Token t's top-k are experts (t*k + j) mod E: every expert gets exactly T*k/E rows."""
+    x = routed_input(T, E, 0.0).float()
+    chosen = (torch.arange(T, device=DEV).unsqueeze(1) * k + torch.arange(k, device=DEV)) % E
+    x[:, :E].scatter_add_(1, chosen, torch.full((T, k), 10.0, device=DEV))
+    return x.bfloat16()
+
+
+def step(lay, x, g):
+    xi = x.clone().requires_grad_(True)
+    y = lay(xi)
+    grads = torch.autograd.grad([y, y.l_aux], [xi, *lay.parameters()], [g, torch.ones_like(y.l_aux)])
+    return y.detach(), grads
+
+
+def spy(monkeypatch):
+    calls = []
+    real = _triton_slotted.slotted_bmm
+    monkeypatch.setattr(_triton_slotted, "slotted_bmm", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("T, skew", [(256, 0.0), (200, 1.0), (200, 100.0), (1, 0.0), (3, 100.0)],
+                         ids=["balanced-ish", "skewed", "all-to-two-experts", "one-token", "three-tokens"])
+@pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated-silu"])
+def test_slotted_training_step_matches_float64(T, skew, gated, monkeypatch):
+    lay = layer(gated)
+    lay64 = copy.deepcopy(lay).double()
+    x, g = routed_input(T, 8, skew), torch.randn(T, 128, device=DEV).bfloat16()
+    calls = spy(monkeypatch)
+    poison(32 << 20)
+    y, grads = step(lay, x, g)
+    assert calls, "the bf16 dropless training step did not take the slot path"
+    y64, grads64 = step(lay64, x.double(), g.double())
+    assert_close_rel(y, y64)
+    names = ["x", *(name for name, _ in lay.named_parameters())]
+    for name, got, want in zip(names, grads, grads64):
+        assert_close_rel(got, want, 3e-2, f"grad of {name}")
+
+
+def test_heavy_overflow_switches_the_next_call_to_grouped_mm_and_back(monkeypatch):
+    lay = layer(False)
+    g = torch.randn(200, 128, device=DEV).bfloat16()
+    calls = spy(monkeypatch)
+    skewed, balanced = routed_input(200, 8, 100.0), balanced_input(200, 8, 2)
+    step(lay, skewed, g)                 # nothing measured yet: slots
+    torch.cuda.synchronize()
+    taken = len(calls)
+    y, _ = step(lay, skewed, g)          # the last call overflowed by ~75% of its rows: grouped_mm
+    assert len(calls) == taken and lay.experts._overflow_monitor.fraction > 0.5
+    torch.cuda.synchronize()
+    step(lay, balanced, g)               # still decided by the skewed call before it
+    torch.cuda.synchronize()
+    step(lay, balanced, g)
+    assert len(calls) > taken and lay.experts._overflow_monitor.fraction == 0
+    _triton_slotted.set_enabled(False)
+    try:
+        y_off, _ = step(lay, skewed, g)
+    finally:
+        _triton_slotted.set_enabled(True)
+    torch.testing.assert_close(y, y_off, rtol=0, atol=0)   # both calls on grouped_mm
+
+
+def test_slotted_training_step_replays_from_cuda_graphs(monkeypatch):
+    """Captured with overflow rows, replayed on others; eager calls forced onto slots too (the
+    monitor would send a skewed eager call to grouped_mm, which rounds differently)."""
+    monkeypatch.setattr(_triton_slotted, "MAX_OVERFLOW_FRACTION", 1.0)
+    lay = layer(False)
+    x = routed_input(200, 8, 1.0).requires_grad_(True)
+    calls = spy(monkeypatch)
+    graphed = torch.cuda.make_graphed_callables(lay, (x,))
+    assert calls
+    params = list(lay.parameters())
+    for skew in (0.0, 1.0, 100.0):
+        x_new, g = routed_input(200, 8, skew), torch.randn(200, 128, device=DEV).bfloat16()
+        results = []
+        for fn in (graphed, lay):
+            xi = x_new.clone().requires_grad_(True)
+            grads = torch.autograd.grad(fn(xi), [xi, *params], g)
+            results.append([t.clone() for t in grads])
+        for replayed, eager in zip(*results):
+            torch.testing.assert_close(replayed, eager, rtol=0, atol=0)

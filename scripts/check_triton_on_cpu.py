@@ -144,6 +144,9 @@ def compile_for_sm90() -> None:
     for stages in (3, 4):
         build(tg._grouped_rows_kernel, shipped, {"stride_bk": 1, "N_TILES": 4, "GATHER": False, "SCATTER": False, "HAS_BIAS": False,
                                                  "EPILOGUE": 1, "GROUP_M": 8, "BM": 128, "BN": 256, **tiles}, stages)
+    move = {**ptrs, "remove_ptr": "*i64", "add_ptr": "*i64", "gather_ptr": "*i64", "E": "i32", "P": "i32",
+            "Q": "i32", "PROGRAMS": "i32", **{k: "constexpr" for k in ("EP", "BP", "BQ", "BK")}}
+    build(tg._ragged_k_move_kernel, move, {"BP": 128, "BQ": 256, **tiles}, 4)
     for flatten in (False, True):
         build(persistent._rows_persistent_kernel, rows, {"stride_bk": 1, "N_TILES": 4, "GATHER": False, "RELU": True,
                                                          "FLATTEN": flatten, "GROUP_M": 8,

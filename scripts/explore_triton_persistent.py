@@ -59,8 +59,7 @@ def _ragged_persistent_kernel(a_ptr, b_ptr, c_ptr, counts_ptr, E, P, Q, FLATTEN:
                               NUM_PROGRAMS: tl.constexpr, EP: tl.constexpr,
                               BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
     for tile in tl.range(tl.program_id(0), E * (P // BP) * (Q // BQ), NUM_PROGRAMS, flatten=FLATTEN):
-        tg._ragged_k_tile(a_ptr, b_ptr, c_ptr, c_ptr, c_ptr, counts_ptr, a_ptr, tile, E, P, Q, False, False, False, 0,
-                          EP, BP, BQ, BK)
+        tg._ragged_k_tile(a_ptr, b_ptr, c_ptr, c_ptr, c_ptr, counts_ptr, tile, E, P, Q, False, False, EP, BP, BQ, BK)
 
 
 @triton.jit

@@ -163,33 +163,30 @@ if triton is not None:
         # expert's rows, however many: zero rows write zeros). Expert-major program order keeps
         # one expert's rows in L2 while its P x Q tiles run. Optional fp32 column sums of a and b
         # over the same rows (bias gradients) come from the tiles of the first column / row.
-        _ragged_k_tile(a_ptr, b_ptr, c_ptr, sum_a_ptr, sum_b_ptr, counts_ptr, a_ptr, tl.program_id(0), E, P, Q,
-                       SUM_A, SUM_B, False, 0, EP, BP, BQ, BK)
+        _ragged_k_tile(a_ptr, b_ptr, c_ptr, sum_a_ptr, sum_b_ptr, counts_ptr, tl.program_id(0), E, P, Q,
+                       SUM_A, SUM_B, EP, BP, BQ, BK)
 
     @triton.jit
-    def _ragged_k_update_kernel(a_ptr, b_ptr, c_ptr, counts_ptr, gather_ptr, E, P, Q, SIGN: tl.constexpr,
-                                EP: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
-        # c[e] += SIGN * a[gather[rows of e]]^T @ b[gather[rows of e]]; experts with no rows are not
-        # touched (no read or write of their c), so an update over few rows costs little.
-        _ragged_k_tile(a_ptr, b_ptr, c_ptr, c_ptr, c_ptr, counts_ptr, gather_ptr, tl.program_id(0), E, P, Q,
-                       False, False, True, SIGN, EP, BP, BQ, BK)
-
-    @triton.jit
-    def _ragged_k_tile(a_ptr, b_ptr, c_ptr, sum_a_ptr, sum_b_ptr, counts_ptr, gather_ptr, tile, E, P, Q,
-                       SUM_A: tl.constexpr, SUM_B: tl.constexpr, GATHER: tl.constexpr, SIGN: tl.constexpr,
+    def _ragged_k_tile(a_ptr, b_ptr, c_ptr, sum_a_ptr, sum_b_ptr, counts_ptr, tile, E, P, Q,
+                       SUM_A: tl.constexpr, SUM_B: tl.constexpr,
                        EP: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
-        """Output tile ``tile`` of ``_ragged_k_kernel`` (expert-major, then P, then Q tiles).
-        GATHER: grouped row r is row gather[r] of a and b. SIGN 0 stores the tile; +1 / -1 add it
-        to / subtract it from c, for experts with rows only."""
+        """Output tile ``tile`` of ``_ragged_k_kernel`` (expert-major, then P, then Q tiles)."""
         tiles_p = tl.cdiv(P, BP)
         tiles_q = tl.cdiv(Q, BQ)
         e = tile // (tiles_p * tiles_q)
-        pid_p = (tile % (tiles_p * tiles_q)) // tiles_q
-        pid_q = tile % tiles_q
         experts = tl.arange(0, EP)
         counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
         row_start = tl.sum(tl.where(experts < e, counts, 0), 0)
         count = tl.sum(tl.where(experts == e, counts, 0), 0)
+        _ragged_k_body(a_ptr, b_ptr, c_ptr, sum_a_ptr, sum_b_ptr, a_ptr, e, (tile % (tiles_p * tiles_q)) // tiles_q,
+                       tile % tiles_q, row_start, count, P, Q, 1.0, SUM_A, SUM_B, False, False, BP, BQ, BK)
+
+    @triton.jit
+    def _ragged_k_body(a_ptr, b_ptr, c_ptr, sum_a_ptr, sum_b_ptr, gather_ptr, e, pid_p, pid_q, row_start, count,
+                       P, Q, sign, SUM_A: tl.constexpr, SUM_B: tl.constexpr, GATHER: tl.constexpr,
+                       UPDATE: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+        """c[e] tile (pid_p, pid_q) over grouped rows [row_start, row_start + count). GATHER:
+        grouped row r is row gather[r] of a and b. UPDATE: c[e] += sign * the tile, else c[e] = it."""
         ps = pid_p * BP + tl.arange(0, BP)
         qs = pid_q * BQ + tl.arange(0, BQ)
         ks = tl.arange(0, BK)
@@ -217,16 +214,46 @@ if triton is not None:
             b_ptrs += BK * Q
         e64 = e.to(tl.int64)
         c_ptrs = c_ptr + e64 * P * Q + ps[:, None].to(tl.int64) * Q + qs[None, :]
-        if SIGN == 0:
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty))
-        elif count > 0:
-            tl.store(c_ptrs, (tl.load(c_ptrs).to(tl.float32) + SIGN * acc).to(c_ptr.dtype.element_ty))
+        if UPDATE:
+            acc = tl.load(c_ptrs).to(tl.float32) + sign * acc
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty))
         if SUM_A:
             if pid_q == 0:
                 tl.store(sum_a_ptr + e64 * P + ps, sum_a)
         if SUM_B:
             if pid_p == 0:
                 tl.store(sum_b_ptr + e64 * Q + qs, sum_b)
+
+    @triton.jit
+    def _nth_active(counts, n):
+        """Index of the n-th (from 0) nonzero entry of ``counts``."""
+        return tl.sum((tl.cumsum((counts > 0).to(tl.int32), 0) <= n).to(tl.int32), 0)
+
+    @triton.jit
+    def _ragged_k_move_kernel(a_ptr, b_ptr, c_ptr, remove_ptr, add_ptr, gather_ptr, E, P, Q, PROGRAMS,
+                              EP: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+        # c[e] -= a[rows removed from e]^T b[same], c[e] += a[rows added to e]^T b[same], both row
+        # groups consecutive in gather (counts remove / add). Persistent over the tiles of the
+        # experts with rows only: with none, a launch of PROGRAMS programs that find no tile. An
+        # expert is never in both groups (see ragged_k_move), so no two programs share a tile.
+        experts = tl.arange(0, EP)
+        remove = tl.load(remove_ptr + experts, mask=experts < E, other=0)
+        add = tl.load(add_ptr + experts, mask=experts < E, other=0)
+        n_remove = tl.sum((remove > 0).to(tl.int32), 0)
+        n_add = tl.sum((add > 0).to(tl.int32), 0)
+        tiles_q = Q // BQ
+        per_expert = (P // BP) * tiles_q
+        for tile in tl.range(tl.program_id(0), (n_remove + n_add) * per_expert, PROGRAMS):
+            nth = tile // per_expert
+            removing = nth < n_remove
+            counts = tl.where(removing, remove, add)
+            e = _nth_active(counts, tl.where(removing, nth, nth - n_remove))
+            row_start = tl.sum(tl.where(experts < e, counts, 0), 0)
+            count = tl.sum(tl.where(experts == e, counts, 0), 0)
+            within = tile % per_expert
+            _ragged_k_body(a_ptr, b_ptr, c_ptr, c_ptr, c_ptr, gather_ptr, e, within // tiles_q, within % tiles_q,
+                           row_start, count, P, Q, tl.where(removing, -1.0, 1.0), False, False, True, True,
+                           BP, BQ, BK)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -293,17 +320,21 @@ def ragged_k_mm(a_RP: Tensor, b_RQ: Tensor, counts_E: Tensor, *, sum_a: bool = F
     return c_EPQ, sum_a_EP, sum_b_EQ
 
 
-def ragged_k_update(c_EPQ: Tensor, a_SP: Tensor, b_SQ: Tensor, counts_E: Tensor, rows_R: Tensor, sign: int,
-                    tiles: Tiles = RAGGED_TILES) -> Tensor:
-    """c_EPQ[e] += sign * a[rows of e]^T b[rows of e] in place, where the rows of e are
-    rows_R[offsets of counts_E]; experts with no rows are left untouched. No autograd."""
-    if sign not in (1, -1):
-        raise ValueError(f"sign must be 1 or -1, got {sign}")
-    E, P, Q = counts_E.numel(), a_SP.shape[1], b_SQ.shape[1]
+def ragged_k_move(c_EPQ: Tensor, a_SP: Tensor, b_SQ: Tensor, rows_R: Tensor, remove_E: Tensor, add_E: Tensor,
+                  tiles: Tiles = RAGGED_TILES) -> Tensor:
+    """Moves rows' contributions between experts' weight gradients, in place:
+    c_EPQ[e] -= a[removed rows]^T b[removed rows] + a[added rows]^T b[added rows], where the rows
+    removed from e are rows_R[offsets of remove_E] and those added to e rows_R[offsets of
+    add_E] (the same rows, grouped two ways). No expert may both lose and gain rows (each
+    tile is read and written by one program). Experts with neither are not touched. No autograd."""
+    E, P, Q = remove_E.numel(), a_SP.shape[1], b_SQ.shape[1]
+    if P % 128 or Q % 128:
+        raise ValueError(f"a and b need multiples of 128 columns (unmasked tiles), got {P} and {Q}")
     block_p = tiles.m if P % tiles.m == 0 else 128
     block_q = tiles.n if Q % tiles.n == 0 else 128
-    _ragged_k_update_kernel[(E * (P // block_p) * (Q // block_q),)](
-        a_SP, b_SQ, c_EPQ, counts_E, rows_R, E, P, Q, SIGN=sign, EP=_experts_pow2(E), BP=block_p, BQ=block_q,
+    programs = min(_sm_count(a_SP.device), 2 * E * (P // block_p) * (Q // block_q))
+    _ragged_k_move_kernel[(programs,)](
+        a_SP, b_SQ, c_EPQ, remove_E, add_E, rows_R, E, P, Q, programs, EP=_experts_pow2(E), BP=block_p, BQ=block_q,
         BK=tiles.k, num_warps=tiles.warps, num_stages=tiles.stages)
     return c_EPQ
 
@@ -351,4 +382,4 @@ def is_available() -> bool:
 
 __all__ = ["EPILOGUE_NONE", "EPILOGUE_RELU", "EPILOGUE_RELU_GRAD", "TOLERANCE", "Tiles",
            "gathered_fc1_blocker", "gathered_fc1_relu", "grouped_rows_mm", "is_available", "kernel_blocker",
-           "ragged_k_mm", "ragged_k_update"]
+           "ragged_k_mm", "ragged_k_move"]

@@ -77,9 +77,9 @@ class _SlottedBmm(torch.autograd.Function):
             # [E, N, KD] = gc^T a per expert, or [E, KD, N] = a^T gc
             p_SP, q_SQ = (gc_SN, a_SK) if transpose_w else (a_SK, gc_SN)
             gw_E = torch.bmm(p_SP.view(E, -1, p_SP.shape[1]).transpose(1, 2), q_SQ.view(E, -1, q_SQ.shape[1]))
-            # the bmm summed each overflow row into its slot owner's gradient: move it to its own expert's
-            tg.ragged_k_update(gw_E, p_SP, q_SQ, hosted_E, rows_O, -1)
-            tg.ragged_k_update(gw_E, p_SP, q_SQ, over_E, rows_O, 1)
+            # the bmm summed each overflow row into its slot owner's gradient: move it to its own
+            # expert's (an expert with overflow has no free slots, so none both loses and gains)
+            tg.ragged_k_move(gw_E, p_SP, q_SQ, rows_O, hosted_E, over_E)
         return ga_SK, gw_E, None, None, None, None
 
 

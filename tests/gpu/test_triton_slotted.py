@@ -32,35 +32,38 @@ def rand(*shape, scale=1.0):
     return (torch.randn(*shape, device=DEV) * scale).to(torch.bfloat16)
 
 
-def test_scattered_rows_and_weight_gradient_updates_touch_only_their_rows():
+def test_scattered_rows_and_weight_gradient_moves_touch_only_their_rows():
     torch.manual_seed(0)
-    S, E, KD, N = 640, 4, 192, 256
-    counts = torch.tensor([0, 3, 130, 1], device=DEV)   # an expert with none, a partial tile, several tiles
-    rows = torch.randperm(S, device=DEV)[:int(counts.sum())].sort().values
+    S, E, KD, N = 640, 5, 256, 384
+    remove = torch.tensor([0, 0, 70, 64, 0], device=DEV)   # the same 134 rows, grouped by two owners...
+    add = torch.tensor([3, 130, 0, 0, 1], device=DEV)      # ... and by three others; expert 0: neither
+    rows = torch.randperm(S, device=DEV)[:134].sort().values
     a, w = rand(S, KD), rand(E, N, KD, scale=KD ** -0.5)
     poison(32 << 20)
     out = rand(S, N)
     before = out.clone()
-    tg.grouped_rows_mm(a, counts, w, True, gather_R=torch.cat([rows, rows[:5]]), top_k=1, out=out)
-    owner = torch.repeat_interleave(torch.arange(E, device=DEV), counts)
-    want = torch.einsum("rk,rnk->rn", a[rows].double(), w[owner].double())
-    assert_close_rel(out[rows], want)
+    tg.grouped_rows_mm(a, add, w, True, gather_R=torch.cat([rows, rows[:5]]), top_k=1, out=out)
+    adder = torch.repeat_interleave(torch.arange(E, device=DEV), add)
+    assert_close_rel(out[rows], torch.einsum("rk,rnk->rn", a[rows].double(), w[adder].double()))
     untouched = torch.ones(S, dtype=torch.bool, device=DEV)
     untouched[rows] = False
     assert torch.equal(out[untouched], before[untouched])
 
     b = rand(S, N)
     g = rand(E, KD, N)
+    want = g.double()
+    remover = torch.repeat_interleave(torch.arange(E, device=DEV), remove)
+    for r, e_from, e_to in zip(rows.tolist(), remover.tolist(), adder.tolist()):
+        outer = a[r].double().unsqueeze(1) * b[r].double().unsqueeze(0)
+        want[e_from] -= outer
+        want[e_to] += outer
     g_before = g.clone()
-    tg.ragged_k_update(g, a, b, counts, rows, -1)
-    for e in range(E):
-        mine = rows[owner == e]
-        if mine.numel() == 0:
-            assert torch.equal(g[e], g_before[e])   # not read-modified-written either
-        else:
-            assert_close_rel(g[e], g_before[e].double() - a[mine].double().t() @ b[mine].double(), what=f"expert {e}")
-    with pytest.raises(ValueError, match="sign must be 1 or -1"):
-        tg.ragged_k_update(g, a, b, counts, rows, 0)
+    tg.ragged_k_move(g, a, b, rows, remove, add)
+    assert torch.equal(g[0], g_before[0])   # neither loses nor gains rows: not rewritten
+    for e in range(1, E):
+        assert_close_rel(g[e], want[e], what=f"expert {e}")
+    with pytest.raises(ValueError, match="multiples of 128"):
+        tg.ragged_k_move(g[:, :, :100], a, b[:, :100], rows, remove, add)
 
 
 def layer(gated: bool, E: int = 8, k: int = 2):

@@ -99,7 +99,7 @@ class FFNExperts(nn.Module):
     def slot_layout(self, x_TD: Tensor, routing) -> OverflowSlots | None:
         """The capacity-slot layout for a dropless training call of these experts on one process
         (``ops._triton_slotted``), or None where grouped_mm serves: no gradient, a blocker, or
-        the layer's last call overflowed cf=1's capacity by too much."""
+        the layer's last call would have needed fix-ups on too many experts."""
         from .ops import _triton_slotted   # lazy: ops imports this module's users
         if not (_triton_slotted.is_enabled() and torch.is_grad_enabled() and routing.dropless):
             return None
@@ -111,7 +111,7 @@ class FFNExperts(nn.Module):
         capacity = capacity_for(1.0, T, self.num_local_experts, K)
         monitor = self.__dict__.setdefault("_overflow_monitor", _triton_slotted.OverflowMonitor())
         prefer = monitor.prefer_slots()
-        monitor.record(routing.counts_E, capacity, T * K)
+        monitor.record(routing.counts_E, capacity)
         return overflow_slots(routing, capacity) if prefer else None
 
     def forward_slotted(self, x_SD: Tensor, layout: OverflowSlots) -> Tensor:

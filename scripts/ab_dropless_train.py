@@ -80,8 +80,8 @@ def run(name: str, iters: int, profile: bool, routing: str) -> None:
             samples[label].append(time_call(steps[label], "cuda"))
     medians = {label: statistics.median(v) for label, v in samples.items()}
     monitor = getattr(layer.experts, "_overflow_monitor", None)
-    print(f"{name:<8} {routing} routing; overflow fraction of the last measured slot-path call: "
-          f"{None if monitor is None else monitor.fraction}", flush=True)
+    print(f"{name:<8} {routing} routing; fraction of experts the last measured call would fix up in slots: "
+          f"{None if monitor is None else monitor.touched_fraction}", flush=True)
     for label, ms in medians.items():
         print(f"{name:<8} {label:<32} {ms:8.3f} ms  x cf=1 {ms / medians['cf=1']:.3f}  peak {peaks[label]:6.2f} GiB",
               flush=True)

@@ -19,7 +19,9 @@ Legend: T tokens, D model dim, H hidden, E experts, K top-k, R = T*K grouped row
 """
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 
 import torch
 import triton
@@ -148,7 +150,15 @@ def profile_steps(steps: dict) -> None:
         events = [e for e in prof.key_averages() if e.device_time_total > 0]
         total = sum(e.device_time_total for e in events) / 10 / 1e3
         wall = pipelined_ms(fn, calls=5)
-        print(f"\n  -- {label}: {total:.3f} ms of kernels per step, {wall:.3f} ms per step back to back", flush=True)
+        host = []
+        for _ in range(5):   # host time of one step started on an idle GPU (nothing blocks it)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            host.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        print(f"\n  -- {label}: {total:.3f} ms of kernels per step, {wall:.3f} ms per step back to back, "
+              f"{statistics.median(host):.3f} ms of host time", flush=True)
         for e in sorted(events, key=lambda e: -e.device_time_total)[:20]:
             name = e.key if len(e.key) <= 100 else e.key[:60] + " ... " + e.key[-35:]
             print(f"    {e.device_time_total / 10 / 1e3:7.3f} ms x{e.count // 10:<3} {name}", flush=True)

@@ -81,9 +81,24 @@ def test_blocker_explains_and_cpu_layers_keep_grouped_mm():
 def test_overflow_monitor_starts_afresh_in_copies():
     monitor = _triton_slotted.OverflowMonitor()
     assert monitor.prefer_slots()   # nothing measured yet
-    monitor.fraction = 0.5
+    monitor.touched_fraction = 0.5
     assert not monitor.prefer_slots()
-    monitor.record(torch.tensor([9, 0]), 4, 9)   # CPU counts: nothing to read back, nothing recorded
+    monitor.record(torch.tensor([9, 0]), 4)   # CPU counts: nothing to read back, nothing recorded
     assert monitor._pending is None
     for twin in (copy.deepcopy(monitor), pickle.loads(pickle.dumps(monitor))):
-        assert twin.fraction is None and twin.prefer_slots()
+        assert twin.touched_fraction is None and twin.prefer_slots()
+
+
+@pytest.mark.parametrize("counts, capacity, touched", [
+    ([4, 4, 4, 4], 4, 0),        # balanced: nothing to fix
+    ([6, 2, 4, 4], 4, 2),        # expert 0 overflows into expert 1's free slots
+    ([7, 1, 1, 7], 4, 4),        # two overflow, two host
+    ([5, 4, 3, 0], 4, 2),        # one overflow row: only the first free slot (expert 2's) hosts it
+    ([9, 0, 0, 0], 4, 3),        # five overflow rows fill expert 1's free slots and one of expert 2's
+])
+def test_touched_experts_counts_losers_and_hosts(counts, capacity, touched):
+    assert int(_triton_slotted.touched_experts(torch.tensor(counts), capacity)) == touched
+    routing = build_routing(torch.repeat_interleave(torch.arange(4), torch.tensor(counts)).unsqueeze(1),
+                            torch.ones(sum(counts), 1), 4, 0.0)
+    layout = overflow_slots(routing, capacity)
+    assert int(((layout.over_E > 0) | (layout.hosted_E > 0)).sum()) == touched

@@ -14,9 +14,9 @@ exactly cf=1's shapes. Overflow rows are then computed with their slot owner's w
 kernels recompute them with their own expert's and write them back in place (outputs and input
 gradients), and the weight gradients take off what each overflow row added to its slot owner's
 and add it to its own expert's. Those kernels loop over the overflow rows only (counts on the
-GPU, no host sync): with little overflow they cost a few launches; with much, this path does
-more work than grouped_mm (overflow rows twice), so ``expert_compute`` picks it by the previous
-call's overflow.
+GPU, no host sync): with no overflow they cost a few launches; their cost grows with the number
+of experts they touch, so a layer takes this path only while its last call touched few
+(``OverflowMonitor``; ``FFNExperts.slot_layout``).
 
 One autograd node per GEMM, like cf=1's bmm, activation, bmm graph (any elementwise activation,
 gated or not, sits between them unchanged), so activations are freed exactly when cf=1 frees
@@ -86,10 +86,14 @@ class _SlottedBmm(torch.autograd.Function):
 
 
 _enabled = True
-# Overflow rows per slot row above which grouped_mm serves the next call: the slot path costs
-# cf=1's bmm plus its overflow rows again in Triton, grouped_mm ~7% over bmm (H100, bf16), so
-# the break-even sits near 5% of the rows.
-MAX_OVERFLOW_FRACTION = 0.04
+# The fix-ups cost per expert they touch, not per overflow row: each such expert gets at least
+# one row tile per GEMM and a read-modify-write of its weight gradients (as much memory traffic
+# as its share of a weight-gradient GEMM at DeepSeek-V3's sizes). H100, bf16, one training step
+# (h100_ab_dropless_train_slots_*.log): balanced routing (no expert touched) DeepSeek-V3 42.7 ms
+# vs 46.4 on grouped_mm; random routing (1-2% of rows overflow, most experts touched) 66.2 vs
+# 47.4. So the next call takes the slot path only when the last one touched at most 1/16 of the
+# experts.
+MAX_TOUCHED_FRACTION = 1 / 16
 
 
 def set_enabled(enabled: bool) -> None:
@@ -102,13 +106,22 @@ def is_enabled() -> bool:
     return _enabled
 
 
+def touched_experts(counts_E: Tensor, capacity: int) -> Tensor:
+    """How many experts a slot layout of these counts would fix up: those with more rows than
+    slots, and those whose free slots receive some of that overflow (0-dim int64, on the GPU)."""
+    over_E = (counts_E - capacity).clamp(min=0)
+    free_E = (capacity - counts_E).clamp(min=0)
+    hosting_E = (free_E > 0) & (torch.cumsum(free_E, 0) - free_E < over_E.sum())
+    return (over_E > 0).sum() + hosting_E.sum()
+
+
 class OverflowMonitor:
-    """The overflow fraction of a layer's last dropless call, read back without a host sync: the
-    count is copied to pinned memory behind the call's kernels and read once that copy is done,
-    so a decision uses the newest finished call's routing (usually the previous one)."""
+    """How many experts a layer's last dropless call would have fixed up in slots, read back
+    without a host sync: the count is copied to pinned memory behind the call's kernels and read
+    once that copy is done, so a decision uses the newest finished call (usually the previous)."""
 
     def __init__(self) -> None:
-        self.fraction: float | None = None
+        self.touched_fraction: float | None = None
         self._pending: tuple[Tensor, torch.cuda.Event, int] | None = None
 
     def __reduce__(self):   # copies and pickles of a layer start afresh (CUDA events do not copy)
@@ -119,18 +132,19 @@ class OverflowMonitor:
         the captured call keeps the path decided then)."""
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         if self._pending is not None and not capturing and self._pending[1].query():
-            host, _, rows = self._pending
-            self.fraction, self._pending = int(host.item()) / max(rows, 1), None
-        return self.fraction is None or self.fraction <= MAX_OVERFLOW_FRACTION
+            host, _, experts = self._pending
+            self.touched_fraction, self._pending = int(host.item()) / experts, None
+        return self.touched_fraction is None or self.touched_fraction <= MAX_TOUCHED_FRACTION
 
-    def record(self, counts_E: Tensor, capacity: int, rows: int) -> None:
+    def record(self, counts_E: Tensor, capacity: int) -> None:
         if not counts_E.is_cuda or torch.cuda.is_current_stream_capturing() or self._pending is not None:
             return
         host = torch.empty((), dtype=torch.int64, pin_memory=True)
-        host.copy_((counts_E - capacity).clamp(min=0).sum(), non_blocking=True)
+        host.copy_(touched_experts(counts_E, capacity), non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._pending = (host, event, rows)
+        self._pending = (host, event, counts_E.numel())
 
 
-__all__ = ["MAX_OVERFLOW_FRACTION", "OverflowMonitor", "blocker", "is_enabled", "set_enabled", "slotted_bmm"]
+__all__ = ["MAX_TOUCHED_FRACTION", "OverflowMonitor", "blocker", "is_enabled", "set_enabled", "slotted_bmm",
+           "touched_experts"]

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .config import ExpertConfig
 from .expert_compute import FFNWeights, ffn_grouped, ffn_padded, ffn_slotted
-from .routing import OverflowSlots, capacity_for, overflow_slots
+from .routing import OverflowSlots, capacity_for
 
 ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -111,8 +111,9 @@ class FFNExperts(nn.Module):
         capacity = capacity_for(1.0, T, self.num_local_experts, K)
         monitor = self.__dict__.setdefault("_overflow_monitor", _triton_slotted.OverflowMonitor())
         prefer = monitor.prefer_slots()
-        monitor.record(routing.counts_E, capacity)
-        return overflow_slots(routing, capacity) if prefer else None
+        layout, touched = _triton_slotted.layout_on_gpu(routing, capacity)   # also measured when not taken
+        monitor.record(touched, self.num_local_experts)
+        return layout if prefer else None
 
     def forward_slotted(self, x_SD: Tensor, layout: OverflowSlots) -> Tensor:
         return ffn_slotted(x_SD, layout, self.stored_weights(), self.activation)

@@ -44,14 +44,17 @@ def run(name: str) -> None:
     g = torch.randn(E, H, D, device=dev, dtype=bf)
     h = torch.randn(E * C, H, device=dev, dtype=bf)
     monitor = _triton_slotted.OverflowMonitor()
+    touched = _triton_slotted.touched_experts(routing.counts_E, C)
     rows = {
-        "overflow_slots": lambda: overflow_slots(routing, C),
-        "monitor prefer + record": lambda: (monitor.prefer_slots(), monitor.record(routing.counts_E, C, T * K)),
+        "overflow_slots (torch ops, reference)": lambda: overflow_slots(routing, C),
+        "layout_on_gpu (one Triton launch)": lambda: _triton_slotted.layout_on_gpu(routing, C),
+        "monitor prefer + record": lambda: (monitor.prefer_slots(), monitor.record(touched, E)),
         "grouped_rows_mm fix-up (no rows)": lambda: tg.grouped_rows_mm(
             x, layout.over_E, w1, True, gather_R=layout.rows_O, top_k=1, out=h),
         "ragged_k_move (no rows)": lambda: tg.ragged_k_move(g, h, x, layout.rows_O, layout.hosted_E, layout.over_E),
         "torch.bmm launch, for scale": lambda: torch.bmm(x.view(E, C, D), w1.transpose(1, 2)),
         "slotted_bmm forward": lambda: _triton_slotted.slotted_bmm(x, w1, True, layout),
+        "torch.empty (an ATen op, for scale)": lambda: torch.empty(E, device=dev),
     }
     print(f"\n{name}: host us per call (GPU idle before each)", flush=True)
     for label, fn in rows.items():

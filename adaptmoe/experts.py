@@ -98,15 +98,18 @@ class FFNExperts(nn.Module):
 
     def slot_layout(self, x_TD: Tensor, routing) -> OverflowSlots | None:
         """The capacity-slot layout for a dropless training call of these experts on one process
-        (``ops._triton_slotted``), or None where grouped_mm serves: no gradient, a blocker, or
-        the layer's last call would have needed fix-ups on too many experts."""
+        (``ops._triton_slotted``), or None where grouped_mm serves: no gradient, a call too small
+        to repay the path's host time, a blocker, or the layer's last call would have needed
+        fix-ups on too many experts."""
         from .ops import _triton_slotted   # lazy: ops imports this module's users
         if not (_triton_slotted.is_enabled() and torch.is_grad_enabled() and routing.dropless):
             return None
         w = self.stored_weights()
         weights = (w.w1_eHD, w.w2_eHO) + (() if w.w3_eHD is None else (w.w3_eHD,))
         T, K = routing.indices_TK.shape
-        if T == 0 or _triton_slotted.blocker(x_TD, weights, (w.b1_eH, w.b2_eO)) is not None:
+        if not _triton_slotted.worth_it(T * K, self.model_dim, w.w1_eHD.shape[1]):
+            return None
+        if _triton_slotted.blocker(x_TD, weights, (w.b1_eH, w.b2_eO)) is not None:
             return None
         capacity = capacity_for(1.0, T, self.num_local_experts, K)
         monitor = self.__dict__.setdefault("_overflow_monitor", _triton_slotted.OverflowMonitor())

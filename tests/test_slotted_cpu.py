@@ -102,3 +102,8 @@ def test_touched_experts_counts_losers_and_hosts(counts, capacity, touched):
                             torch.ones(sum(counts), 1), 4, 0.0)
     layout = overflow_slots(routing, capacity)
     assert int(((layout.over_E > 0) | (layout.hosted_E > 0)).sum()) == touched
+
+
+def test_small_calls_keep_grouped_mm():
+    assert not _triton_slotted.worth_it(8192 * 8, 2048, 1024)    # fine-grained: host-bound on the slot path
+    assert _triton_slotted.worth_it(8192 * 2, 4096, 14336)       # Mixtral

@@ -165,6 +165,12 @@ _enabled = True
 # 47.4. So the next call takes the slot path only when the last one touched at most 1/16 of the
 # experts.
 MAX_TOUCHED_FRACTION = 1 / 16
+# Rows x D x H of one expert GEMM below which grouped_mm serves anyway: the slot path adds ~1.7 ms
+# of host time per training step on the H100 machine (layout, fix-up launches, autograd nodes:
+# h100_slots_07c9aa8_ab_profile.log, _host_cost.log), which a small layer cannot hide behind its
+# GPU work. Balanced routing, one step: fine-grained (1.4e11) 5.13 ms vs 4.30 on grouped_mm,
+# Mixtral (9.6e11) 18.89 vs 19.40, DeepSeek-V3 (1.9e12) 42.29 vs 47.62.
+MIN_GEMM_WORK = 4e11
 
 
 def set_enabled(enabled: bool) -> None:
@@ -175,6 +181,11 @@ def set_enabled(enabled: bool) -> None:
 
 def is_enabled() -> bool:
     return _enabled
+
+
+def worth_it(rows: int, model_dim: int, hidden: int) -> bool:
+    """Whether a call this large gains more GPU time on the slot path than it spends on the host."""
+    return rows * model_dim * hidden >= MIN_GEMM_WORK
 
 
 def touched_experts(counts_E: Tensor, capacity: int) -> Tensor:
@@ -219,5 +230,5 @@ class OverflowMonitor:
         self._pending = (event, num_experts)
 
 
-__all__ = ["MAX_TOUCHED_FRACTION", "OverflowMonitor", "blocker", "is_enabled", "layout_on_gpu", "set_enabled",
-           "slotted_bmm", "touched_experts"]
+__all__ = ["MAX_TOUCHED_FRACTION", "MIN_GEMM_WORK", "OverflowMonitor", "blocker", "is_enabled", "layout_on_gpu", "set_enabled",
+           "slotted_bmm", "touched_experts", "worth_it"]

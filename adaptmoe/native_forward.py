@@ -11,8 +11,9 @@ graph. The native call enqueues gate GEMM, routing, dispatch, FFN and combine ba
 costs ~15-20 us of host time on that machine's CPU, so the Python around the call was not all of it).
 
 The Python path stays the reference: this module only decides whether the native call computes
-what the Python path would (op for op, except that large dropless calls of relu experts gather their rows inside a
-Triton first GEMM (``ops._triton_gemm.gathered_fc1_blocker``), which rounds its own way; ``native_forward_blocker`` says why a call cannot be served, and the layer then runs the
+what the Python path would (op for op, except that large dropless calls of relu experts of up to
+``ops._triton_gemm.MAX_EXPERT_WEIGHTS`` weights gather their rows inside a Triton first GEMM
+(``gathered_fc1_blocker``), which rounds its own way; ``native_forward_blocker`` says why a call cannot be served, and the layer then runs the
 Python path), and packages its outputs the way the Python path does.
 """
 from __future__ import annotations

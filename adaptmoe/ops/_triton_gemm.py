@@ -16,9 +16,9 @@ Why: ``torch._grouped_mm`` has no epilogue (a relu pass, a threshold_backward pa
 pass around it) and its ragged-K weight gradient ran 14-33% slower than cuBLAS's bmm at the same
 balanced counts on an H100 (``native/NOTES.md``, fourth session). Measured per GEMM and shape by
 ``scripts/explore_triton_train.py`` and ``scripts/explore_triton_persistent.py``: the gathered
-first GEMM serves the large dropless no-grad forward (graphed layer A/B on an H100, balanced:
-DeepSeek-V3 12.99 ms vs 13.33 on grouped_mm, fine-grained 1.08 vs 1.23, Mixtral 5.83 vs 5.84,
-``h100_ab_gathered_graphed_session7.log``); in training the kernels win some GEMMs and lose
+first GEMM serves the large dropless no-grad forward of experts up to ``MAX_EXPERT_WEIGHTS``
+(graphed layer A/B on an H100, balanced: DeepSeek-V3 12.99 ms vs 13.33 on grouped_mm,
+fine-grained 1.08 vs 1.23, ``h100_ab_gathered_graphed_session7.log``); in training the kernels win some GEMMs and lose
 others, and a whole training FFN on them was slower than grouped_mm's, so ``_triton_ffn`` is
 opt-in (see there).
 
@@ -42,6 +42,13 @@ except ImportError:   # CPU wheels, other platforms: the grouped_mm path serves 
 # (rtol, atol) against the float64 reference of the same inputs: fp32 accumulation, one bf16
 # rounding of the output (the bias is added before it, unlike the grouped_mm chain).
 TOLERANCE = (2e-2, 2e-2)
+# H*D of one expert's first matrix up to which the gathered first GEMM serves the no-grad forward.
+# Mixtral's 4096x14336 experts stay on grouped_mm: an interleaved A/B called it a tie (graphed,
+# 5.83 vs 5.84 ms, h100_ab_gathered_graphed_session7.log), but bench_layer's graphed dropless
+# forward read +6.3% and +12% over cf=1 with it (h100_bench_layer_session7_balanced_30ec3e7.log,
+# _4c1a88f.log) against +4.7% without (96e8220). DeepSeek-V3's 7168x2048 and fine-grained
+# experts gain (12.99 vs 13.33 ms, 1.08 vs 1.23).
+MAX_EXPERT_WEIGHTS = 1 << 24
 EPILOGUE_NONE, EPILOGUE_RELU, EPILOGUE_RELU_GRAD = 0, 1, 2
 
 
@@ -346,6 +353,9 @@ def gathered_fc1_blocker(x_TD: Tensor, w1_EHD: Tensor, b1_EH: Tensor | None, is_
         return reason
     if not is_relu:
         return "activation is not relu (the only epilogue wired)"
+    if w1_EHD.shape[1] * w1_EHD.shape[2] > MAX_EXPERT_WEIGHTS:
+        H, D = w1_EHD.shape[1:]
+        return f"experts of {H}x{D} weights: grouped_mm is not slower there (measured)"
     return None
 
 
@@ -380,6 +390,6 @@ def is_available() -> bool:
     return triton is not None
 
 
-__all__ = ["EPILOGUE_NONE", "EPILOGUE_RELU", "EPILOGUE_RELU_GRAD", "TOLERANCE", "Tiles",
+__all__ = ["EPILOGUE_NONE", "EPILOGUE_RELU", "EPILOGUE_RELU_GRAD", "MAX_EXPERT_WEIGHTS", "TOLERANCE", "Tiles",
            "gathered_fc1_blocker", "gathered_fc1_relu", "grouped_rows_mm", "is_available", "kernel_blocker",
            "ragged_k_mm", "ragged_k_move"]

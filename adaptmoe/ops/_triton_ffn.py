@@ -9,14 +9,16 @@ gx = gh w1, and the weight gradients as ragged-K GEMMs (w1: gh^T x, w2: h^T gy) 
 gradients come out of the same pass as column sums. Saves x and h, as autograd over
 ``torch._grouped_mm`` + relu does. Every GEMM is sync-free, so a step can be captured in a CUDA graph.
 
-Opt-in (``set_enabled(True)``): on an H100 (bf16, balanced routing, ``scripts/explore_triton_train.py``,
-``h100_explore_triton_train.log``) a whole forward + backward on these kernels was not faster than
-autograd over grouped_mm for any benchmark shape, whichever GEMMs ran in Triton: fine-grained
-3.69-3.81 ms vs 3.61, DeepSeek-V3 56.7-61.7 vs 54.6, Mixtral 22.5-23.8 vs 19.5, README 1.51-1.57
-vs 1.53. GEMM by GEMM Triton wins fc1 + relu (fine-grained 0.47 vs 0.54 ms) and the ragged weight
-gradient of experts with >= 1024 rows (fine-grained dW1 0.46 vs 0.50, Mixtral 3.02 vs 3.12) and
-loses the rest, most on Mixtral's 4-stage tiles. Kept as the base for a persistent (epilogue-
-overlapped) version: tested against float64, capturable.
+Opt-in (``set_enabled(True)``): on an H100 (bf16, balanced routing) a whole forward + backward on
+these kernels was not faster than autograd over grouped_mm for any benchmark shape, whichever
+GEMMs ran in Triton: per FFN (``h100_explore_triton_train.log``) fine-grained 3.69-3.81 ms vs
+3.61, DeepSeek-V3 56.7-61.7 vs 54.6, Mixtral 22.5-23.8 vs 19.5; per layer training step after
+the row kernel went persistent (``h100_slots_07c9aa8_ab_balanced.log``) fine-grained 4.27 vs
+4.12, DeepSeek-V3 48.1 vs 45.6 (and +2.7 GiB peak, likely because one node keeps x and h to its end), Mixtral
+20.2 vs 19.0. GEMM by GEMM Triton wins fc1 + relu and the ragged weight gradient of experts with
+>= 1024 rows and loses the rest. Balanced training calls of large experts now take
+``_triton_slotted`` (cuBLAS GEMMs) first; this stays as the grouped-rows alternative, tested
+against float64 and capturable.
 """
 from __future__ import annotations
 

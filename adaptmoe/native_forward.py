@@ -13,8 +13,9 @@ costs ~15-20 us of host time on that machine's CPU, so the Python around the cal
 The Python path stays the reference: this module only decides whether the native call computes
 what the Python path would (op for op, except that large dropless calls of relu experts of up to
 ``ops._triton_gemm.MAX_EXPERT_WEIGHTS`` weights gather their rows inside a Triton first GEMM
-(``gathered_fc1_blocker``), which rounds its own way; ``native_forward_blocker`` says why a call cannot be served, and the layer then runs the
-Python path), and packages its outputs the way the Python path does.
+(``gathered_fc1_blocker``), which rounds its own way; ``native_forward_blocker`` says why a call
+cannot be served, and the layer then runs the Python path), and packages its outputs the way
+the Python path does.
 """
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ these kernels was not faster than autograd over grouped_mm for any benchmark sha
 GEMMs ran in Triton: per FFN (``h100_explore_triton_train.log``) fine-grained 3.69-3.81 ms vs
 3.61, DeepSeek-V3 56.7-61.7 vs 54.6, Mixtral 22.5-23.8 vs 19.5; per layer training step after
 the row kernel went persistent (``h100_slots_07c9aa8_ab_balanced.log``) fine-grained 4.27 vs
-4.12, DeepSeek-V3 48.1 vs 45.6 (and +2.7 GiB peak, likely because one node keeps x and h to its end), Mixtral
-20.2 vs 19.0. GEMM by GEMM Triton wins fc1 + relu and the ragged weight gradient of experts with
+4.12, DeepSeek-V3 48.1 vs 45.6 (and +2.7 GiB peak, likely because one node keeps x and h to
+its end), Mixtral 20.2 vs 19.0. GEMM by GEMM Triton wins fc1 + relu and the ragged weight gradient of experts with
 >= 1024 rows and loses the rest. Balanced training calls of large experts now take
 ``_triton_slotted`` (cuBLAS GEMMs) first; this stays as the grouped-rows alternative, tested
 against float64 and capturable.

@@ -18,9 +18,10 @@ balanced counts on an H100 (``native/NOTES.md``, fourth session). Measured per G
 ``scripts/explore_triton_train.py`` and ``scripts/explore_triton_persistent.py``: the gathered
 first GEMM serves the large dropless no-grad forward of experts up to ``MAX_EXPERT_WEIGHTS``
 (graphed layer A/B on an H100, balanced: DeepSeek-V3 12.99 ms vs 13.33 on grouped_mm,
-fine-grained 1.08 vs 1.23, ``h100_ab_gathered_graphed_session7.log``); in training the kernels win some GEMMs and lose
-others, and a whole training FFN on them was slower than grouped_mm's, so ``_triton_ffn`` is
-opt-in (see there).
+fine-grained 1.08 vs 1.23, ``h100_ab_gathered_graphed_session7.log``); in training the kernels
+win some GEMMs and lose others, and a whole training FFN on them was slower than grouped_mm's,
+so ``_triton_ffn`` is opt-in (see there). ``_triton_slotted`` uses the row kernel's scattered
+rows and ``ragged_k_move`` to fix up the overflow rows of dropless training in capacity slots.
 
 Triton ships with torch's CUDA wheels (torch.compile's code generator); where it cannot be
 imported these paths are not taken and the blockers say so.
@@ -304,8 +305,8 @@ def grouped_rows_mm(a: Tensor, counts_E: Tensor, b_E: Tensor, transpose_b: bool,
         a.contiguous(), dummy if gather_R is None else gather_R, b_E, dummy if bias_EN is None else bias_EN,
         dummy if relu_out is None else relu_out, c_RN, counts_E, E, top_k, KD, N, KD * N, stride_bk, stride_bn,
         programs, N_TILES=N // block_n, GATHER=gather_R is not None, SCATTER=out is not None,
-        HAS_BIAS=bias_EN is not None, EPILOGUE=epilogue,
-        GROUP_M=ROWS_GROUP_M, EP=_experts_pow2(E), BM=tiles.m, BN=block_n, BK=block_k, num_warps=tiles.warps, num_stages=tiles.stages)
+        HAS_BIAS=bias_EN is not None, EPILOGUE=epilogue, GROUP_M=ROWS_GROUP_M, EP=_experts_pow2(E),
+        BM=tiles.m, BN=block_n, BK=block_k, num_warps=tiles.warps, num_stages=tiles.stages)
     return c_RN
 
 
@@ -330,9 +331,9 @@ def ragged_k_mm(a_RP: Tensor, b_RQ: Tensor, counts_E: Tensor, *, sum_a: bool = F
 def ragged_k_move(c_EPQ: Tensor, a_SP: Tensor, b_SQ: Tensor, rows_R: Tensor, remove_E: Tensor, add_E: Tensor,
                   tiles: Tiles = RAGGED_TILES) -> Tensor:
     """Moves rows' contributions between experts' weight gradients, in place:
-    c_EPQ[e] -= a[removed rows]^T b[removed rows] + a[added rows]^T b[added rows], where the rows
-    removed from e are rows_R[offsets of remove_E] and those added to e rows_R[offsets of
-    add_E] (the same rows, grouped two ways). No expert may both lose and gain rows (each
+    c_EPQ[e] -= a[rows removed from e]^T b[same rows], c_EPQ[e] += a[rows added to e]^T b[same rows],
+    where the rows removed from e are rows_R[offsets of remove_E] and those added to e
+    rows_R[offsets of add_E] (the same rows, grouped two ways). No expert may both lose and gain rows (each
     tile is read and written by one program). Experts with neither are not touched. No autograd."""
     E, P, Q = remove_E.numel(), a_SP.shape[1], b_SQ.shape[1]
     if P % 128 or Q % 128:

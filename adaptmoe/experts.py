@@ -107,7 +107,7 @@ class FFNExperts(nn.Module):
         w = self.stored_weights()
         weights = (w.w1_eHD, w.w2_eHO) + (() if w.w3_eHD is None else (w.w3_eHD,))
         T, K = routing.indices_TK.shape
-        if not _triton_slotted.worth_it(T * K, self.model_dim, w.w1_eHD.shape[1]):
+        if T == 0 or not _triton_slotted.worth_it(T * K, self.model_dim, w.w1_eHD.shape[1]):
             return None
         if _triton_slotted.blocker(x_TD, weights, (w.b1_eH, w.b2_eO)) is not None:
             return None

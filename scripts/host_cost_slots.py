@@ -7,9 +7,7 @@ median of 200.
 """
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import torch
 
@@ -17,18 +15,7 @@ from adaptmoe.examples.bench_layer import CONFIGS
 from adaptmoe.ops import _triton_gemm as tg
 from adaptmoe.ops import _triton_slotted
 from adaptmoe.routing import build_routing, capacity_for, overflow_slots
-
-
-def host_us(fn, reps: int = 200) -> float:
-    for _ in range(5):
-        fn()
-    samples = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(samples)
+from scripts.host_costs import host_us
 
 
 def run(name: str) -> None:
@@ -58,7 +45,7 @@ def run(name: str) -> None:
     }
     print(f"\n{name}: host us per call (GPU idle before each)", flush=True)
     for label, fn in rows.items():
-        print(f"  {label:<36} {host_us(fn):8.1f}", flush=True)
+        print(f"  {label:<36} {host_us(fn, reps=200, inner=1):8.1f}", flush=True)
 
 
 if __name__ == "__main__":

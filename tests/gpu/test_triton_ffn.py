@@ -15,6 +15,7 @@ import adaptmoe as am  # noqa: E402
 from adaptmoe.ops import _triton_ffn  # noqa: E402
 from adaptmoe.ops import _triton_slotted  # noqa: E402
 from adaptmoe.ops import _triton_gemm as tg  # noqa: E402
+from gpu_bf16 import assert_close_rel, rand  # noqa: E402
 from gpu_poison import poison  # noqa: E402
 
 if tg.kernel_blocker(torch.zeros(1, 128, device="cuda", dtype=torch.bfloat16), ()) is not None:
@@ -22,8 +23,6 @@ if tg.kernel_blocker(torch.zeros(1, 128, device="cuda", dtype=torch.bfloat16), (
 
 DEV = "cuda"
 COUNTS = [0, 130, 1, 0, 200, 69, 257, 0]   # zero-row experts, partial and several-tile experts
-# bf16 inputs, fp32 accumulation, one bf16 rounding: relative to the largest reference element
-REL_TOL = 2e-2
 
 
 @pytest.fixture
@@ -37,12 +36,6 @@ def triton_ffn_on():
     _triton_slotted.set_enabled(True)
 
 
-def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rel: float = REL_TOL, what: str = "") -> None:
-    scale = max(want.abs().max().item(), 1e-6)
-    torch.testing.assert_close(got.double(), want.double(), rtol=rel, atol=rel * scale,
-                               msg=lambda m: f"{what}: {m}" if what else m)
-
-
 def per_expert(fn, counts):
     """fn(e, row slice) for every expert, in grouped row order."""
     start, out = 0, []
@@ -50,10 +43,6 @@ def per_expert(fn, counts):
         out.append(fn(e, slice(start, start + n)))
         start += n
     return out
-
-
-def rand(*shape, scale=1.0):
-    return (torch.randn(*shape, device=DEV) * scale).to(torch.bfloat16)
 
 
 @pytest.mark.parametrize("sums", [(False, False), (True, False), (False, True)])

@@ -13,29 +13,19 @@ if not torch.cuda.is_available():
 import adaptmoe as am  # noqa: E402
 from adaptmoe.ops import _triton_slotted  # noqa: E402
 from adaptmoe.ops import _triton_gemm as tg  # noqa: E402
+from gpu_bf16 import assert_close_rel, rand  # noqa: E402
 from gpu_poison import poison  # noqa: E402
 
 if tg.kernel_blocker(torch.zeros(1, 128, device="cuda", dtype=torch.bfloat16), ()) is not None:
     pytest.skip("the Triton kernels need triton and an sm90+ GPU", allow_module_level=True)
 
 DEV = "cuda"
-REL_TOL = 2e-2   # bf16 inputs, fp32 accumulation, one bf16 rounding (two for weight gradients)
 
 
 @pytest.fixture(autouse=True)
 def small_layers_take_slots(monkeypatch):
     """The test layers are far below the work the path needs to repay its host time."""
     monkeypatch.setattr(_triton_slotted, "MIN_GEMM_WORK", 0)
-
-
-def assert_close_rel(got, want, rel=REL_TOL, what=""):
-    scale = max(want.abs().max().item(), 1e-6)
-    torch.testing.assert_close(got.double(), want.double(), rtol=rel, atol=rel * scale,
-                               msg=lambda m: f"{what}: {m}" if what else m)
-
-
-def rand(*shape, scale=1.0):
-    return (torch.randn(*shape, device=DEV) * scale).to(torch.bfloat16)
 
 
 def test_scattered_rows_and_weight_gradient_moves_touch_only_their_rows():

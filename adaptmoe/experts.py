@@ -40,6 +40,18 @@ def resolve_activation(activation) -> Callable[[Tensor], Tensor]:
     return ACTIVATION_FNS[activation] if isinstance(activation, str) else activation
 
 
+# FFNWeights' order: w1, w2, b1, b2, w3.
+_FFN_WEIGHT_NAMES = ("batched_fc1_w", "batched_fc2_w", "batched_fc1_bias", "batched_fc2_bias", "batched_fc3_w")
+
+
+def _param(module: nn.Module, name: str):
+    """``module.name`` in one dict read when it is a registered parameter: nn.Module.__getattr__
+    costs ~1 us of host time per read, and stored_weights runs on every call. Anything else
+    (an absent weight kept as None, a tensor swapped in by a functional call) the usual way."""
+    value = module._parameters.get(name)
+    return value if value is not None else getattr(module, name)
+
+
 def _uniform_(tensor: Tensor, bound: float) -> None:
     with torch.no_grad():
         tensor.uniform_(-bound, bound)
@@ -84,10 +96,10 @@ class FFNExperts(nn.Module):
             _uniform_(self.batched_fc2_bias, bound2)
 
     def stored_weights(self) -> FFNWeights:
-        b2 = self.batched_fc2_bias
+        w1, w2, b1, b2, w3 = (_param(self, name) for name in _FFN_WEIGHT_NAMES)
         if b2 is not None and b2.shape[1] != self.output_dim:
             b2 = b2[:, : self.output_dim]
-        return FFNWeights(self.batched_fc1_w, self.batched_fc2_w, self.batched_fc1_bias, b2, self.batched_fc3_w)
+        return FFNWeights(w1, w2, b1, b2, w3)
 
     def forward(self, x_eCD: Tensor, weights: FFNWeights | None = None) -> Tensor:
         return ffn_padded(x_eCD, weights or self.stored_weights(), self.activation)

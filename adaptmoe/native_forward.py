@@ -55,6 +55,7 @@ class NativeForwardPlan:
     relu_epilogue: bool    # relu inside the first GEMM (capacity layout, plain FFN)
     grouped: bool          # dropless rows through the grouped GEMM (else a padded batch)
     gathered_fc1: bool = False   # grouped: the first GEMM gathers its rows (Triton, no dispatch)
+    gshard_loss: bool = False    # the gate's only loss is gshard: the native call computes it
 
 
 def native_forward_blocker(layer, x_TD: Tensor, knobs) -> str | None:
@@ -131,37 +132,47 @@ def _signature_plan(layer, x_TD: Tensor, native, gate_index: int, top_k: int,
                                                        experts.activation) is None)
     return NativeForwardPlan(score_fn=1 if gate_cfg.kind in ("sigmoid", "sinkmoid") else 0,
                              normalize=gate_cfg.normalize_topk and top_k > 1, activation=act,
-                             relu_epilogue=relu_epilogue, grouped=grouped, gathered_fc1=gathered)
+                             relu_epilogue=relu_epilogue, grouped=grouped, gathered_fc1=gathered,
+                             gshard_loss=tuple(kind for kind in gate_cfg.losses if kind != "none") == ("gshard",))
 
 
-def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Routing, tuple[Tensor, Tensor, Tensor]]:
-    """(y_TO, routing, (clean logits, noisy logits, scores)): what ``MoELayer._route`` and
-    ``_run`` return, from one native call."""
+def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Routing, tuple | None, dict | None]:
+    """(y_TO, routing, loss inputs, losses): what ``MoELayer._route`` and ``_run`` return, from
+    one native call, and the call's losses when the native call computed them (``plan.gshard_loss``;
+    the loss inputs are then None), else None and (clean logits, noisy logits, scores) for
+    ``MoELayer._losses``."""
     T = x_TD.shape[0]
     E, k = layer.config.num_experts, knobs.top_k
     capacity = capacity_for(knobs.capacity_factor, T, E, k)
-    gate = layer.gates[knobs.gate_index]
-    w = layer.experts.stored_weights()
+    gate, wg_ED = _gate_of(layer, knobs.gate_index)
+    w = layer._modules["experts"].stored_weights()
     if plan.gathered_fc1 and T * k * (w.w1_eHD.shape[1] + w.w1_eHD.shape[2]) >= _GATHER_MIN_ELEMENTS:
-        return _run_gathered(layer, x_TD, knobs, plan, gate, w)
-    (y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E,
-     slots_TK) = _native.loaded().moe_forward_nograd(
-        x_TD, gate.wg.weight, gate.fp32, k, plan.score_fn, plan.normalize, -1 if capacity is None else capacity,
+        return _run_gathered(layer, x_TD, knobs, plan, gate, wg_ED, w)
+    (y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK,
+     loss) = _native.loaded().moe_forward_nograd(
+        x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, -1 if capacity is None else capacity,
         layer.config.is_postscore, plan.grouped, w.w1_eHD, w.w2_eHO, w.w3_eHD, w.b1_eH, w.b2_eO, plan.activation,
-        plan.relu_epilogue, torch.backends.cuda.matmul.allow_tf32)
+        plan.relu_epilogue, torch.backends.cuda.matmul.allow_tf32, plan.gshard_loss)
     num_rows = T * k if capacity is None else E * capacity
     routing = Routing(indices_TK, weights_TK, locations_TK, counts_E, capacity, slots_TK, num_rows)
-    return y_TO, routing, _loss_inputs(logits_TE, scores_TE, plan)
+    return (y_TO, routing) + _losses_or_inputs(logits_TE, scores_TE, loss, plan)
 
 
-def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, w) -> tuple:
+def _gate_of(layer, gate_index: int) -> tuple:
+    """(gate module, its weight (E, D)) read through the modules' dicts: each nn.Module attribute
+    read costs ~1 us of host time (ModuleList indexing ~2), time an isolated call's GPU waits."""
+    gate = layer._modules["gates"]._modules[str(gate_index)]
+    return gate, gate._modules["wg"]._parameters["weight"]
+
+
+def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Tensor, w) -> tuple:
     """Dropless relu experts (``_triton_gemm.gathered_fc1_blocker`` says which): native routing,
     the first GEMM gathering its rows from the tokens with relu in its epilogue
     (``ops._triton_gemm``), grouped second GEMM, native combine."""
     T, k = x_TD.shape[0], knobs.top_k
     native = _native.loaded()
-    (logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK,
-     inv_R) = native.moe_route_nograd(x_TD, gate.wg.weight, gate.fp32, k, plan.score_fn, plan.normalize)
+    (logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK, inv_R,
+     loss) = native.moe_route_nograd(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, plan.gshard_loss)
     if T == 0:
         y_RO = x_TD.new_zeros(0, w.w2_eHO.shape[2])
     else:
@@ -169,14 +180,18 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, w) 
         y_RO = torch._grouped_mm(h_RH, w.w2_eHO, offs=torch.cumsum(counts_E, 0, dtype=torch.int32))
     y_TO = native.gather_rows(y_RO, slots_TK, weights_TK, None)[0]
     routing = Routing(indices_TK, weights_TK, locations_TK, counts_E, None, slots_TK, T * k)
-    return y_TO, routing, _loss_inputs(logits_TE, scores_TE, plan)
+    return (y_TO, routing) + _losses_or_inputs(logits_TE, scores_TE, loss, plan)
 
 
-def _loss_inputs(logits_TE: Tensor, scores_TE: Tensor, plan: NativeForwardPlan) -> tuple[Tensor, Tensor, Tensor]:
-    """(clean logits, noisy logits, probabilities): no noise here, and the balance losses read
-    per-token probabilities, as routing.fused_routing returns them."""
+def _losses_or_inputs(logits_TE: Tensor, scores_TE: Tensor, loss: Tensor | None,
+                      plan: NativeForwardPlan) -> tuple[tuple | None, dict | None]:
+    """(None, the native call's losses) when it computed them, else ((clean logits, noisy logits,
+    probabilities), None): no noise here, and the balance losses read per-token probabilities,
+    as routing.fused_routing returns them."""
+    if plan.gshard_loss:
+        return None, {"gshard": loss}
     probs_TE = scores_TE / scores_TE.sum(dim=1, keepdim=True).clamp(min=1e-9) if plan.score_fn == 1 else scores_TE
-    return logits_TE, logits_TE, probs_TE
+    return (logits_TE, logits_TE, probs_TE), None
 
 
 def set_gathered_enabled(enabled: bool) -> None:

@@ -65,6 +65,27 @@ std::vector<Tensor> route_topk(const Tensor& logits_TE, int64_t k, int64_t score
   return {indices, weights, scores, locations, counts, slots};
 }
 
+// GShard loss (0-dim float32) of scores_TE and the first choices indices_TK[:, 0]; rows of scores
+// divided by their sum first when normalize_rows (see launch_gshard_loss).
+Tensor gshard_loss(const Tensor& scores_TE, const Tensor& indices_TK, bool normalize_rows) {
+  TORCH_CHECK(scores_TE.is_cuda() && scores_TE.dim() == 2, "adaptmoe: scores_TE must be a 2-D CUDA tensor");
+  check_cuda(indices_TK, "indices_TK", scores_TE);
+  TORCH_CHECK(indices_TK.dim() == 2 && indices_TK.scalar_type() == at::kLong && indices_TK.size(0) == scores_TE.size(0) &&
+                  indices_TK.size(1) >= 1,
+              "adaptmoe: indices_TK must be int64 (T, K >= 1) with scores_TE's T");
+  const auto dt = dtype_of(scores_TE);
+  const int64_t T = scores_TE.size(0), E = scores_TE.size(1);
+  TORCH_CHECK(E >= 1 && E <= adaptmoe::kMaxTopkExperts, text("adaptmoe: the gshard loss takes 1..", adaptmoe::kMaxTopkExperts, " experts, got ", E));
+  const c10::cuda::CUDAGuard guard(scores_TE.device());
+  const Tensor scores = scores_TE.contiguous(), idx = indices_TK.contiguous();
+  Tensor buf = at::empty({1 + adaptmoe::gshard_loss_workspace_floats(T, static_cast<int>(E))}, scores.options().dtype(at::kFloat));
+  check_launch(adaptmoe::launch_gshard_loss(scores.data_ptr(), dt, idx.data_ptr<int64_t>(), T, static_cast<int>(E),
+                                            static_cast<int>(idx.size(1)), normalize_rows, buf.data_ptr<float>() + 1,
+                                            buf.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+               "gshard loss");
+  return buf.select(0, 0);
+}
+
 // Returns (locations_TK, counts_E, slots_TK) for given expert choices.
 std::vector<Tensor> assign_slots(const Tensor& indices_TK, int64_t num_experts, int64_t capacity) {
   TORCH_CHECK(indices_TK.is_cuda() && indices_TK.dim() == 2 && indices_TK.scalar_type() == at::kLong,
@@ -305,6 +326,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace adaptmoe::torch_ops;
   m.doc() = "adaptmoe native CUDA kernels (gating/top-k, slot assignment, dispatch/combine rows, decode FFN)";
   m.def("route_topk", &route_topk, "fused scores + top-k + slot assignment");
+  m.def("gshard_loss", &gshard_loss, "GShard balance loss of scores and first choices (no autograd)");
   m.def("assign_slots", &assign_slots, "slot locations in GShard priority order");
   m.def("scatter_rows", &scatter_rows, "token rows -> expert-major rows (optional scale, optional dots)");
   m.def("scatter_located_rows", &scatter_located_rows, "dispatch of slot-assignment slots, rows to zero from counts");

@@ -15,20 +15,22 @@ namespace adaptmoe {
 // [E, R/E, D] batch. act: Activation code of moe_kernels.h; relu_epilogue: relu in the first
 // GEMM's cuBLASLt epilogue (padded layout, no w3). Expert weights: w1 [E, H, D], w2 [E, H, O],
 // w3 [E, H, D], b1 [E, H], b2 [E, O], x's dtype. Every op is the one the Python path runs, in the
-// same order, so results match it bit for bit.
-// Returns (y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK).
+// same order, so results match it bit for bit (the loss: see launch_gshard_loss).
+// Returns (y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK,
+// gshard loss (0-dim float32; None unless want_gshard_loss)).
 std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
                                            int64_t score_fn, bool normalize, int64_t capacity, bool postscore,
                                            bool grouped, const at::Tensor& w1_EHD, const at::Tensor& w2_EHO,
                                            const std::optional<at::Tensor>& w3_EHD,
                                            const std::optional<at::Tensor>& b1_EH,
                                            const std::optional<at::Tensor>& b2_EO, int64_t act, bool relu_epilogue,
-                                           bool allow_tf32);
+                                           bool allow_tf32, bool want_gshard_loss);
 
 // The routing part of the above for a dropless call: logits_TE, then (indices_TK, weights_TK,
 // scores_TE, locations_TK, counts_E, slots_TK) and inv_R (int32: the choice t*K + k that feeds each
-// of the T*K grouped rows), for an expert GEMM that gathers its rows itself.
+// of the T*K grouped rows), for an expert GEMM that gathers its rows itself; last the gshard
+// loss as above.
 std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
-                                         int64_t score_fn, bool normalize);
+                                         int64_t score_fn, bool normalize, bool want_gshard_loss);
 
 }  // namespace adaptmoe

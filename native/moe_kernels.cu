@@ -6,6 +6,7 @@
 #include "moe_kernels.h"
 #include "device_utils.cuh"
 
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
@@ -219,6 +220,110 @@ __global__ void locate_kernel(const int64_t* __restrict__ idx, int64_t num_token
 }
 
 // ---------------------------------------------------------------------------------------------
+// GShard loss, pass 1: one warp per token (lane holds experts lane, lane+32, ...); block b writes
+// its column sums of p and its first-choice counts to part[b][0:E] and part[b][E:2E]. Warps keep
+// their own sums and are added in warp order: no float atomics, so the bits do not depend on
+// scheduling.
+template <typename T, int VPL>
+__global__ void gshard_partials_kernel(const T* __restrict__ scores, const int64_t* __restrict__ indices,
+                                       int64_t num_tokens, int E, int K, bool normalize_rows,
+                                       float* __restrict__ part) {
+  extern __shared__ float s_warp[];   // warps x E column sums
+  __shared__ int s_first[kMaxTopkExperts];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) s_first[e] = 0;
+  __syncthreads();
+  float col[VPL];
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) col[j] = 0.f;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * warps;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * warps + warp; t < num_tokens; t += stride) {
+    float v[VPL];
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      const int e = j * 32 + lane;
+      v[j] = e < E ? to_f<T>(scores[t * E + e]) : 0.f;
+      sum += v[j];
+    }
+    if (normalize_rows) {
+      const float inv = 1.f / fmaxf(warp_sum(sum), 1e-9f);
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) v[j] *= inv;
+    }
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) col[j] += v[j];
+    if (lane == 0) {
+      const int64_t first = indices[t * K];
+      if (first >= 0 && first < E) atomicAdd(&s_first[first], 1);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    const int e = j * 32 + lane;
+    if (e < E) s_warp[warp * E + e] = col[j];
+  }
+  __syncthreads();
+  float* out = part + static_cast<int64_t>(blockIdx.x) * 2 * E;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    float c = 0.f;
+    for (int w = 0; w < warps; ++w) c += s_warp[w * E + e];
+    out[e] = c;
+    out[E + e] = static_cast<float>(s_first[e]);
+  }
+}
+
+// Pass 2, one block: loss = E / T^2 * sum_e colsum_e * first_e over the blocks' partials.
+template <int BT>
+__global__ void gshard_finish_kernel(const float* __restrict__ part, int blocks, int E, int64_t num_tokens,
+                                     float* __restrict__ loss) {
+  using Reduce = cub::BlockReduce<float, BT>;
+  __shared__ typename Reduce::TempStorage tmp;
+  float term = 0.f;
+  for (int e = threadIdx.x; e < E; e += BT) {
+    float c = 0.f, n = 0.f;
+    for (int b = 0; b < blocks; ++b) {
+      c += part[static_cast<int64_t>(b) * 2 * E + e];
+      n += part[static_cast<int64_t>(b) * 2 * E + E + e];
+    }
+    term += c * n;
+  }
+  const float total = Reduce(tmp).Sum(term);
+  if (threadIdx.x == 0) {
+    const float Tf = static_cast<float>(num_tokens);
+    *loss = num_tokens > 0 ? total / Tf * (static_cast<float>(E) / Tf) : 0.f;
+  }
+}
+
+constexpr int kLossThreads = 256;
+
+// Blocks of pass 1: at least 32 tokens per block, at most 128 blocks (pass 2 reads 128 x 2E
+// floats); a function of T only, so the summation order is too.
+int gshard_loss_blocks(int64_t T) {
+  return static_cast<int>(std::min<int64_t>(128, std::max<int64_t>(1, (T + 31) / 32)));
+}
+
+template <typename T, int VPL>
+cudaError_t gshard_partials_t(const void* scores, const int64_t* indices, int64_t T_, int E, int K, bool normalize_rows,
+                              float* part, cudaStream_t stream) {
+  const size_t smem = sizeof(float) * (kLossThreads / 32) * E;
+  gshard_partials_kernel<T, VPL><<<gshard_loss_blocks(T_), kLossThreads, smem, stream>>>(
+      static_cast<const T*>(scores), indices, T_, E, K, normalize_rows, part);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t gshard_partials_vpl(const void* scores, const int64_t* indices, int64_t T_, int E, int K,
+                                bool normalize_rows, float* part, cudaStream_t stream) {
+  if (E <= 32) return gshard_partials_t<T, 1>(scores, indices, T_, E, K, normalize_rows, part, stream);
+  if (E <= 64) return gshard_partials_t<T, 2>(scores, indices, T_, E, K, normalize_rows, part, stream);
+  if (E <= 128) return gshard_partials_t<T, 4>(scores, indices, T_, E, K, normalize_rows, part, stream);
+  if (E <= 256) return gshard_partials_t<T, 8>(scores, indices, T_, E, K, normalize_rows, part, stream);
+  if (E <= 512) return gshard_partials_t<T, 16>(scores, indices, T_, E, K, normalize_rows, part, stream);
+  return gshard_partials_t<T, 32>(scores, indices, T_, E, K, normalize_rows, part, stream);
+}
+
+// ---------------------------------------------------------------------------------------------
 // host helpers
 template <typename T, int VPL>
 cudaError_t topk_t(const void* logits, int64_t T_, int E, int K, ScoreFn fn, bool normalize,
@@ -256,6 +361,23 @@ cudaError_t launch_topk(const void* logits_TE, DType dt, int64_t T, int E, int K
     case kBFloat16: return topk_dispatch_vpl<__nv_bfloat16>(logits_TE, T, E, K, fn, normalize, indices_TK, weights_TK, scores_TE, stream);
     default: return topk_dispatch_vpl<float>(logits_TE, T, E, K, fn, normalize, indices_TK, weights_TK, scores_TE, stream);
   }
+}
+
+int64_t gshard_loss_workspace_floats(int64_t T, int E) { return static_cast<int64_t>(gshard_loss_blocks(T)) * 2 * E; }
+
+cudaError_t launch_gshard_loss(const void* scores_TE, DType dt, const int64_t* indices_TK, int64_t T, int E, int K,
+                               bool normalize_rows, float* workspace, float* loss, cudaStream_t stream) {
+  if (E < 1 || E > kMaxTopkExperts || K < 1) return cudaErrorInvalidValue;
+  if (T == 0) return cudaMemsetAsync(loss, 0, sizeof(float), stream);   // 0.0f is all zero bits
+  cudaError_t err;
+  switch (dt) {
+    case kFloat16: err = gshard_partials_vpl<__half>(scores_TE, indices_TK, T, E, K, normalize_rows, workspace, stream); break;
+    case kBFloat16: err = gshard_partials_vpl<__nv_bfloat16>(scores_TE, indices_TK, T, E, K, normalize_rows, workspace, stream); break;
+    default: err = gshard_partials_vpl<float>(scores_TE, indices_TK, T, E, K, normalize_rows, workspace, stream);
+  }
+  if (err != cudaSuccess) return err;
+  gshard_finish_kernel<kLossThreads><<<1, kLossThreads, 0, stream>>>(workspace, gshard_loss_blocks(T), E, T, loss);
+  return cudaGetLastError();
 }
 
 int64_t locate_workspace_ints(int64_t T, int E, int K) {

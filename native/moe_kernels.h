@@ -38,6 +38,15 @@ cudaError_t launch_locate(const int64_t* indices_TK, int64_t T, int E, int K, in
                           int* workspace, int64_t* locations_TK, int64_t* counts_E,
                           int64_t* slots_TK, cudaStream_t stream);
 
+// GShard balance loss of a no-grad call, in two launches (partial sums, then the scalar):
+// loss = E * sum_e mean_t(p_te) * (tokens whose first choice is e) / T, with p = scores_TE (rows
+// divided by their sum, clamped at 1e-9, when normalize_rows: sigmoid scores), indices_TK[:, 0] the
+// first choices, fp32 sums in a fixed order (the same inputs give the same bits); 0 when T == 0.
+// workspace: gshard_loss_workspace_floats(T, E) floats; loss: one float.
+int64_t gshard_loss_workspace_floats(int64_t T, int E);
+cudaError_t launch_gshard_loss(const void* scores_TE, DType dt, const int64_t* indices_TK, int64_t T, int E, int K,
+                               bool normalize_rows, float* workspace, float* loss, cudaStream_t stream);
+
 // out_RD[slots[t,k]] = src_TD[t] * w[t,k] (w null: 1) for kept slots; rows no slot names are 0.
 // dot_out (may be null) [t,k] = <src_TD[t], dot_RD[slots[t,k]]> (0 for dropped), in dot_dt.
 // workspace: R ints (the inverse slot map, used to zero the rows no choice feeds).

@@ -60,3 +60,37 @@ def test_bad_call_raises_and_leaves_layer_unchanged(call, error, needle):
 def test_bad_config_names_the_field(build, needle):
     with pytest.raises((ValueError, TypeError), match=needle):
         build()
+
+
+@pytest.mark.parametrize("good,bad,error,needle", [
+    ({"top_k": 1}, {"top_k": True}, ValueError, "top_k"),                 # True == 1 and hashes alike
+    ({"gate_index": 0}, {"gate_index": False}, ValueError, "gate_index"),
+    ({"capacity_factor": 1.0}, {"capacity_factor": True}, TypeError, "capacity_factor"),
+    ({"top_k": 2}, {"top_k": [2]}, ValueError, "top_k"),                  # unhashable: still named
+    ({"a2a_algo": "flat"}, {"a2a_algo": ["flat"]}, ValueError, "a2a_algo"),
+])
+def test_remembered_knobs_never_pass_a_bad_call(good, bad, error, needle):
+    """forward remembers knob tuples that passed the checks (host time per call); a bad value that
+    compares or hashes equal to a remembered good one, or cannot be hashed, is still refused."""
+    l = layer()
+    x = torch.randn(3, 8)
+    l(x, **good)
+    l(x, **good)
+    with pytest.raises(error, match=needle):
+        l(x, **bad)
+
+
+def test_remembered_knobs_give_the_same_call_and_stay_bounded(monkeypatch):
+    from adaptmoe import layer as layer_module
+    monkeypatch.setattr(layer_module, "_MAX_RESOLVED_CALLS", 4)
+    l = layer()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        first = l(x, capacity_factor=0.5, top_k=1)
+        for cf in (1.0, 1.5, 2.0, 2.5, 3.0, 0.5):   # more tuples than the bound: the memo starts over
+            l(x, capacity_factor=cf, top_k=1)
+            assert len(l._resolved_calls) <= 4
+        again = l(x, capacity_factor=0.5, top_k=1)
+    assert torch.equal(first, again)
+    want = l.resolve_knobs(capacity_factor=0.5, top_k=1)
+    assert any(knobs == want for knobs, _ in l._resolved_calls.values())

@@ -147,6 +147,33 @@ def test_route_topk(T, E, K, dtype, score_fn):
         assert torch.equal(loc, rl) and torch.equal(counts, rc) and torch.equal(slots, rs)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,E,K", [(0, 4, 2), (1, 1, 1), (37, 5, 5), (4096, 64, 8), (20000, 256, 8), (300, 1000, 4)])
+@pytest.mark.parametrize("normalize_rows", [False, True], ids=["softmax", "sigmoid"])
+def test_gshard_loss(T, E, K, dtype, normalize_rows):
+    """The native gshard loss of a no-grad call against the float64 formula on the same scores
+    (E * sum_e mean_t p_te * first-choice fraction_e), deterministic bits, 0 without tokens."""
+    from adaptmoe.ops import _native
+    g = torch.Generator(device=DEV).manual_seed(T + E)
+    scores = torch.rand(T, E, generator=g, device=DEV).to(dtype)
+    idx = torch.randint(0, E, (T, K), generator=g, device=DEV)
+    if T > 4:
+        idx[: T // 4, 0] = 0   # uneven first choices
+    poison(1 << 20, byte=0x7F)
+    loss = _native.loaded().gshard_loss(scores, idx, normalize_rows)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    if T == 0:
+        assert float(loss) == 0.0
+        return
+    p = scores.double()
+    if normalize_rows:
+        p = p / p.sum(1, keepdim=True).clamp(min=1e-9)
+    want = E * (p.mean(0) * torch.bincount(idx[:, 0], minlength=E).double() / T).sum()
+    rtol, atol = ops.TOLERANCES["gshard_loss"][dtype]
+    torch.testing.assert_close(loss.double(), want, rtol=rtol, atol=atol)
+    assert torch.equal(loss, _native.loaded().gshard_loss(scores, idx, normalize_rows))
+
+
 @pytest.mark.parametrize("T,E,K,cap", [(1, 1, 1, None), (20000, 64, 8, None), (20000, 64, 8, 1000),
                                        (5000, 2048, 4, 3), (777, 9, 9, None), (3000, 16, 2, 0)])
 def test_assign_slots_exact(T, E, K, cap):

@@ -1,0 +1,127 @@
+"""Where an isolated no-grad forward of a single-GPU layer loses time against its CUDA graph:
+the same call cut at each layer of Python around the one native call, each timed alone on an
+idle GPU (CUDA events), plus the host time of each cut in a warm loop and host stamps of the
+full call.
+
+    python scripts/isolated_native_call.py [config ...] [--dropless]   # default: fine64 readme_bf16
+
+Rows (us): layer = MoELayer.forward as users call it; run = native_forward.run with knobs and
+plan made beforehand (no knob checks, flattening, losses, output packaging); native = the
+extension's moe_forward_nograd alone; floor = two bmms with relu between (bench_layer's floor);
+graphed = the layer replayed from a CUDA graph.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+from adaptmoe import native_forward
+from adaptmoe.examples.bench_layer import CONFIGS, balance_routing, build_layer
+from adaptmoe.examples.timing import capture_no_grad, median_ms
+from adaptmoe.layer import MoELayer
+from adaptmoe.ops import _native
+from scripts.host_costs import host_us
+
+
+def _native_call(layer, x_TD, knobs, plan):
+    from adaptmoe.routing import capacity_for
+    T, E, k = x_TD.shape[0], layer.config.num_experts, knobs.top_k
+    cap = capacity_for(knobs.capacity_factor, T, E, k)
+    gate, w = layer.gates[0], layer.experts.stored_weights()
+    args = (x_TD, gate.wg.weight, gate.fp32, k, plan.score_fn, plan.normalize, -1 if cap is None else cap,
+            layer.config.is_postscore, plan.grouped, w.w1_eHD, w.w2_eHO, w.w3_eHD, w.b1_eH, w.b2_eO,
+            plan.activation, plan.relu_epilogue, False, plan.gshard_loss)
+    native = _native.loaded()
+    return lambda: native.moe_forward_nograd(*args)
+
+
+def stamps(layer, x, cf: float, calls: int = 40) -> dict[str, float]:
+    """perf_counter at entry (>) and exit (<) of each piece of the call, medians in us."""
+    marks: list[tuple[str, float]] = []
+    undo = []
+
+    def stamped(owner, attr, label):
+        inner = getattr(owner, attr)
+
+        def wrapped(*args, **kwargs):
+            marks.append((label + ">", time.perf_counter()))
+            out = inner(*args, **kwargs)
+            marks.append((label + "<", time.perf_counter()))
+            return out
+        setattr(owner, attr, wrapped)
+        undo.append((owner, attr, inner))
+
+    for owner, attr, label in [(MoELayer, "resolve_knobs", "knobs"), (MoELayer, "flatten_input", "flatten"),
+                               (native_forward, "plan_for", "plan"), (native_forward, "run", "run"),
+                               (native_forward, "_losses_or_inputs", "loss_inputs"), (MoELayer, "_losses", "losses")]:
+        stamped(owner, attr, label)
+    runs: dict[str, list[float]] = {}
+    try:
+        for i in range(calls + 5):
+            torch.cuda.synchronize()
+            marks.clear()
+            t0 = time.perf_counter()
+            layer(x, capacity_factor=cf)
+            marks.append(("return", time.perf_counter()))
+            if i >= 5:
+                for label, t in marks:
+                    runs.setdefault(label, []).append((t - t0) * 1e6)
+    finally:
+        for owner, attr, inner in reversed(undo):
+            setattr(owner, attr, inner)
+    return {label: statistics.median(v) for label, v in runs.items()}
+
+
+def run_config(name: str, cf: float, iters: int = 60) -> None:
+    cfg = CONFIGS[name]
+    layer = build_layer(cfg, "cuda")
+    x = torch.randn(cfg["T"], cfg["D"], device="cuda", dtype=layer.experts.batched_fc1_w.dtype)
+    balance_routing(layer, x, cfg["K"])
+    w1, w2 = layer.experts.batched_fc1_w, layer.experts.batched_fc2_w
+    E, K, T = cfg["E"], cfg["K"], cfg["T"]
+    xf = torch.randn(E, T * K // E, cfg["D"], device="cuda", dtype=x.dtype)
+    with torch.no_grad():
+        knobs = layer.resolve_knobs(capacity_factor=cf)
+        plan = native_forward.plan_for(layer, x, knobs)
+        assert plan is not None, native_forward.native_forward_blocker(layer, x, knobs)
+        fns = {
+            "layer": lambda: layer(x, capacity_factor=cf),
+            "run": lambda: native_forward.run(layer, x, knobs, plan),
+            "native": _native_call(layer, x, knobs, plan),
+            "floor": lambda: torch.bmm(torch.relu(torch.bmm(xf, w1.transpose(1, 2))), w2),
+        }
+        t_end = time.perf_counter() + 2.0
+        while time.perf_counter() < t_end:   # clocks up
+            for fn in fns.values():
+                fn()
+            torch.cuda.synchronize()
+        iso = {k: median_ms(fn, "cuda", iters, 5) * 1e3 for k, fn in fns.items()}
+        host = {k: host_us(fn, reps=20, inner=4) for k, fn in fns.items()}
+        graph, _ = capture_no_grad(lambda: layer(x, capacity_factor=cf))
+        iso["graphed"] = median_ms(graph.replay, "cuda", iters, 5) * 1e3
+        host["graphed"] = host_us(graph.replay, reps=20, inner=4)
+        st = stamps(layer, x, cf)
+    mode = "dropless" if cf == 0 else f"cf={cf:g}"
+    print(f"=== {name} {mode}: isolated call (us, CUDA events) and host time per call (us, warm loop)")
+    for k in iso:
+        print(f"  {k:<8} isolated {iso[k]:8.1f}   host {host[k]:7.1f}   vs graphed {iso[k] - iso['graphed']:+7.1f}")
+    print(f"=== {name} {mode}: host stamps of isolated layer calls (us from the call, medians)")
+    for label, t in sorted(st.items(), key=lambda kv: kv[1]):
+        print(f"  {label:<14} {t:8.1f}")
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    names = [a for a in args if not a.startswith("--")] or ["fine64", "readme_bf16"]
+    cfs = [1.0, 0.0] if "--dropless" in args else [1.0]
+    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__}")
+    for name in names:
+        for cf in cfs:
+            run_config(name, cf)
+
+
+if __name__ == "__main__":
+    main()

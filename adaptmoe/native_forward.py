@@ -11,11 +11,14 @@ graph. The native call enqueues gate GEMM, routing, dispatch, FFN and combine ba
 costs ~15-20 us of host time on that machine's CPU, so the Python around the call was not all of it).
 
 The Python path stays the reference: this module only decides whether the native call computes
-what the Python path would (op for op, except that large dropless calls of relu experts of up to
+what the Python path would, and packages its outputs the way the Python path does;
+``native_forward_blocker`` says why a call cannot be served (the layer then runs the Python
+path). Op for op the same, except: large dropless calls of relu experts of up to
 ``ops._triton_gemm.MAX_EXPERT_WEIGHTS`` weights gather their rows inside a Triton first GEMM
-(``gathered_fc1_blocker``), which rounds its own way; ``native_forward_blocker`` says why a call
-cannot be served, and the layer then runs the Python path), and packages its outputs the way
-the Python path does.
+(``gathered_fc1_blocker``), which rounds its own way; calls where every token goes to every
+expert (k == E, post-scored, nothing dropped) skip the dispatch, with one first GEMM over the
+tokens for all experts enqueued before the gate (the same products through GEMMs of other
+shapes); a gshard loss alone is computed inside the native call (fp32 sums in its own order).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from .routing import Routing, capacity_for, fusable_gate
 
 _enabled = True
 _gathered_enabled = True
+_dense_enabled = True
 _RELU = ACTIVATION_CODES["relu"]
 # Below R*(D+H) elements of dispatch + relu traffic saved, the gathered path's extra host time
 # (a Triton launch and three more ops from Python, ~0.1-0.2 ms on the H100 machines) outweighs
@@ -56,6 +60,7 @@ class NativeForwardPlan:
     grouped: bool          # dropless rows through the grouped GEMM (else a padded batch)
     gathered_fc1: bool = False   # grouped: the first GEMM gathers its rows (Triton, no dispatch)
     gshard_loss: bool = False    # the gate's only loss is gshard: the native call computes it
+    dense: bool = False          # k == E, post-scored: calls that drop nothing skip the dispatch
 
 
 def native_forward_blocker(layer, x_TD: Tensor, knobs) -> str | None:
@@ -89,7 +94,7 @@ def _plan_or_reason(layer, x_TD: Tensor, knobs) -> NativeForwardPlan | str:
         return f"native extension unavailable or older than this module: {_native.status()}"
     dropless = knobs.capacity_factor == 0
     key = (knobs.gate_index, knobs.top_k, dropless, layer.training, x_TD.dtype, x_TD.device, _fused_gemm._enabled,
-           _gathered_enabled)
+           _gathered_enabled, _dense_enabled)
     cache = layer.__dict__.setdefault("_native_forward_plans", {})
     plan = cache.get(key)
     if plan is None:
@@ -133,7 +138,8 @@ def _signature_plan(layer, x_TD: Tensor, native, gate_index: int, top_k: int,
     return NativeForwardPlan(score_fn=1 if gate_cfg.kind in ("sigmoid", "sinkmoid") else 0,
                              normalize=gate_cfg.normalize_topk and top_k > 1, activation=act,
                              relu_epilogue=relu_epilogue, grouped=grouped, gathered_fc1=gathered,
-                             gshard_loss=tuple(kind for kind in gate_cfg.losses if kind != "none") == ("gshard",))
+                             gshard_loss=tuple(kind for kind in gate_cfg.losses if kind != "none") == ("gshard",),
+                             dense=_dense_enabled and top_k == E and layer.config.is_postscore)
 
 
 def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Routing, tuple | None, dict | None]:
@@ -148,11 +154,12 @@ def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Ro
     w = layer._modules["experts"].stored_weights()
     if plan.gathered_fc1 and T * k * (w.w1_eHD.shape[1] + w.w1_eHD.shape[2]) >= _GATHER_MIN_ELEMENTS:
         return _run_gathered(layer, x_TD, knobs, plan, gate, wg_ED, w)
+    dense = plan.dense and T > 0 and (capacity is None or capacity >= T)   # then no choice drops
     (y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK,
      loss) = _native.loaded().moe_forward_nograd(
         x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, -1 if capacity is None else capacity,
         layer.config.is_postscore, plan.grouped, w.w1_eHD, w.w2_eHO, w.w3_eHD, w.b1_eH, w.b2_eO, plan.activation,
-        plan.relu_epilogue, torch.backends.cuda.matmul.allow_tf32, plan.gshard_loss)
+        plan.relu_epilogue, torch.backends.cuda.matmul.allow_tf32, plan.gshard_loss, dense)
     num_rows = T * k if capacity is None else E * capacity
     routing = Routing(indices_TK, weights_TK, locations_TK, counts_E, capacity, slots_TK, num_rows)
     return (y_TO, routing) + _losses_or_inputs(logits_TE, scores_TE, loss, plan)
@@ -194,6 +201,13 @@ def _losses_or_inputs(logits_TE: Tensor, scores_TE: Tensor, loss: Tensor | None,
     return (logits_TE, logits_TE, probs_TE), None
 
 
+def set_dense_enabled(enabled: bool) -> None:
+    """Turns the dense layout of k == E calls off (tokens are dispatched into the padded batch
+    like any other call) or back on, e.g. for A/B runs."""
+    global _dense_enabled
+    _dense_enabled = bool(enabled)
+
+
 def set_gathered_enabled(enabled: bool) -> None:
     """Turns the gathered Triton first GEMM off (dropless rows are dispatched, then grouped_mm and
     a relu pass run) or back on, e.g. for A/B runs."""
@@ -201,4 +215,5 @@ def set_gathered_enabled(enabled: bool) -> None:
     _gathered_enabled = bool(enabled)
 
 
-__all__ = ["NativeForwardPlan", "native_forward_blocker", "plan_for", "run", "set_enabled", "set_gathered_enabled"]
+__all__ = ["NativeForwardPlan", "native_forward_blocker", "plan_for", "run", "set_dense_enabled", "set_enabled",
+           "set_gathered_enabled"]

@@ -111,12 +111,12 @@ void dispatch(Routed& r, const Tensor& x_TD, int64_t capacity, bool postscore) {
 }
 
 // y_TO[t] = sum_k w[t,k] * y_RO[slots[t,k]] (w absent: 1), without torch_ops::gather_rows's
-// placeholder for the dot products nobody asked for.
-Tensor combine(const Tensor& y_RO, const Routed& r, bool postscore) {
+// placeholder for the dot products nobody asked for. slots: r.slots() unless given.
+Tensor combine(const Tensor& y_RO, const Routed& r, bool postscore, const int64_t* slots = nullptr) {
   const int64_t O = y_RO.size(1);
   Tensor y_TO = at::empty({r.T, O}, y_RO.options());
   const Tensor y = y_RO.contiguous();
-  torch_ops::check_launch(launch_gather_rows(y.data_ptr(), torch_ops::dtype_of(y), r.slots(),
+  torch_ops::check_launch(launch_gather_rows(y.data_ptr(), torch_ops::dtype_of(y), slots ? slots : r.slots(),
                                              postscore ? r.weights() : nullptr, torch_ops::dtype_of(r.vals), nullptr,
                                              r.T, static_cast<int>(r.k), O, y.size(0), y_TO.data_ptr(), nullptr,
                                              kFloat32, c10::cuda::getCurrentCUDAStream()),
@@ -157,6 +157,36 @@ Tensor ffn_padded(const Tensor& x_eCD, const ExpertWeights& w, int64_t act, bool
   return y_eCO;
 }
 
+// Every token goes to every expert unscaled (k == E, nothing dropped, post-scored): the dispatch
+// is the identity, so the first GEMM reads the tokens themselves, for all experts at once
+// (N = E*H: x_TD @ [w1_0; ...; w1_E-1]^T). h_TN [T, E*H]; ffn_padded's ops otherwise.
+Tensor dense_first_gemm(const Tensor& x_TD, const ExpertWeights& w, int64_t act, bool relu_epilogue,
+                        bool allow_tf32) {
+  const int64_t E = w.w1.size(0), H = w.w1.size(1), D = w.w1.size(2), T = x_TD.size(0);
+  const Tensor w1_ND = w.w1.reshape({E * H, D});
+  if (relu_epilogue) {
+    const std::optional<Tensor> b1 = w.b1.defined() ? std::optional<Tensor>(w.b1.reshape({1, E * H})) : std::nullopt;
+    return bmm_nt_act(x_TD.unsqueeze(0), w1_ND.unsqueeze(0), b1, kActRelu, allow_tf32).view({T, E * H});
+  }
+  Tensor h_TN = at::mm(x_TD, w1_ND.t());
+  if (w.b1.defined()) h_TN = h_TN + w.b1.reshape({E * H});
+  return w.w3.defined() ? torch_ops::act_mul(h_TN, at::mm(x_TD, w.w3.reshape({E * H, D}).t()), act)
+                        : apply_activation(h_TN, act);
+}
+
+// The second GEMM per expert over its column block of h_TN ([E, T, H] view, row stride E*H: no
+// copy), then the combine over token-major slots (e * T + t).
+Tensor dense_second_gemm_and_combine(const Tensor& h_TN, const Routed& r, const ExpertWeights& w) {
+  const int64_t E = w.w2.size(0), H = w.w2.size(1), O = w.w2.size(2), T = r.T;
+  Tensor y_ETO = at::bmm(h_TN.view({T, E, H}).transpose(0, 1), w.w2);
+  if (w.b2.defined()) y_ETO = y_ETO + w.b2.unsqueeze(1);
+  const Tensor slots = at::empty({T * r.k}, r.ints.options());
+  torch_ops::check_launch(launch_token_major_slots(r.indices(), T, static_cast<int>(r.k), static_cast<int>(E),
+                                                   slots.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
+                          "token-major slots");
+  return combine(y_ETO.view({E * T, O}), r, /*postscore=*/true, slots.data_ptr<int64_t>());
+}
+
 // Bias rows of the grouped layout, added in float32 (mirrors expert_compute._ffn_grouped_mm).
 Tensor add_row_bias(const Tensor& h_RH, const Tensor& b_EH, const Tensor& rows_R) {
   return (h_RH + b_EH.to(at::kFloat).index_select(0, rows_R)).to(at::kBFloat16);
@@ -188,8 +218,8 @@ Tensor ffn_grouped(const Tensor& x_RD, const Tensor& counts_E, const ExpertWeigh
   return y_RO;
 }
 
-void check_inputs(const Tensor& x_TD, const Tensor& wg_ED, int64_t capacity, bool grouped, const ExpertWeights& w,
-                  bool relu_epilogue) {
+void check_inputs(const Tensor& x_TD, const Tensor& wg_ED, int64_t k, int64_t capacity, bool grouped, bool dense,
+                  bool postscore, const ExpertWeights& w, bool relu_epilogue) {
   TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");
   torch_ops::dtype_of(x_TD);
   torch_ops::check_cuda(wg_ED, "wg_ED", x_TD);
@@ -207,6 +237,8 @@ void check_inputs(const Tensor& x_TD, const Tensor& wg_ED, int64_t capacity, boo
   TORCH_CHECK(!grouped || (capacity < 0 && x_TD.scalar_type() == at::kBFloat16),
               "adaptmoe: the grouped layout takes dropless bf16 rows");
   TORCH_CHECK(!relu_epilogue || (!grouped && !w.w3.defined()), "adaptmoe: the relu epilogue takes the padded layout, no w3");
+  TORCH_CHECK(!dense || (!grouped && k == E && postscore && x_TD.size(0) > 0 && (capacity < 0 || capacity >= x_TD.size(0))),
+              "adaptmoe: the dense layout takes k == E, post-scored, no dropped choice, T > 0");
 }
 
 }  // namespace
@@ -217,27 +249,36 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
                                            const std::optional<at::Tensor>& w3_EHD,
                                            const std::optional<at::Tensor>& b1_EH,
                                            const std::optional<at::Tensor>& b2_EO, int64_t act, bool relu_epilogue,
-                                           bool allow_tf32, bool want_gshard_loss) {
+                                           bool allow_tf32, bool want_gshard_loss, bool dense) {
   const ExpertWeights w{w1_EHD, w2_EHO, value_or_undefined(w3_EHD), value_or_undefined(b1_EH), value_or_undefined(b2_EO)};
-  check_inputs(x_TD, wg_ED, capacity, grouped, w, relu_epilogue);
+  check_inputs(x_TD, wg_ED, k, capacity, grouped, dense, postscore, w, relu_epilogue);
   const c10::cuda::CUDAGuard guard(x_TD.device());
   const at::NoGradGuard no_grad;
+  const Tensor x = x_TD.contiguous();
+  // Dense: the first GEMM needs no routing, so it goes first; the GPU runs it while the host
+  // enqueues gate and routing (an isolated call no longer waits for those launches).
+  const Tensor h_TN = dense ? dense_first_gemm(x, w, act, relu_epilogue, allow_tf32) : Tensor();
   const int64_t D = x_TD.size(1), E = wg_ED.size(0), O = w2_EHO.size(2);
-  const Tensor logits_TE = gate_logits(x_TD.contiguous(), wg_ED, gate_fp32);
+  const Tensor logits_TE = gate_logits(x, wg_ED, gate_fp32);
   Routed r = route(logits_TE, k, score_fn, normalize, capacity);
-  dispatch(r, x_TD.contiguous(), capacity, postscore);
-  const int64_t R = r.x_RD.size(0);
-  Tensor y_RO;
-  if (R == 0) {
-    y_RO = at::empty({0, O}, x_TD.options());
-  } else if (grouped) {
-    y_RO = ffn_grouped(r.x_RD, r.counts_E(), w, act);
+  Tensor y_TO;
+  if (dense) {
+    y_TO = dense_second_gemm_and_combine(h_TN, r, w);
   } else {
-    y_RO = ffn_padded(r.x_RD.view({E, R / E, D}), w, act, relu_epilogue, allow_tf32).view({R, O});
+    dispatch(r, x, capacity, postscore);
+    const int64_t R = r.x_RD.size(0);
+    Tensor y_RO;
+    if (R == 0) {
+      y_RO = at::empty({0, O}, x_TD.options());
+    } else if (grouped) {
+      y_RO = ffn_grouped(r.x_RD, r.counts_E(), w, act);
+    } else {
+      y_RO = ffn_padded(r.x_RD.view({E, R / E, D}), w, act, relu_epilogue, allow_tf32).view({R, O});
+    }
+    r.x_RD.reset();   // dead once the FFN is enqueued: the allocator may reuse it (stream-ordered)
+    // Pre-scored rows combine with weight 1: no weights at all is the same arithmetic (x * 1.0f).
+    y_TO = combine(y_RO, r, postscore);
   }
-  r.x_RD.reset();   // dead once the FFN is enqueued: the allocator may reuse it (stream-ordered)
-  // Pre-scored rows combine with weight 1: no weights at all is the same arithmetic (x * 1.0f).
-  Tensor y_TO = combine(y_RO, r, postscore);
   Tensor loss = gshard_loss(r, want_gshard_loss, score_fn);
   std::vector<Tensor> out{y_TO, logits_TE};
   for (Tensor& t : r.views()) out.push_back(std::move(t));

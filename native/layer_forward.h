@@ -15,7 +15,10 @@ namespace adaptmoe {
 // [E, R/E, D] batch. act: Activation code of moe_kernels.h; relu_epilogue: relu in the first
 // GEMM's cuBLASLt epilogue (padded layout, no w3). Expert weights: w1 [E, H, D], w2 [E, H, O],
 // w3 [E, H, D], b1 [E, H], b2 [E, O], x's dtype. Every op is the one the Python path runs, in the
-// same order, so results match it bit for bit (the loss: see launch_gshard_loss).
+// same order, so results match it bit for bit (the loss: see launch_gshard_loss), except with
+// dense: every token goes to every expert (k == E, post-scored, capacity < 0 or >= T, T > 0), the
+// first GEMM reads x_TD for all experts at once (before the gate) and the second combines from a
+// token-major [E, T, O] buffer: no dispatch; the same products, rounded by GEMMs of other shapes.
 // Returns (y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK,
 // gshard loss (0-dim float32; None unless want_gshard_loss)).
 std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
@@ -24,7 +27,7 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
                                            const std::optional<at::Tensor>& w3_EHD,
                                            const std::optional<at::Tensor>& b1_EH,
                                            const std::optional<at::Tensor>& b2_EO, int64_t act, bool relu_epilogue,
-                                           bool allow_tf32, bool want_gshard_loss);
+                                           bool allow_tf32, bool want_gshard_loss, bool dense);
 
 // The routing part of the above for a dropless call: logits_TE, then (indices_TK, weights_TK,
 // scores_TE, locations_TK, counts_E, slots_TK) and inv_R (int32: the choice t*K + k that feeds each

@@ -67,6 +67,11 @@ cudaError_t launch_scatter_located_rows(const void* src_TD, DType dt, const int6
 // the grouped row -> (token, choice) map of a dropless routing, where every row is fed.
 cudaError_t launch_inverse_slots(const int64_t* slots_TK, int64_t n, int64_t R, int* inv_R, cudaStream_t stream);
 
+// slots_TK[t,k] = indices_TK[t,k] * T + t (-1 for an index outside [0, E)): the rows of choice
+// (t, k) in a buffer that holds every token once per expert, expert-major ([E, T, ...]).
+cudaError_t launch_token_major_slots(const int64_t* indices_TK, int64_t T, int K, int E, int64_t* slots_TK,
+                                     cudaStream_t stream);
+
 // out_TD[t] = sum_k w[t,k] * src_RD[slots[t,k]] over kept slots (fp32 accumulation); slots
 // outside [0, R) count as dropped.
 // dot_out (may be null) [t,k] = <dot_TD[t], src_RD[slots[t,k]]> (0 for dropped), in dot_dt.

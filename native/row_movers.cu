@@ -28,6 +28,15 @@ __global__ void inverse_slots_kernel(const int64_t* __restrict__ slots, int64_t 
   }
 }
 
+__global__ void token_major_slots_kernel(const int64_t* __restrict__ indices, int64_t n, int K, int64_t T, int E,
+                                         int64_t* __restrict__ slots) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) {
+    const int64_t e = indices[i];
+    slots[i] = (e >= 0 && e < E) ? e * T + i / K : -1;
+  }
+}
+
 // Token t's K choices into shared memory for the whole block: slot (-1 when dropped or outside
 // [0, R)) and weight (1 without weights). Ends with a barrier.
 __device__ __forceinline__ void stage_choices(const int64_t* __restrict__ slots, const void* __restrict__ w,
@@ -322,6 +331,14 @@ cudaError_t launch_scatter_rows(const void* src_TD, DType dt, const int64_t* slo
 cudaError_t launch_inverse_slots(const int64_t* slots_TK, int64_t n, int64_t R, int* inv_R, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   inverse_slots_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(slots_TK, n, R, inv_R);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_token_major_slots(const int64_t* indices_TK, int64_t T, int K, int E, int64_t* slots_TK,
+                                     cudaStream_t stream) {
+  const int64_t n = T * K;
+  if (n == 0) return cudaSuccess;
+  token_major_slots_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(indices_TK, n, K, T, E, slots_TK);
   return cudaGetLastError();
 }
 

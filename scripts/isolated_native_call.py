@@ -33,7 +33,8 @@ def _native_call(layer, x_TD, knobs, plan):
     gate, w = layer.gates[0], layer.experts.stored_weights()
     args = (x_TD, gate.wg.weight, gate.fp32, k, plan.score_fn, plan.normalize, -1 if cap is None else cap,
             layer.config.is_postscore, plan.grouped, w.w1_eHD, w.w2_eHO, w.w3_eHD, w.b1_eH, w.b2_eO,
-            plan.activation, plan.relu_epilogue, False, plan.gshard_loss)
+            plan.activation, plan.relu_epilogue, False, plan.gshard_loss,
+            plan.dense and (cap is None or cap >= T))
     native = _native.loaded()
     return lambda: native.moe_forward_nograd(*args)
 

@@ -178,14 +178,16 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_
     (``ops._triton_gemm``), grouped second GEMM, native combine."""
     T, k = x_TD.shape[0], knobs.top_k
     native = _native.loaded()
-    (logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK, inv_R,
-     loss) = native.moe_route_nograd(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, plan.gshard_loss)
+    (logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK,
+     inv_R) = native.moe_route_nograd(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize)
     if T == 0:
         y_RO = x_TD.new_zeros(0, w.w2_eHO.shape[2])
     else:
         h_RH = _triton_gemm.gathered_fc1_relu(x_TD, inv_R, k, counts_E, w.w1_eHD, w.b1_eH)
         y_RO = torch._grouped_mm(h_RH, w.w2_eHO, offs=torch.cumsum(counts_E, 0, dtype=torch.int32))
     y_TO = native.gather_rows(y_RO, slots_TK, weights_TK, None)[0]
+    # Last, like inside the one-call path: nothing in front of the expert GEMMs waits for it.
+    loss = native.gshard_loss(scores_TE, indices_TK, plan.score_fn == 1) if plan.gshard_loss else None
     routing = Routing(indices_TK, weights_TK, locations_TK, counts_E, None, slots_TK, T * k)
     return (y_TO, routing) + _losses_or_inputs(logits_TE, scores_TE, loss, plan)
 

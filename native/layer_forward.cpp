@@ -287,7 +287,7 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
 }
 
 std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
-                                         int64_t score_fn, bool normalize, bool want_gshard_loss) {
+                                         int64_t score_fn, bool normalize) {
   TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");
   torch_ops::check_cuda(wg_ED, "wg_ED", x_TD);
   TORCH_CHECK(wg_ED.dim() == 2 && wg_ED.size(1) == x_TD.size(1), "adaptmoe: wg_ED must be (E, D) with x_TD's D");
@@ -299,11 +299,9 @@ std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tenso
   Tensor inv_R = at::empty({n}, x_TD.options().dtype(at::kInt));
   torch_ops::check_launch(launch_inverse_slots(r.slots(), n, n, inv_R.data_ptr<int>(), c10::cuda::getCurrentCUDAStream()),
                           "inverse slots");
-  Tensor loss = gshard_loss(r, want_gshard_loss, score_fn);
   std::vector<Tensor> out{logits_TE};
   for (Tensor& t : r.views()) out.push_back(std::move(t));
   out.push_back(inv_R);
-  out.push_back(loss);
   return out;
 }
 

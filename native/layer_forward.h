@@ -31,9 +31,8 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
 
 // The routing part of the above for a dropless call: logits_TE, then (indices_TK, weights_TK,
 // scores_TE, locations_TK, counts_E, slots_TK) and inv_R (int32: the choice t*K + k that feeds each
-// of the T*K grouped rows), for an expert GEMM that gathers its rows itself; last the gshard
-// loss as above.
+// of the T*K grouped rows), for an expert GEMM that gathers its rows itself.
 std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
-                                         int64_t score_fn, bool normalize, bool want_gshard_loss);
+                                         int64_t score_fn, bool normalize);
 
 }  // namespace adaptmoe

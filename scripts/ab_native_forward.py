@@ -1,5 +1,7 @@
 """Interleaved A/B of the no-grad forward: one native call (adaptmoe.native_forward) vs the Python
-path vs a CUDA-graph replay, per bench_layer config and capacity mode.
+path vs a CUDA-graph replay, per bench_layer config and capacity mode; where they apply, the
+native call without the dense layout of k == E calls (no_dense) and without the gathered first
+GEMM of dropless calls (no_gather).
 
     python scripts/ab_native_forward.py [config ...] [--iters N] [--routing random|balanced] [--tokens T]
 
@@ -41,15 +43,24 @@ def timed(fn) -> tuple[float, float]:
 
 
 def variants(layer, x, cf, floor):
-    def eager(native: bool):
+    def eager(native: bool, dense: bool = True, gathered: bool = True):
         def call():
             native_forward.set_enabled(native)
+            native_forward.set_dense_enabled(dense)
+            native_forward.set_gathered_enabled(gathered)
             with torch.no_grad():
                 layer(x, capacity_factor=cf)
         return call
 
     graph, _ = capture_no_grad(lambda: layer(x, capacity_factor=cf), warmup=3)
-    return {"floor": floor, "native": eager(True), "python": eager(False), "graphed": graph.replay}
+    calls = {"floor": floor, "native": eager(True), "python": eager(False), "graphed": graph.replay}
+    with torch.no_grad():
+        plan = native_forward.plan_for(layer, x, layer.resolve_knobs(capacity_factor=cf))
+    if plan is not None and plan.dense:   # A/B rows only where the switch changes the call
+        calls["no_dense"] = eager(True, dense=False)
+    if plan is not None and plan.gathered_fc1:
+        calls["no_gather"] = eager(True, gathered=False)
+    return calls
 
 
 def run_config(name: str, iters: int, routing: str, tokens: int | None = None) -> None:
@@ -85,6 +96,8 @@ def run_config(name: str, iters: int, routing: str, tokens: int | None = None) -
                 gpu[n].append(ms)
                 host[n].append(us)
         native_forward.set_enabled(True)
+        native_forward.set_dense_enabled(True)
+        native_forward.set_gathered_enabled(True)
         med = {n: statistics.median(gpu[n]) for n in names}
         cells = "  ".join(f"{n} {med[n]:.3f} ms ({med[n] / med['floor']:.2f}x, host {statistics.median(host[n]):.0f} us)"
                           for n in names)

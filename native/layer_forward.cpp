@@ -48,32 +48,41 @@ Tensor gate_logits(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32) {
   return at::mm(x_TD.scalar_type() == wg_ED.scalar_type() ? x_TD : x_TD.to(wg_ED.scalar_type()), wg_ED.t());
 }
 
-// Routing results live in two buffers (one int64 buffer for indices, locations, slots and counts;
-// one for scores and weights). The launches take raw pointers; the tensor views handed back are
-// made only after the FFN is enqueued: each view costs two dispatcher calls (~2-4 us of host time
-// apiece on the H100 machine) and no kernel needs them.
+// Routing results and the slot assignment's workspace live in one byte buffer (one allocation
+// in front of the dispatch instead of three: each cost ~3.5 us of host time on the H100 machine,
+// ~3x that at the start of a call on an idle GPU): int64 indices, locations, slots and counts,
+// then scores and weights in the logits' dtype, then the int32 workspace. The launches take raw
+// pointers; typed tensor views are made only when needed, mostly after the FFN is enqueued
+// (each view costs dispatcher calls and no kernel needs them).
 struct Routed {
   int64_t T = 0, k = 0, E = 0;
-  Tensor ints, vals, x_RD;
-  int64_t* indices() const { return ints.data_ptr<int64_t>(); }
+  Tensor buf, x_RD;
+  at::ScalarType vals_type = at::kFloat;
+  int64_t ints_bytes() const { return (3 * T * k + E) * 8; }
+  int64_t vals_bytes() const { return (T * E + T * k) * static_cast<int64_t>(c10::elementSize(vals_type)); }
+  int64_t workspace_offset() const { return ints_bytes() + (vals_bytes() + 7) / 8 * 8; }
+  int64_t* indices() const { return reinterpret_cast<int64_t*>(buf.data_ptr()); }
   int64_t* locations() const { return indices() + T * k; }
   int64_t* slots() const { return indices() + 2 * T * k; }
   int64_t* counts() const { return indices() + 3 * T * k; }
-  void* scores() const { return vals.data_ptr(); }
-  void* weights() const { return static_cast<char*>(vals.data_ptr()) + T * E * vals.element_size(); }
-  Tensor counts_E() const { return ints.narrow(0, 3 * T * k, E); }
+  void* scores() const { return static_cast<char*>(buf.data_ptr()) + ints_bytes(); }
+  void* weights() const { return static_cast<char*>(scores()) + T * E * c10::elementSize(vals_type); }
+  int* workspace() const { return reinterpret_cast<int*>(static_cast<char*>(buf.data_ptr()) + workspace_offset()); }
+  DType vals_dtype() const { return vals_type == at::kFloat ? kFloat32 : vals_type == at::kHalf ? kFloat16 : kBFloat16; }
+  Tensor ints() const { return buf.narrow(0, 0, ints_bytes()).view(at::kLong); }
+  Tensor vals() const { return buf.narrow(0, ints_bytes(), vals_bytes()).view(vals_type); }
+  Tensor counts_E() const { return ints().narrow(0, 3 * T * k, E); }
   // (indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK)
   std::vector<Tensor> views() const {
     const int64_t n = T * k;
-    return {ints.narrow(0, 0, n).view({T, k}), vals.narrow(0, T * E, n).view({T, k}),
-            vals.narrow(0, 0, T * E).view({T, E}), ints.narrow(0, n, n).view({T, k}), counts_E(),
-            ints.narrow(0, 2 * n, n).view({T, k})};
+    const Tensor i = ints(), v = vals();
+    return {i.narrow(0, 0, n).view({T, k}), v.narrow(0, T * E, n).view({T, k}), v.narrow(0, 0, T * E).view({T, E}),
+            i.narrow(0, n, n).view({T, k}), i.narrow(0, 3 * n, E), i.narrow(0, 2 * n, n).view({T, k})};
   }
 };
 
-// Scores + top-k + slot assignment: the kernels of torch_ops::route_topk with 3 allocations
-// instead of 7 (the two buffers above and the slot assignment's workspace). Each allocation or
-// launch cost ~3.5-6 us of host time on the H100 machine.
+// Scores + top-k + slot assignment: the kernels of torch_ops::route_topk with one allocation
+// instead of seven (the buffer above).
 Routed route(const Tensor& logits_TE, int64_t k, int64_t score_fn, bool normalize, int64_t capacity) {
   const int64_t T = logits_TE.size(0), E = logits_TE.size(1), n = T * k;
   const int64_t max_experts = std::min<int64_t>(kMaxTopkExperts, kMaxLocateExperts);
@@ -83,17 +92,15 @@ Routed route(const Tensor& logits_TE, int64_t k, int64_t score_fn, bool normaliz
   const auto stream = c10::cuda::getCurrentCUDAStream();
   Routed r;
   r.T = T, r.k = k, r.E = E;
-  r.ints = at::empty({3 * n + E}, logits_TE.options().dtype(at::kLong));
-  r.vals = at::empty({T * E + n}, logits_TE.options());
-  const Tensor workspace = at::empty({std::max<int64_t>(1, locate_workspace_ints(T, static_cast<int>(E),
-                                                                                   static_cast<int>(k)))},
-                                     logits_TE.options().dtype(at::kInt));
+  r.vals_type = logits_TE.scalar_type();
+  const int64_t workspace_ints = std::max<int64_t>(1, locate_workspace_ints(T, static_cast<int>(E), static_cast<int>(k)));
+  r.buf = at::empty({r.workspace_offset() + 4 * workspace_ints}, logits_TE.options().dtype(at::kByte));
   torch_ops::check_launch(launch_topk(logits_TE.data_ptr(), torch_ops::dtype_of(logits_TE), T, static_cast<int>(E),
                                       static_cast<int>(k), score_fn == 1 ? kSigmoid : kSoftmax, normalize, r.indices(),
                                       r.weights(), r.scores(), stream),
                           "top-k");
   torch_ops::check_launch(launch_locate(r.indices(), T, static_cast<int>(E), static_cast<int>(k), capacity,
-                                        workspace.data_ptr<int>(), r.locations(), r.counts(), r.slots(), stream),
+                                        r.workspace(), r.locations(), r.counts(), r.slots(), stream),
                           "slot assignment");
   return r;
 }
@@ -104,7 +111,7 @@ void dispatch(Routed& r, const Tensor& x_TD, int64_t capacity, bool postscore) {
   const int64_t D = x_TD.size(1);
   r.x_RD = at::empty({capacity < 0 ? r.T * r.k : r.E * capacity, D}, x_TD.options());
   torch_ops::check_launch(launch_scatter_located_rows(x_TD.data_ptr(), torch_ops::dtype_of(x_TD), r.slots(),
-                                                      postscore ? nullptr : r.weights(), torch_ops::dtype_of(r.vals),
+                                                      postscore ? nullptr : r.weights(), r.vals_dtype(),
                                                       r.T, static_cast<int>(r.k), D, capacity, r.counts(), r.E,
                                                       r.x_RD.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                           "scatter");
@@ -117,7 +124,7 @@ Tensor combine(const Tensor& y_RO, const Routed& r, bool postscore, const int64_
   Tensor y_TO = at::empty({r.T, O}, y_RO.options());
   const Tensor y = y_RO.contiguous();
   torch_ops::check_launch(launch_gather_rows(y.data_ptr(), torch_ops::dtype_of(y), slots ? slots : r.slots(),
-                                             postscore ? r.weights() : nullptr, torch_ops::dtype_of(r.vals), nullptr,
+                                             postscore ? r.weights() : nullptr, r.vals_dtype(), nullptr,
                                              r.T, static_cast<int>(r.k), O, y.size(0), y_TO.data_ptr(), nullptr,
                                              kFloat32, c10::cuda::getCurrentCUDAStream()),
                           "gather");
@@ -131,9 +138,9 @@ Tensor combine(const Tensor& y_RO, const Routed& r, bool postscore, const int64_
 Tensor gshard_loss(const Routed& r, bool wanted, int64_t score_fn) {
   if (!wanted) return Tensor();
   Tensor buf = at::empty({1 + gshard_loss_workspace_floats(r.T, static_cast<int>(r.E))},
-                         r.vals.options().dtype(at::kFloat));
+                         r.buf.options().dtype(at::kFloat));
   float* loss = buf.data_ptr<float>();
-  torch_ops::check_launch(launch_gshard_loss(r.scores(), torch_ops::dtype_of(r.vals), r.indices(), r.T,
+  torch_ops::check_launch(launch_gshard_loss(r.scores(), r.vals_dtype(), r.indices(), r.T,
                                              static_cast<int>(r.E), static_cast<int>(r.k), score_fn == 1, loss + 1,
                                              loss, c10::cuda::getCurrentCUDAStream()),
                           "gshard loss");
@@ -180,7 +187,7 @@ Tensor dense_second_gemm_and_combine(const Tensor& h_TN, const Routed& r, const 
   const int64_t E = w.w2.size(0), H = w.w2.size(1), O = w.w2.size(2), T = r.T;
   Tensor y_ETO = at::bmm(h_TN.view({T, E, H}).transpose(0, 1), w.w2);
   if (w.b2.defined()) y_ETO = y_ETO + w.b2.unsqueeze(1);
-  const Tensor slots = at::empty({T * r.k}, r.ints.options());
+  const Tensor slots = at::empty({T * r.k}, r.buf.options().dtype(at::kLong));
   torch_ops::check_launch(launch_token_major_slots(r.indices(), T, static_cast<int>(r.k), static_cast<int>(E),
                                                    slots.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
                           "token-major slots");

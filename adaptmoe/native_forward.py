@@ -159,7 +159,8 @@ def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Ro
      loss) = _native.loaded().moe_forward_nograd(
         x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, -1 if capacity is None else capacity,
         layer.config.is_postscore, plan.grouped, w.w1_eHD, w.w2_eHO, w.w3_eHD, w.b1_eH, w.b2_eO, plan.activation,
-        plan.relu_epilogue, torch.backends.cuda.matmul.allow_tf32, plan.gshard_loss, dense)
+        plan.relu_epilogue, x_TD.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32, plan.gshard_loss,
+        dense)   # (the TF32 flag only matters for float32; reading it costs ~0.6 us)
     num_rows = T * k if capacity is None else E * capacity
     routing = Routing(indices_TK, weights_TK, locations_TK, counts_E, capacity, slots_TK, num_rows)
     return (y_TO, routing) + _losses_or_inputs(logits_TE, scores_TE, loss, plan)

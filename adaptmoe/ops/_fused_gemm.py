@@ -1,5 +1,5 @@
 """Capacity-padded relu FFN whose first GEMM carries the activation in cuBLASLt's epilogue
-(native ``bmm_nt_act``), for inference.
+(native ``bmm_nt_act``).
 
 Legend: e experts, C rows per expert (capacity), D model dim, H hidden, O output dim.
 
@@ -7,10 +7,12 @@ Legend: e experts, C rows per expert (capacity), D model dim, H hidden, O output
 e*C*H elements (read + write). H100, bf16, no_grad forward of the layer, A/B in one run
 (docs/results/2026-11-22/h100_bench_layer_fused_relu_ab.log): fine64 -2.5%, Mixtral -5.6%,
 DeepSeek-V3 -3.0% (host-bound layers moved up to 15% between processes, too noisy to count).
-Calls that need a gradient keep the unfused path: a single autograd node for the fused FFN (hidden
-gradient masked in place) measured peak memory +0.37 / +0.56 / +2.25 GiB on fine64 / Mixtral /
-DeepSeek-V3 (its saved tensors live until the whole node's backward ends, where the unfused graph
-frees the hidden activation after the second GEMM's backward) and no fwd+bwd gain.
+Calls that need a gradient run the fused first GEMM as its own autograd node (``_Fc1Relu``:
+saves x, w1 and the relu output, as bmm and relu did; relu's backward then the two GEMMs of the
+first layer), followed by a plain bmm: the hidden activation is freed after the second GEMM's
+backward as in the unfused graph. (A single node for both GEMMs, tried first, kept its saved
+tensors to the end of its backward: +0.37 / +0.56 / +2.25 GiB peak on fine64 / Mixtral /
+DeepSeek-V3.)
 Eager CUDA only: traced calls (torch.compile) keep the unfused expression, which inductor fuses.
 """
 from __future__ import annotations
@@ -45,8 +47,6 @@ def fused_ffn_blocker(x_eCD: Tensor, w1_eHD: Tensor, b1_eH: Tensor | None, w2_eH
         return "turned off by set_enabled(False)"
     if not x_eCD.is_cuda:
         return "not a CUDA tensor"
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_eCD, w1_eHD, b1_eH, w2_eHO)):
-        return "a gradient is needed (training keeps bmm, relu, bmm: see the module docstring)"
     if activation_code(act) != _RELU_CODE:
         return "activation is not relu (the only epilogue wired)"
     if torch.compiler.is_compiling():
@@ -73,10 +73,35 @@ def fc1_relu(x_eCD: Tensor, w1_eHD: Tensor, b1_eH: Tensor | None) -> Tensor:
     return _native.loaded().bmm_nt_act(x_eCD, w1_eHD, b1_eH, _RELU_CODE, torch.backends.cuda.matmul.allow_tf32)
 
 
+class _Fc1Relu(torch.autograd.Function):
+    """h = relu(x_eCD @ w1_eHD^T + b1_eH) in one kernel, with the backward autograd would run for
+    bmm + bias + relu: relu's gradient masked by the saved output, then both GEMMs, the weight
+    gradient contiguous in w1's [e, H, D] layout (as expert_compute._BmmNT)."""
+
+    @staticmethod
+    def forward(ctx, x_eCD: Tensor, w1_eHD: Tensor, b1_eH: Tensor | None) -> Tensor:
+        h_eCH = fc1_relu(x_eCD, w1_eHD, b1_eH)
+        ctx.save_for_backward(x_eCD, w1_eHD, h_eCH)
+        return h_eCH
+
+    @staticmethod
+    def backward(ctx, g_eCH: Tensor):
+        x_eCD, w1_eHD, h_eCH = ctx.saved_tensors
+        g_eCH = torch.ops.aten.threshold_backward(g_eCH, h_eCH, 0)   # relu's backward, as autograd's
+        gx = torch.bmm(g_eCH, w1_eHD) if ctx.needs_input_grad[0] else None
+        gw = torch.bmm(g_eCH.transpose(1, 2), x_eCD) if ctx.needs_input_grad[1] else None
+        gb = g_eCH.sum(1) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
 def fused_relu_ffn(x_eCD: Tensor, w1_eHD: Tensor, b1_eH: Tensor | None, w2_eHO: Tensor,
                    act: Callable[[Tensor], Tensor]) -> Tensor | None:
     """relu(x w1^T + b1) w2 with the relu fused into the first GEMM, or None where the fused path
     cannot serve (see `fused_ffn_blocker`; the caller then runs the unfused expression)."""
     if fused_ffn_blocker(x_eCD, w1_eHD, b1_eH, w2_eHO, act) is not None:
         return None
-    return torch.bmm(fc1_relu(x_eCD, w1_eHD, b1_eH), w2_eHO)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_eCD, w1_eHD, b1_eH)):
+        h_eCH = _Fc1Relu.apply(x_eCD, w1_eHD, b1_eH)
+    else:
+        h_eCH = fc1_relu(x_eCD, w1_eHD, b1_eH)
+    return torch.bmm(h_eCH, w2_eHO)

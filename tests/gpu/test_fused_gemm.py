@@ -1,6 +1,6 @@
-"""The capacity-padded relu FFN with relu in cuBLASLt's epilogue (native bmm_nt_act, inference
-only) against a float64 reference, graph capture, and the inputs it refuses (run on the device
-machine: `pytest -m gpu tests/gpu`).
+"""The capacity-padded relu FFN with relu in cuBLASLt's epilogue (native bmm_nt_act) against a
+float64 reference, forward and (training) gradients, graph capture, and the inputs it refuses
+(run on the device machine: `pytest -m gpu tests/gpu`).
 
 Legend: e experts, C rows per expert, D model dim, H hidden, O output dim.
 """
@@ -60,13 +60,40 @@ def test_forward_matches_float64(e, C, D, H, dtype, bias):
     torch.testing.assert_close(y.double(), torch.bmm(h.double(), w2.double()), **tol(dtype))
 
 
-def test_calls_that_need_a_gradient_take_the_unfused_path():
-    x, w1, b1, w2 = operands(4, 40, 64, 96, torch.bfloat16, True, seed=1)
-    w1.requires_grad_(True)
-    assert "gradient" in fused_ffn_blocker(x, w1, b1, w2, F.relu)
-    assert fused_relu_ffn(x, w1, b1, w2, F.relu) is None
-    with torch.no_grad():
-        assert fused_ffn_blocker(x, w1, b1, w2, F.relu) is None
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("e,C,D,H", [(1, 5, 16, 24), (4, 37, 64, 128), (8, 256, 512, 1024), (3, 0, 32, 16)])
+def test_training_gradients_match_float64_and_the_unfused_path(e, C, D, H, dtype, bias, monkeypatch):
+    """Calls that need a gradient take the fused first GEMM as its own autograd node: outputs and
+    the gradients of x, w1, b1 and w2 against float64 autograd of the unfused expression, and
+    against the unfused path in the same dtype."""
+    calls = []
+    real_fc1_relu = _fused_gemm.fc1_relu
+    monkeypatch.setattr(_fused_gemm, "fc1_relu", lambda *args: calls.append(1) or real_fc1_relu(*args))
+    x, w1, b1, w2 = operands(e, C, D, H, dtype, bias, seed=4)
+    leaves = [t.requires_grad_(True) for t in (x, w1, b1, w2) if t is not None]
+    g = torch.randn(e, C, D, device=DEV, dtype=dtype)
+
+    def run(fused: bool):
+        _fused_gemm.set_enabled(fused)
+        try:
+            y = ffn_padded(x, FFNWeights(w1, w2, b1, None), F.relu)
+        finally:
+            _fused_gemm.set_enabled(True)
+        return [y.detach()] + list(torch.autograd.grad(y, leaves, g))
+
+    fused, unfused = run(True), run(False)
+    assert calls == [1], "the training call did not take the fused GEMM"
+    xd, w1d, w2d = (t.detach().double().requires_grad_(True) for t in (x, w1, w2))
+    b1d = b1.detach().double().requires_grad_(True) if bias else None
+    y64 = torch.bmm(reference_hidden(xd, w1d, b1d), w2d)
+    want = [y64.detach()] + list(torch.autograd.grad(y64, [t for t in (xd, w1d, b1d, w2d) if t is not None],
+                                                     g.double()))
+    for got, same_dtype, ref in zip(fused, unfused, want):
+        scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+        rtol, atol = TOLERANCES[dtype]
+        torch.testing.assert_close(got.double(), ref, rtol=2 * rtol, atol=2 * atol * scale)
+        torch.testing.assert_close(got, same_dtype, rtol=2 * rtol, atol=2 * atol * scale)
 
 
 def test_ffn_padded_takes_the_fused_path_and_matches_the_unfused_one(monkeypatch):

@@ -7,10 +7,9 @@ Legend: e experts, C rows per expert (capacity), D model dim, H hidden, O output
 e*C*H elements (read + write). H100, bf16, no_grad forward of the layer, A/B in one run
 (docs/results/2026-11-22/h100_bench_layer_fused_relu_ab.log): fine64 -2.5%, Mixtral -5.6%,
 DeepSeek-V3 -3.0% (host-bound layers moved up to 15% between processes, too noisy to count).
-Calls that need a gradient run the fused first GEMM as its own autograd node (``_Fc1Relu``:
-saves x, w1 and the relu output, as bmm and relu did; relu's backward then the two GEMMs of the
-first layer), followed by a plain bmm: the hidden activation is freed after the second GEMM's
-backward as in the unfused graph. (A single node for both GEMMs, tried first, kept its saved
+Calls that need a gradient run the fused first GEMM as two autograd nodes shaped like bmm and
+relu (``_Fc1WithRelu`` saves x and w1, ``_ReluOf`` the relu output), followed by a plain bmm:
+saved tensors and gradients are freed at the same points as in the unfused graph. (A single node for both GEMMs, tried first, kept its saved
 tensors to the end of its backward: +0.37 / +0.56 / +2.25 GiB peak on fine64 / Mixtral /
 DeepSeek-V3.)
 Eager CUDA only: traced calls (torch.compile) keep the unfused expression, which inductor fuses.
@@ -73,25 +72,41 @@ def fc1_relu(x_eCD: Tensor, w1_eHD: Tensor, b1_eH: Tensor | None) -> Tensor:
     return _native.loaded().bmm_nt_act(x_eCD, w1_eHD, b1_eH, _RELU_CODE, torch.backends.cuda.matmul.allow_tf32)
 
 
-class _Fc1Relu(torch.autograd.Function):
-    """h = relu(x_eCD @ w1_eHD^T + b1_eH) in one kernel, with the backward autograd would run for
-    bmm + bias + relu: relu's gradient masked by the saved output, then both GEMMs, the weight
-    gradient contiguous in w1's [e, H, D] layout (as expert_compute._BmmNT)."""
+class _Fc1WithRelu(torch.autograd.Function):
+    """h = relu(x_eCD @ w1_eHD^T + b1_eH) in one kernel; its backward is the first layer's two
+    GEMMs and bias sum for a gradient already masked by relu's (``_ReluOf``). Saves x and w1, as
+    bmm does; the weight gradient comes out contiguous in w1's [e, H, D] layout (as _BmmNT)."""
 
     @staticmethod
     def forward(ctx, x_eCD: Tensor, w1_eHD: Tensor, b1_eH: Tensor | None) -> Tensor:
-        h_eCH = fc1_relu(x_eCD, w1_eHD, b1_eH)
-        ctx.save_for_backward(x_eCD, w1_eHD, h_eCH)
-        return h_eCH
+        ctx.save_for_backward(x_eCD, w1_eHD)
+        return fc1_relu(x_eCD, w1_eHD, b1_eH)
 
     @staticmethod
     def backward(ctx, g_eCH: Tensor):
-        x_eCD, w1_eHD, h_eCH = ctx.saved_tensors
-        g_eCH = torch.ops.aten.threshold_backward(g_eCH, h_eCH, 0)   # relu's backward, as autograd's
+        x_eCD, w1_eHD = ctx.saved_tensors
         gx = torch.bmm(g_eCH, w1_eHD) if ctx.needs_input_grad[0] else None
         gw = torch.bmm(g_eCH.transpose(1, 2), x_eCD) if ctx.needs_input_grad[1] else None
         gb = g_eCH.sum(1) if ctx.needs_input_grad[2] else None
         return gx, gw, gb
+
+
+class _ReluOf(torch.autograd.Function):
+    """The identity on an output that is already relu'd, with relu's backward (gradient masked by
+    the saved output). A node of its own, like autograd's relu: it frees the hidden activation and
+    the unmasked gradient before the first layer's GEMMs run (one node for both held them through
+    those GEMMs: +2 hidden-sized buffers at the peak, +0.9 GiB on Mixtral)."""
+
+    @staticmethod
+    def forward(ctx, h_eCH: Tensor) -> Tensor:
+        out = h_eCH.view_as(h_eCH)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_eCH: Tensor) -> Tensor:
+        (h_eCH,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(g_eCH, h_eCH, 0)
 
 
 def fused_relu_ffn(x_eCD: Tensor, w1_eHD: Tensor, b1_eH: Tensor | None, w2_eHO: Tensor,
@@ -101,7 +116,7 @@ def fused_relu_ffn(x_eCD: Tensor, w1_eHD: Tensor, b1_eH: Tensor | None, w2_eHO: 
     if fused_ffn_blocker(x_eCD, w1_eHD, b1_eH, w2_eHO, act) is not None:
         return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_eCD, w1_eHD, b1_eH)):
-        h_eCH = _Fc1Relu.apply(x_eCD, w1_eHD, b1_eH)
+        h_eCH = _ReluOf.apply(_Fc1WithRelu.apply(x_eCD, w1_eHD, b1_eH))
     else:
         h_eCH = fc1_relu(x_eCD, w1_eHD, b1_eH)
     return torch.bmm(h_eCH, w2_eHO)

@@ -1,9 +1,10 @@
 """Interleaved A/B (device machine): one training step (forward + backward, gshard loss included)
 of the layer, cf=1 against dropless in capacity slots (``ops._triton_slotted``, the default),
-on grouped_mm, and on the Triton FFN (``ops._triton_ffn``) with each choice of kernels.
+on grouped_mm, and on the Triton FFN (``ops._triton_ffn``) with each choice of kernels; also
+cf=1 and slots with the relu outside the first GEMM (``ops._fused_gemm`` off).
 
     python3 scripts/ab_dropless_train.py [fine64 dsv3 mixtral ...] [--iters N] [--profile]
-        [--routing balanced|random]
+        [--routing balanced|random] [--variants "cf=1,cf=1 unfused relu,..."]
 
 Each round runs every variant once in a rotating order (CUDA events around each step, a sync
 after it); medians over the rounds, and each variant's peak memory over one step. Issue #3 asks
@@ -18,20 +19,23 @@ import torch
 
 from adaptmoe.examples.bench_layer import CONFIGS, DTYPES, balance_routing, build_layer
 from adaptmoe.examples.timing import time_call
-from adaptmoe.ops import _triton_ffn, _triton_slotted
+from adaptmoe.ops import _fused_gemm, _triton_ffn, _triton_slotted
 from scripts.explore_triton_train import profile_steps
 
-# label -> (capacity factor, slot path on, Triton FFN kernels: None off, "auto" for kernels_for)
+# label -> (capacity factor, slot path on, Triton FFN kernels: None off, "auto" for kernels_for,
+# relu in the first GEMM's epilogue (ops._fused_gemm) on)
 VARIANTS = {
-    "cf=1": (1.0, False, None),
-    "dropless slots (default)": (0.0, True, None),
-    "dropless grouped_mm": (0.0, False, None),
-    "dropless triton auto": (0.0, False, "auto"),
-    "dropless triton, dW grouped_mm": (0.0, False, _triton_ffn.FFNKernels("triton", "grouped_mm")),
+    "cf=1": (1.0, False, None, True),
+    "dropless slots (default)": (0.0, True, None, True),
+    "dropless grouped_mm": (0.0, False, None, True),
+    "dropless triton auto": (0.0, False, "auto", True),
+    "dropless triton, dW grouped_mm": (0.0, False, _triton_ffn.FFNKernels("triton", "grouped_mm"), True),
+    "cf=1 unfused relu": (1.0, False, None, False),
+    "dropless slots unfused relu": (0.0, True, None, False),
 }
 
 
-def _step_fn(layer, x, cf: float, slots: bool, kernels):
+def _step_fn(layer, x, cf: float, slots: bool, kernels, fused_relu: bool = True):
     x_in = x.clone().requires_grad_(True)
     g = torch.randn_like(x)
     auto = _triton_ffn.kernels_for
@@ -39,6 +43,7 @@ def _step_fn(layer, x, cf: float, slots: bool, kernels):
     def step():
         _triton_ffn.set_enabled(kernels is not None)
         _triton_slotted.set_enabled(slots)
+        _fused_gemm.set_enabled(fused_relu)
         if kernels is not None and kernels != "auto":
             _triton_ffn.kernels_for = lambda *args: kernels
         try:
@@ -48,13 +53,14 @@ def _step_fn(layer, x, cf: float, slots: bool, kernels):
             _triton_ffn.kernels_for = auto
             _triton_ffn.set_enabled(False)
             _triton_slotted.set_enabled(True)
+            _fused_gemm.set_enabled(True)
         for p in layer.parameters():
             p.grad = None
         x_in.grad = None
     return step
 
 
-def run(name: str, iters: int, profile: bool, routing: str) -> None:
+def run(name: str, iters: int, profile: bool, routing: str, variants: list[str]) -> None:
     cfg = CONFIGS[name]
     torch.manual_seed(0)
     layer = build_layer(cfg, "cuda")
@@ -62,8 +68,8 @@ def run(name: str, iters: int, profile: bool, routing: str) -> None:
     if routing == "balanced":
         balance_routing(layer, x, cfg["K"])
     steps, peaks = {}, {}
-    for label, (cf, slots, kernels) in VARIANTS.items():
-        steps[label] = _step_fn(layer, x, cf, slots, kernels)
+    for label in variants:
+        steps[label] = _step_fn(layer, x, *VARIANTS[label])
         for _ in range(3):
             steps[label]()
         torch.cuda.synchronize()
@@ -72,7 +78,8 @@ def run(name: str, iters: int, profile: bool, routing: str) -> None:
         torch.cuda.synchronize()
         peaks[label] = torch.cuda.max_memory_allocated() / 2**30
     if profile:
-        profile_steps({label: steps[label] for label in ("cf=1", "dropless slots (default)", "dropless grouped_mm")})
+        profile_steps({label: steps[label] for label in ("cf=1", "dropless slots (default)", "dropless grouped_mm")
+                       if label in steps})
     samples = {label: [] for label in steps}
     labels = list(steps)
     for i in range(iters):
@@ -93,10 +100,15 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel of cf=1 and the dropless paths")
     ap.add_argument("--routing", choices=["balanced", "random"], default="balanced")
+    ap.add_argument("--variants", default=",".join(list(VARIANTS)[:5]),
+                    help=f"comma-separated labels, cf=1 first (of: {', '.join(VARIANTS)})")
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    if variants[0] != "cf=1" or any(v not in VARIANTS for v in variants):
+        ap.error(f"--variants: cf=1 first, then any of {list(VARIANTS)}")
     print(torch.cuda.get_device_name(), flush=True)
     for name in args.configs:
-        run(name, args.iters, args.profile, args.routing)
+        run(name, args.iters, args.profile, args.routing, variants)
 
 
 if __name__ == "__main__":

@@ -229,9 +229,18 @@ def ffn_slotted(x_SD: Tensor, layout, w: FFNWeights, act: Callable[[Tensor], Ten
     """The FFN over a dropless routing laid out in capacity slots (``routing.OverflowSlots``):
     every GEMM a cuBLAS bmm over the slots plus Triton fix-ups of the overflow rows
     (``ops._triton_slotted``; check its blocker first). The activation is elementwise, so it
-    needs no fix-up."""
-    from .ops._triton_slotted import slotted_bmm   # lazy: ops imports this module's users
+    needs no fix-up; a large relu layer runs it in the first GEMMs' epilogues, as cf=1 does
+    (``ops._fused_gemm``)."""
+    from .ops import _fused_gemm   # lazy: ops imports this module's users
+    from .ops._triton_slotted import slotted_bmm
     with torch.autocast("cuda", enabled=False):
+        E = w.w1_eHD.shape[0]
+        if (w.w3_eHD is None and _fused_gemm.training_fusion_pays(x_SD.shape[0] * w.w1_eHD.shape[1])
+                and _fused_gemm.fused_ffn_blocker(x_SD.reshape(E, -1, x_SD.shape[1]), w.w1_eHD, w.b1_eH, w.w2_eHO,
+                                                  act) is None):
+            # relu in both GEMM epilogues of the first layer, relu's backward its own node (as cf=1's)
+            return slotted_bmm(_fused_gemm._ReluOf.apply(slotted_bmm(x_SD, w.w1_eHD, True, layout, relu=True)),
+                               w.w2_eHO, False, layout)
         h_SH = slotted_bmm(x_SD, w.w1_eHD, True, layout)
         if w.w3_eHD is not None:
             h_SH = gated_product(h_SH, slotted_bmm(x_SD, w.w3_eHD, True, layout), act)

@@ -31,6 +31,11 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 
 _RELU_CODE = ACTIVATION_CODES["relu"]
 _enabled = True
+# Calls that need a gradient fuse only when the hidden activation has at least this many elements:
+# the two autograd nodes cost host time that a small relu pass does not repay. Interleaved
+# training-step A/B on the H100 (docs/results/2026-11-22/h100_ab_fused_relu_train.log): DeepSeek-V3
+# (2.7e8) -2.8%, Mixtral (2.3e8) -0.8%, fine-grained (6.7e7) +1.4%, README bf16 (3.4e7) +3.6%.
+MIN_TRAINING_HIDDEN = 150_000_000
 
 
 def set_enabled(enabled: bool) -> None:
@@ -116,7 +121,14 @@ def fused_relu_ffn(x_eCD: Tensor, w1_eHD: Tensor, b1_eH: Tensor | None, w2_eHO: 
     if fused_ffn_blocker(x_eCD, w1_eHD, b1_eH, w2_eHO, act) is not None:
         return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_eCD, w1_eHD, b1_eH)):
+        if not training_fusion_pays(x_eCD.shape[0] * x_eCD.shape[1] * w1_eHD.shape[1]):
+            return None
         h_eCH = _ReluOf.apply(_Fc1WithRelu.apply(x_eCD, w1_eHD, b1_eH))
     else:
         h_eCH = fc1_relu(x_eCD, w1_eHD, b1_eH)
     return torch.bmm(h_eCH, w2_eHO)
+
+
+def training_fusion_pays(hidden_elements: int) -> bool:
+    """Whether a call that needs a gradient should fuse the relu (see MIN_TRAINING_HIDDEN)."""
+    return hidden_elements >= MIN_TRAINING_HIDDEN

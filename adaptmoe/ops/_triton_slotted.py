@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..routing import OverflowSlots, Routing
+from . import _fused_gemm
 from . import _triton_gemm as tg
 
 try:
@@ -112,11 +113,13 @@ def layout_on_gpu(routing: Routing, capacity: int) -> tuple[OverflowSlots, Tenso
     return layout, per_expert[2 * E]
 
 
-def slotted_bmm(a_SK: Tensor, w_E: Tensor, transpose_w: bool, layout: OverflowSlots) -> Tensor:
+def slotted_bmm(a_SK: Tensor, w_E: Tensor, transpose_w: bool, layout: OverflowSlots, relu: bool = False) -> Tensor:
     """c_SN[s] = a_SK[s] @ W_e for every slot row s, e the expert the row belongs to (its slot's
     owner, or its own expert for overflow rows); W_e = w_E[e]^T if ``transpose_w`` (w_E is
-    [E, N, KD]) else w_E[e] ([E, KD, N]). Differentiable in a and w."""
-    return _SlottedBmm.apply(a_SK, w_E, transpose_w, layout.rows_O, layout.over_E, layout.hosted_E)
+    [E, N, KD]) else w_E[e] ([E, KD, N]). Differentiable in a and w. ``relu`` (transpose_w only):
+    relu(c) from the GEMMs' epilogues (cuBLASLt's and the fix-up's), whose backward takes the
+    gradient already masked by relu's (``ops._fused_gemm._ReluOf`` on the output)."""
+    return _SlottedBmm.apply(a_SK, w_E, transpose_w, layout.rows_O, layout.over_E, layout.hosted_E, relu)
 
 
 def _bmm(a_SK: Tensor, w_E: Tensor, transpose_w: bool) -> Tensor:
@@ -127,10 +130,15 @@ def _bmm(a_SK: Tensor, w_E: Tensor, transpose_w: bool) -> Tensor:
 
 class _SlottedBmm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a_SK, w_E, transpose_w, rows_O, over_E, hosted_E):
+    def forward(ctx, a_SK, w_E, transpose_w, rows_O, over_E, hosted_E, relu):
         a_SK = a_SK.contiguous()
-        c_SN = _bmm(a_SK, w_E, transpose_w)
-        tg.grouped_rows_mm(a_SK, over_E, w_E, transpose_w, gather_R=rows_O, top_k=1, out=c_SN)
+        if relu:
+            h_ECN = _fused_gemm.fc1_relu(a_SK.view(w_E.shape[0], -1, a_SK.shape[1]), w_E, None)
+            c_SN = h_ECN.view(a_SK.shape[0], -1)
+        else:
+            c_SN = _bmm(a_SK, w_E, transpose_w)
+        tg.grouped_rows_mm(a_SK, over_E, w_E, transpose_w, gather_R=rows_O, top_k=1, out=c_SN,
+                           epilogue=tg.EPILOGUE_RELU if relu else tg.EPILOGUE_NONE)
         ctx.save_for_backward(a_SK, w_E, rows_O, over_E, hosted_E)
         ctx.transpose_w = transpose_w
         return c_SN
@@ -151,7 +159,7 @@ class _SlottedBmm(torch.autograd.Function):
             # the bmm summed each overflow row into its slot owner's gradient: move it to its own
             # expert's (an expert with overflow has no free slots, so none both loses and gains)
             tg.ragged_k_move(gw_E, p_SP, q_SQ, rows_O, hosted_E, over_E)
-        return ga_SK, gw_E, None, None, None, None
+        return ga_SK, gw_E, None, None, None, None, None
 
 
 

@@ -72,6 +72,7 @@ def test_training_gradients_match_float64_and_the_unfused_path(e, C, D, H, dtype
     calls = []
     real_fc1_relu = _fused_gemm.fc1_relu
     monkeypatch.setattr(_fused_gemm, "fc1_relu", lambda *args: calls.append(1) or real_fc1_relu(*args))
+    monkeypatch.setattr(_fused_gemm, "MIN_TRAINING_HIDDEN", 0)   # test shapes are small
     x, w1, b1, w2 = operands(e, C, D, H, dtype, bias, seed=4)
     leaves = [t.requires_grad_(True) for t in (x, w1, b1, w2) if t is not None]
     g = torch.randn(e, C, D, device=DEV, dtype=dtype)
@@ -101,6 +102,23 @@ def test_training_gradients_match_float64_and_the_unfused_path(e, C, D, H, dtype
         for got, same_dtype in zip(fused, run(False)):
             scale = max(1.0, same_dtype.abs().max().item()) if same_dtype.numel() else 1.0
             torch.testing.assert_close(got, same_dtype, rtol=2 * rtol, atol=2 * atol * scale)
+
+
+def test_small_training_calls_keep_the_unfused_path(monkeypatch):
+    """Below MIN_TRAINING_HIDDEN hidden elements a call that needs a gradient runs bmm, relu, bmm
+    (its two autograd nodes would cost more host time than the relu pass); no-grad calls fuse."""
+    calls = []
+    real_fc1_relu = _fused_gemm.fc1_relu
+    monkeypatch.setattr(_fused_gemm, "fc1_relu", lambda *args: calls.append(1) or real_fc1_relu(*args))
+    x, w1, b1, w2 = operands(4, 40, 64, 96, torch.bfloat16, True, seed=1)
+    w1.requires_grad_(True)
+    monkeypatch.setattr(_fused_gemm, "MIN_TRAINING_HIDDEN", 4 * 40 * 96 + 1)
+    assert fused_relu_ffn(x, w1, b1, w2, F.relu) is None and calls == []
+    monkeypatch.setattr(_fused_gemm, "MIN_TRAINING_HIDDEN", 4 * 40 * 96)
+    assert fused_relu_ffn(x, w1, b1, w2, F.relu) is not None and calls == [1]
+    with torch.no_grad():
+        monkeypatch.setattr(_fused_gemm, "MIN_TRAINING_HIDDEN", 1 << 40)
+        assert fused_relu_ffn(x, w1, b1, w2, F.relu) is not None and calls == [1, 1]
 
 
 def test_ffn_padded_takes_the_fused_path_and_matches_the_unfused_one(monkeypatch):

@@ -1,6 +1,7 @@
 """Dropless training in capacity slots (adaptmoe.ops._triton_slotted): the fix-up kernels on
 poisoned memory, the layer's training step against the same layer in float64 on routings with no,
-some and extreme overflow, the switch to grouped_mm after heavy overflow, and CUDA-graph replay."""
+some and extreme overflow (relu experts with the relu in the first GEMMs' epilogues, gated silu
+without), the switch to grouped_mm after heavy overflow, and CUDA-graph replay."""
 import copy
 
 import pytest
@@ -11,7 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 import adaptmoe as am  # noqa: E402
-from adaptmoe.ops import _triton_slotted  # noqa: E402
+from adaptmoe.ops import _fused_gemm, _triton_slotted  # noqa: E402
 from adaptmoe.ops import _triton_gemm as tg  # noqa: E402
 from gpu_bf16 import assert_close_rel, rand  # noqa: E402
 from gpu_poison import poison  # noqa: E402
@@ -24,8 +25,10 @@ DEV = "cuda"
 
 @pytest.fixture(autouse=True)
 def small_layers_take_slots(monkeypatch):
-    """The test layers are far below the work the path needs to repay its host time."""
+    """The test layers are far below the work the path needs to repay its host time (and far
+    below the hidden size from which relu layers fuse the relu into the first GEMMs)."""
     monkeypatch.setattr(_triton_slotted, "MIN_GEMM_WORK", 0)
+    monkeypatch.setattr(_fused_gemm, "MIN_TRAINING_HIDDEN", 0)
 
 
 def test_scattered_rows_and_weight_gradient_moves_touch_only_their_rows():

@@ -104,7 +104,7 @@ def step(lay, x, g):
 def spy(monkeypatch):
     calls = []
     real = _triton_slotted.slotted_bmm
-    monkeypatch.setattr(_triton_slotted, "slotted_bmm", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(_triton_slotted, "slotted_bmm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     return calls
 
 
@@ -116,9 +116,13 @@ def test_slotted_training_step_matches_float64(T, skew, gated, monkeypatch):
     lay64 = copy.deepcopy(lay).double()
     x, g = routed_input(T, 8, skew), torch.randn(T, 128, device=DEV).bfloat16()
     calls = spy(monkeypatch)
+    fused = []
+    real_fc1_relu = _fused_gemm.fc1_relu
+    monkeypatch.setattr(_fused_gemm, "fc1_relu", lambda *a: fused.append(1) or real_fc1_relu(*a))
     poison(32 << 20)
     y, grads = step(lay, x, g)
     assert calls, "the bf16 dropless training step did not take the slot path"
+    assert bool(fused) == (not gated), "relu experts fuse the relu into the first GEMMs, gated ones do not"
     y64, grads64 = step(lay64, x.double(), g.double())
     assert_close_rel(y, y64)
     names = ["x", *(name for name, _ in lay.named_parameters())]

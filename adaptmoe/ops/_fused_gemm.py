@@ -7,11 +7,12 @@ Legend: e experts, C rows per expert (capacity), D model dim, H hidden, O output
 e*C*H elements (read + write). H100, bf16, no_grad forward of the layer, A/B in one run
 (docs/results/2026-11-22/h100_bench_layer_fused_relu_ab.log): fine64 -2.5%, Mixtral -5.6%,
 DeepSeek-V3 -3.0% (host-bound layers moved up to 15% between processes, too noisy to count).
-Calls that need a gradient run the fused first GEMM as two autograd nodes shaped like bmm and
-relu (``_Fc1WithRelu`` saves x and w1, ``_ReluOf`` the relu output), followed by a plain bmm:
-saved tensors and gradients are freed at the same points as in the unfused graph. (A single node for both GEMMs, tried first, kept its saved
-tensors to the end of its backward: +0.37 / +0.56 / +2.25 GiB peak on fine64 / Mixtral /
-DeepSeek-V3.)
+Calls that need a gradient (hidden activations of at least MIN_TRAINING_HIDDEN elements) run the
+fused first GEMM as two autograd nodes shaped like bmm and relu (``_Fc1WithRelu`` saves x and w1,
+``_ReluOf`` the relu output), followed by a plain bmm: saved tensors and gradients are freed at
+the same points as in the unfused graph. (One node for the whole FFN, and later one for GEMM +
+relu, held saved tensors or the unmasked gradient longer: +0.37 / +0.56 / +2.25 GiB and +0.9 GiB
+peak.)
 Eager CUDA only: traced calls (torch.compile) keep the unfused expression, which inductor fuses.
 """
 from __future__ import annotations

@@ -239,7 +239,7 @@ def ffn_slotted(x_SD: Tensor, layout, w: FFNWeights, act: Callable[[Tensor], Ten
                 and _fused_gemm.fused_ffn_blocker(x_SD.reshape(E, -1, x_SD.shape[1]), w.w1_eHD, w.b1_eH, w.w2_eHO,
                                                   act) is None):
             # relu in both GEMM epilogues of the first layer, relu's backward its own node (as cf=1's)
-            return slotted_bmm(_fused_gemm._ReluOf.apply(slotted_bmm(x_SD, w.w1_eHD, True, layout, relu=True)),
+            return slotted_bmm(_fused_gemm.relu_of(slotted_bmm(x_SD, w.w1_eHD, True, layout, relu=True)),
                                w.w2_eHO, False, layout)
         h_SH = slotted_bmm(x_SD, w.w1_eHD, True, layout)
         if w.w3_eHD is not None:

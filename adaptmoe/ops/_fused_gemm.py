@@ -115,6 +115,11 @@ class _ReluOf(torch.autograd.Function):
         return torch.ops.aten.threshold_backward(g_eCH, h_eCH, 0)
 
 
+def relu_of(h_eCH: Tensor) -> Tensor:
+    """``h`` (already relu'd by a GEMM epilogue) with relu's backward as its own autograd node."""
+    return _ReluOf.apply(h_eCH)
+
+
 def fused_relu_ffn(x_eCD: Tensor, w1_eHD: Tensor, b1_eH: Tensor | None, w2_eHO: Tensor,
                    act: Callable[[Tensor], Tensor]) -> Tensor | None:
     """relu(x w1^T + b1) w2 with the relu fused into the first GEMM, or None where the fused path
@@ -124,7 +129,7 @@ def fused_relu_ffn(x_eCD: Tensor, w1_eHD: Tensor, b1_eH: Tensor | None, w2_eHO: 
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_eCD, w1_eHD, b1_eH)):
         if not training_fusion_pays(x_eCD.shape[0] * x_eCD.shape[1] * w1_eHD.shape[1]):
             return None
-        h_eCH = _ReluOf.apply(_Fc1WithRelu.apply(x_eCD, w1_eHD, b1_eH))
+        h_eCH = relu_of(_Fc1WithRelu.apply(x_eCD, w1_eHD, b1_eH))
     else:
         h_eCH = fc1_relu(x_eCD, w1_eHD, b1_eH)
     return torch.bmm(h_eCH, w2_eHO)

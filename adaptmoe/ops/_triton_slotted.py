@@ -118,7 +118,7 @@ def slotted_bmm(a_SK: Tensor, w_E: Tensor, transpose_w: bool, layout: OverflowSl
     owner, or its own expert for overflow rows); W_e = w_E[e]^T if ``transpose_w`` (w_E is
     [E, N, KD]) else w_E[e] ([E, KD, N]). Differentiable in a and w. ``relu`` (transpose_w only):
     relu(c) from the GEMMs' epilogues (cuBLASLt's and the fix-up's), whose backward takes the
-    gradient already masked by relu's (``ops._fused_gemm._ReluOf`` on the output)."""
+    gradient already masked by relu's (``ops._fused_gemm.relu_of`` on the output)."""
     return _SlottedBmm.apply(a_SK, w_E, transpose_w, layout.rows_O, layout.over_E, layout.hosted_E, relu)
 
 

@@ -156,3 +156,30 @@ def test_forget_last_call_drops_the_references_to_the_last_graph():
     assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())
     y.sum().backward()   # the caller's own references still work
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("shape,reserve_dims,dtype", [
+    ((6, 16), 1, torch.float32),          # the shortcut: plain 2-D tokens in the compute dtype
+    ((6, 16), 1, torch.float64),          # converted to the experts' dtype
+    ((2, 3, 16), 1, torch.float32),       # leading dims flattened and restored
+    ((2, 3, 4, 4), 2, torch.float32),     # two trailing dims form a token
+])
+def test_input_shortcut_and_general_flattening_agree(shape, reserve_dims, dtype):
+    """forward's shortcut for plain 2-D inputs takes exactly the tensors the general
+    flatten_input would, and every input form gives the flattened call's outputs in its own
+    shape and dtype."""
+    torch.manual_seed(0)
+    layer = am.MoELayer(am.MoEConfig(model_dim=16, num_experts=4, gate=am.GateConfig(top_k=2),
+                                     experts=am.ExpertConfig(hidden_size=8)))
+    x = torch.randn(*shape, dtype=dtype)
+    x_TD, lead = layer._tokens_of(x, reserve_dims)
+    want_TD, want_lead = layer.flatten_input(x, reserve_dims)
+    assert lead == want_lead and x_TD.dtype == want_TD.dtype and torch.equal(x_TD, want_TD)
+    assert (x_TD is x) == (len(shape) == 2 and dtype == torch.float32)
+    with torch.no_grad():
+        y = layer(x, reserve_dims=reserve_dims)
+        y_flat = layer(want_TD)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    torch.testing.assert_close(y.reshape(-1, 16).to(y_flat.dtype), y_flat, rtol=0, atol=0)
+    param_like = torch.nn.Parameter(torch.randn(6, 16), requires_grad=False)   # a subclass: general path
+    assert torch.equal(layer._tokens_of(param_like, 1)[0], param_like)

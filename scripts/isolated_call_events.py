@@ -7,6 +7,7 @@ waiting for the host.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
@@ -108,44 +109,51 @@ def main() -> None:
 
 
 
-_STAMPS: list[tuple[str, float]] = []
-_WRAPPED: set = set()
+@contextlib.contextmanager
+def stamped_calls(targets, marks: list[tuple[str, float]]):
+    """Within the block, each (owner, attribute, label) in ``targets`` appends (label + ">", t) to
+    ``marks`` on entry and (label + "<", t) on exit, t = perf_counter (no CUDA events: ~0.1 us per
+    stamp); the originals are put back after."""
+    originals = []
+
+    def stamped(inner, label):
+        def wrapped(*args, **kwargs):
+            marks.append((label + ">", time.perf_counter()))
+            out = inner(*args, **kwargs)
+            marks.append((label + "<", time.perf_counter()))
+            return out
+        return wrapped
+
+    try:
+        for owner, attr, label in targets:
+            inner = getattr(owner, attr)
+            originals.append((owner, attr, inner))
+            setattr(owner, attr, stamped(inner, label))
+        yield marks
+    finally:
+        for owner, attr, inner in reversed(originals):
+            setattr(owner, attr, inner)
 
 
 def host_stamps(name: str, calls: int = 40) -> None:
     """Host-only timeline of isolated calls: perf_counter at the entry (>) and exit (<) of each
-    stage function (no CUDA events, so the stamps cost ~0.1 us)."""
+    stage function."""
     import adaptmoe.ops as ops_module
     from adaptmoe.layer import MoELayer
     cfg = CONFIGS[name]
     layer = build_layer(cfg, "cuda")
     x = torch.randn(cfg["T"], cfg["D"], device="cuda", dtype=layer.experts.batched_fc1_w.dtype)
-    stamps = _STAMPS
-
-    def stamped(owner, attr, label):
-        if (owner, attr) in _WRAPPED:     # a second config: the wrappers are in place already
-            return
-        _WRAPPED.add((owner, attr))
-        inner = getattr(owner, attr)
-
-        def wrapped(*args, **kwargs):
-            stamps.append((label + ">", time.perf_counter()))
-            out = inner(*args, **kwargs)
-            stamps.append((label + "<", time.perf_counter()))
-            return out
-        setattr(owner, attr, wrapped)
-
-    for owner, attr, label in [(MoELayer, "resolve_knobs", "knobs"), (MoELayer, "flatten_input", "flatten"),
-                               (MoELayer, "_route", "route"), (layer_module, "add_noise", "noise"),
-                               (layer_module, "fused_routing", "fused_routing"), (ops_module, "route_topk", "topk_op"),
-                               (MoELayer, "_run", "run"), (dispatch_ops, "dispatch", "dispatch"),
-                               (executor, "run_experts_local", "experts"), (dispatch_ops, "combine", "combine"),
-                               (MoELayer, "_losses", "losses")]:
-        stamped(owner, attr, label)
+    stamps: list[tuple[str, float]] = []
+    targets = [(MoELayer, "_resolved_call", "knobs"), (MoELayer, "_tokens_of", "flatten"),
+               (MoELayer, "_route", "route"), (layer_module, "add_noise", "noise"),
+               (layer_module, "fused_routing", "fused_routing"), (ops_module, "route_topk", "topk_op"),
+               (MoELayer, "_run", "run"), (dispatch_ops, "dispatch", "dispatch"),
+               (executor, "run_experts_local", "experts"), (dispatch_ops, "combine", "combine"),
+               (MoELayer, "_losses", "losses")]
     layer.gates[0].register_forward_pre_hook(lambda *a: stamps.append(("gate>", time.perf_counter())))
     layer.gates[0].register_forward_hook(lambda *a: stamps.append(("gate<", time.perf_counter())))
     runs: dict[str, list[float]] = {}
-    with torch.no_grad():
+    with torch.no_grad(), stamped_calls(targets, stamps):
         for i in range(calls + 5):
             torch.cuda.synchronize()
             stamps.clear()

@@ -24,6 +24,7 @@ from adaptmoe.examples.timing import capture_no_grad, median_ms
 from adaptmoe.layer import MoELayer
 from adaptmoe.ops import _native
 from scripts.host_costs import host_us
+from scripts.isolated_call_events import stamped_calls
 
 
 def _native_call(layer, x_TD, knobs, plan):
@@ -42,25 +43,11 @@ def _native_call(layer, x_TD, knobs, plan):
 def stamps(layer, x, cf: float, calls: int = 40) -> dict[str, float]:
     """perf_counter at entry (>) and exit (<) of each piece of the call, medians in us."""
     marks: list[tuple[str, float]] = []
-    undo = []
-
-    def stamped(owner, attr, label):
-        inner = getattr(owner, attr)
-
-        def wrapped(*args, **kwargs):
-            marks.append((label + ">", time.perf_counter()))
-            out = inner(*args, **kwargs)
-            marks.append((label + "<", time.perf_counter()))
-            return out
-        setattr(owner, attr, wrapped)
-        undo.append((owner, attr, inner))
-
-    for owner, attr, label in [(MoELayer, "resolve_knobs", "knobs"), (MoELayer, "flatten_input", "flatten"),
-                               (native_forward, "plan_for", "plan"), (native_forward, "run", "run"),
-                               (native_forward, "_losses_or_inputs", "loss_inputs"), (MoELayer, "_losses", "losses")]:
-        stamped(owner, attr, label)
+    targets = [(MoELayer, "_resolved_call", "knobs"), (MoELayer, "_tokens_of", "flatten"),
+               (native_forward, "plan_for", "plan"), (native_forward, "run", "run"),
+               (native_forward, "_losses_or_inputs", "loss_inputs"), (MoELayer, "_losses", "losses")]
     runs: dict[str, list[float]] = {}
-    try:
+    with stamped_calls(targets, marks):
         for i in range(calls + 5):
             torch.cuda.synchronize()
             marks.clear()
@@ -70,9 +57,6 @@ def stamps(layer, x, cf: float, calls: int = 40) -> dict[str, float]:
             if i >= 5:
                 for label, t in marks:
                     runs.setdefault(label, []).append((t - t0) * 1e6)
-    finally:
-        for owner, attr, inner in reversed(undo):
-            setattr(owner, attr, inner)
     return {label: statistics.median(v) for label, v in runs.items()}
 
 

@@ -183,3 +183,14 @@ def test_input_shortcut_and_general_flattening_agree(shape, reserve_dims, dtype)
     torch.testing.assert_close(y.reshape(-1, 16).to(y_flat.dtype), y_flat, rtol=0, atol=0)
     param_like = torch.nn.Parameter(torch.randn(6, 16), requires_grad=False)   # a subclass: general path
     assert torch.equal(layer._tokens_of(param_like, 1)[0], param_like)
+
+
+def test_input_shortcut_under_autocast_takes_what_flatten_input_takes():
+    layer = am.MoELayer(am.MoEConfig(model_dim=16, num_experts=4, gate=am.GateConfig(top_k=2),
+                                     experts=am.ExpertConfig(hidden_size=8)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for x in (torch.randn(5, 16), torch.randn(5, 16).bfloat16()):
+            got, want = layer._tokens_of(x, 1)[0], layer.flatten_input(x, 1)[0]
+            assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+    with pytest.raises(TypeError, match="floating-point"):   # the shortcut never lets integers through
+        layer._tokens_of(torch.ones(5, 16, dtype=torch.int64), 1)

@@ -29,13 +29,19 @@ from torch import Tensor
 
 from .experts import FFNExperts
 from .gates import LinearGate
-from .ops import _fused_gemm, _native, _triton_gemm
+from .ops import _fused_gemm, _native, _triton_gemm, _triton_native
 from .ops._decode_op import ACTIVATION_CODES, activation_code
 from .routing import Routing, capacity_for, fusable_gate
 
 _enabled = True
 _gathered_enabled = True
 _dense_enabled = True
+_triton_from_native = True
+# Compiled variants of the gathered first GEMM registered with the extension (native ids), per
+# (device index, w1 shape, bias): the native call launches the first whose specialization its
+# arguments satisfy (ops._triton_native).
+_gathered_kernels: dict[tuple, list[int]] = {}
+_MAX_GATHERED_VARIANTS = 8
 _RELU = ACTIVATION_CODES["relu"]
 # Below R*(D+H) elements of dispatch + relu traffic saved, the gathered path's extra host time
 # (a Triton launch and three more ops from Python, ~0.1-0.2 ms on the H100 machines) outweighs
@@ -47,6 +53,13 @@ def set_enabled(enabled: bool) -> None:
     """Turns the one-call native forward off (the Python path runs) or back on, e.g. for A/B runs."""
     global _enabled
     _enabled = bool(enabled)
+
+
+def set_triton_from_native(enabled: bool) -> None:
+    """Whether the gathered dropless path's Triton GEMM may be launched from inside the native call
+    (else always from Python, between two native calls), e.g. for A/B runs."""
+    global _triton_from_native
+    _triton_from_native = bool(enabled)
 
 
 @dataclass(frozen=True)
@@ -155,13 +168,18 @@ def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Ro
     if plan.gathered_fc1 and T * k * (w.w1_eHD.shape[1] + w.w1_eHD.shape[2]) >= _GATHER_MIN_ELEMENTS:
         return _run_gathered(layer, x_TD, knobs, plan, gate, wg_ED, w)
     dense = plan.dense and T > 0 and (capacity is None or capacity >= T)   # then no choice drops
-    (y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK,
-     loss) = _native.loaded().moe_forward_nograd(
+    outputs = _native.loaded().moe_forward_nograd(
         x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, -1 if capacity is None else capacity,
         layer.config.is_postscore, plan.grouped, w.w1_eHD, w.w2_eHO, w.w3_eHD, w.b1_eH, w.b2_eO, plan.activation,
         plan.relu_epilogue, x_TD.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32, plan.gshard_loss,
         dense)   # (the TF32 flag only matters for float32; reading it costs ~0.6 us)
-    num_rows = T * k if capacity is None else E * capacity
+    return _packaged(outputs, capacity, T * k if capacity is None else E * capacity, plan)
+
+
+def _packaged(outputs: list, capacity: int | None, num_rows: int, plan: NativeForwardPlan) -> tuple:
+    """run's result from a native forward's (y_TO, logits_TE, indices_TK, weights_TK, scores_TE,
+    locations_TK, counts_E, slots_TK, loss)."""
+    y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK, loss = outputs
     routing = Routing(indices_TK, weights_TK, locations_TK, counts_E, capacity, slots_TK, num_rows)
     return (y_TO, routing) + _losses_or_inputs(logits_TE, scores_TE, loss, plan)
 
@@ -176,21 +194,41 @@ def _gate_of(layer, gate_index: int) -> tuple:
 def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Tensor, w) -> tuple:
     """Dropless relu experts (``_triton_gemm.gathered_fc1_blocker`` says which): native routing,
     the first GEMM gathering its rows from the tokens with relu in its epilogue
-    (``ops._triton_gemm``), grouped second GEMM, native combine."""
+    (``ops._triton_gemm``), grouped second GEMM, native combine. One native call when a registered
+    variant of that GEMM fits this call's arguments; else the GEMM is launched from Python (and the
+    variant Triton ran is registered for the next calls)."""
     T, k = x_TD.shape[0], knobs.top_k
     native = _native.loaded()
+    variants_key = (x_TD.device.index, tuple(w.w1_eHD.shape), w.b1_eH is not None)
+    variants = _gathered_kernels.get(variants_key) if _triton_from_native else None
+    if variants:
+        outputs = native.moe_forward_nograd_gathered(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize,
+                                                     w.w1_eHD, w.w2_eHO, w.b1_eH, variants, plan.gshard_loss)
+        if outputs:
+            return _packaged(outputs, None, T * k, plan)
     (logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK,
      inv_R) = native.moe_route_nograd(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize)
     if T == 0:
         y_RO = x_TD.new_zeros(0, w.w2_eHO.shape[2])
     else:
-        h_RH = _triton_gemm.gathered_fc1_relu(x_TD, inv_R, k, counts_E, w.w1_eHD, w.b1_eH)
+        h_RH, kernel = _triton_gemm.gathered_fc1_relu(x_TD, inv_R, k, counts_E, w.w1_eHD, w.b1_eH)
+        _remember_gathered_kernel(variants_key, native, kernel)
         y_RO = torch._grouped_mm(h_RH, w.w2_eHO, offs=torch.cumsum(counts_E, 0, dtype=torch.int32))
     y_TO = native.gather_rows(y_RO, slots_TK, weights_TK, None)[0]
     # Last, like inside the one-call path: nothing in front of the expert GEMMs waits for it.
     loss = native.gshard_loss(scores_TE, indices_TK, plan.score_fn == 1) if plan.gshard_loss else None
     routing = Routing(indices_TK, weights_TK, locations_TK, counts_E, None, slots_TK, T * k)
     return (y_TO, routing) + _losses_or_inputs(logits_TE, scores_TE, loss, plan)
+
+
+def _remember_gathered_kernel(key: tuple, native, kernel) -> None:
+    variants = _gathered_kernels.setdefault(key, [])
+    if (kernel is None or not _triton_from_native or len(variants) >= _MAX_GATHERED_VARIANTS
+            or not hasattr(native, "register_triton_kernel")):
+        return
+    kernel_id = _triton_native.register(native, kernel)
+    if kernel_id is not None and kernel_id not in variants:
+        variants.append(kernel_id)
 
 
 def _losses_or_inputs(logits_TE: Tensor, scores_TE: Tensor, loss: Tensor | None,

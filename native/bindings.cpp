@@ -15,6 +15,7 @@
 #include "layer_forward.h"
 #include "moe_kernels.h"
 #include "torch_ops.h"
+#include "triton_launch.h"
 
 namespace adaptmoe::torch_ops {
 
@@ -144,9 +145,10 @@ std::vector<Tensor> scatter_rows(const Tensor& src_TD, const Tensor& slots_TK, i
 }
 
 // The no-grad layer forward's dispatch (launch_scatter_located_rows), exposed for its tests: slots
-// and counts_E as the slot assignment makes them; capacity < 0 is dropless.
+// and counts_E as the slot assignment makes them; capacity < 0 is dropless; zero_unfed: whether the
+// padded rows no choice feeds become 0 (the layer forward leaves them unwritten).
 Tensor scatter_located_rows(const Tensor& src_TD, const Tensor& slots_TK, const Tensor& counts_E, int64_t capacity,
-                            const std::optional<Tensor>& w_TK) {
+                            const std::optional<Tensor>& w_TK, bool zero_unfed) {
   TORCH_CHECK(src_TD.is_cuda() && src_TD.dim() == 2, "adaptmoe: rows must be a 2-D CUDA tensor");
   const auto dt = dtype_of(src_TD);
   const c10::cuda::CUDAGuard guard(src_TD.device());
@@ -163,7 +165,7 @@ Tensor scatter_located_rows(const Tensor& src_TD, const Tensor& slots_TK, const 
                                                      w.has_value() ? w->data_ptr() : nullptr,
                                                      w.has_value() ? dtype_of(*w) : adaptmoe::kFloat32, T,
                                                      static_cast<int>(K), D, capacity, counts.data_ptr<int64_t>(), E,
-                                                     out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+                                                     zero_unfed, out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                "scatter (located rows)");
   return out;
 }
@@ -338,6 +340,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "no-grad dropless routing of a single-process layer plus the grouped row -> choice map");
   m.def("moe_forward_nograd", &adaptmoe::moe_forward_nograd,
         "no-grad forward of a single-process layer: gate, routing, dispatch, FFN, combine in one call");
+  m.def("moe_forward_nograd_gathered", &adaptmoe::moe_forward_nograd_gathered,
+        "moe_forward_nograd for dropless relu experts, the first GEMM a registered Triton kernel gathering its rows");
+  m.def("register_triton_kernel", &adaptmoe::register_triton_kernel,
+        "registers a compiled Triton kernel (function handle and specialization) for launches from C++; -1 if refused");
   m.attr("max_decode_pairs") = adaptmoe::kMaxDecodePairs;
   m.attr("max_topk_experts") = adaptmoe::kMaxTopkExperts;
   m.attr("max_locate_experts") = adaptmoe::kMaxLocateExperts;

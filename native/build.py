@@ -7,15 +7,15 @@ from pathlib import Path
 
 NATIVE_DIR = Path(__file__).resolve().parent
 SOURCES = ("moe_kernels.cu", "row_movers.cu", "decode_kernels.cu", "elementwise_kernels.cu", "blaslt.cpp",
-           "layer_forward.cpp", "bindings.cpp")
+           "layer_forward.cpp", "triton_launch.cpp", "bindings.cpp")
 CXX_FLAGS = ["-O3", "-std=c++17"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
 
 
 def cublaslt_link_flags() -> list[str]:
-    """Linker flags for cuBLASLt (blaslt.cpp): the toolkit's library, else the pip wheel's
-    (nvidia/cublas/lib). Empty when neither is found: torch has loaded cuBLASLt by then, and the
-    extension's symbols resolve against it at load time."""
+    """Linker flags: cuBLASLt (blaslt.cpp), the toolkit's library, else the pip wheel's
+    (nvidia/cublas/lib), neither when none is found (torch has loaded cuBLASLt by then, and the
+    extension's symbols resolve against it at load time); libdl (triton_launch.cpp)."""
     from torch.utils.cpp_extension import CUDA_HOME
 
     dirs = []
@@ -28,11 +28,11 @@ def cublaslt_link_flags() -> list[str]:
         pass
     for d in dirs:
         if (d / "libcublasLt.so").exists():
-            return [f"-L{d}", "-lcublasLt"]
+            return [f"-L{d}", "-lcublasLt", "-ldl"]
         versioned = sorted(d.glob("libcublasLt.so.*"), key=lambda p: len(p.name))
         if versioned:
-            return [f"-L{d}", f"-l:{versioned[0].name}"]
-    return []
+            return [f"-L{d}", f"-l:{versioned[0].name}", "-ldl"]
+    return ["-ldl"]   # triton_launch.cpp finds the driver's cuLaunchKernel with dlopen
 
 
 def source_paths() -> list[str]:

@@ -76,6 +76,33 @@ __device__ __forceinline__ void store_pack_stream(T* p, const float (&f)[N]) {
   }
 }
 
+// Unsigned key with the order of the floats (-0 == +0; NaN ranks as -inf); 0 is below every
+// key (taken or padding slots).
+__device__ __forceinline__ unsigned ordered_key(float x) {
+  if (isnan(x)) x = -INFINITY;
+  unsigned b = __float_as_uint(x);
+  if ((b << 1) == 0u) b = 0u;   // -0 -> +0: equal floats, equal keys
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ unsigned warp_max_u32(unsigned v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(kFull, v);
+#else
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+#endif
+}
+
+__device__ __forceinline__ int warp_min_i32(int v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_min_sync(kFull, v);
+#else
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);

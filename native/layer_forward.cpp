@@ -6,6 +6,7 @@
 // there (scripts/ab_native_forward.py; each ATen call still costs ~15-20 us of host time).
 #include "layer_forward.h"
 
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -15,6 +16,7 @@
 #include "blaslt.h"
 #include "moe_kernels.h"
 #include "torch_ops.h"
+#include "triton_launch.h"
 
 namespace adaptmoe {
 namespace {
@@ -81,39 +83,52 @@ struct Routed {
   }
 };
 
-// Scores + top-k + slot assignment: the kernels of torch_ops::route_topk with one allocation
-// instead of seven (the buffer above).
-Routed route(const Tensor& logits_TE, int64_t k, int64_t score_fn, bool normalize, int64_t capacity) {
-  const int64_t T = logits_TE.size(0), E = logits_TE.size(1), n = T * k;
+// The routing buffer of T tokens over E experts, logits (and so scores, weights) in vals_type.
+Routed alloc_routed(int64_t T, int64_t E, int64_t k, at::ScalarType vals_type, const at::TensorOptions& options) {
   const int64_t max_experts = std::min<int64_t>(kMaxTopkExperts, kMaxLocateExperts);
   TORCH_CHECK(E >= 1 && E <= max_experts, text("adaptmoe: native routing takes 1..", max_experts, " experts, got ", E));
   TORCH_CHECK(k >= 1 && k <= E, text("adaptmoe: top_k must be in [1, E], got ", k));
-  TORCH_CHECK(n < INT32_MAX, "adaptmoe: T*k must fit in int32");
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(T * k < INT32_MAX, "adaptmoe: T*k must fit in int32");
   Routed r;
   r.T = T, r.k = k, r.E = E;
-  r.vals_type = logits_TE.scalar_type();
+  r.vals_type = vals_type;
   const int64_t workspace_ints = std::max<int64_t>(1, locate_workspace_ints(T, static_cast<int>(E), static_cast<int>(k)));
-  r.buf = at::empty({r.workspace_offset() + 4 * workspace_ints}, logits_TE.options().dtype(at::kByte));
-  torch_ops::check_launch(launch_topk(logits_TE.data_ptr(), torch_ops::dtype_of(logits_TE), T, static_cast<int>(E),
-                                      static_cast<int>(k), score_fn == 1 ? kSigmoid : kSoftmax, normalize, r.indices(),
-                                      r.weights(), r.scores(), stream),
-                          "top-k");
-  torch_ops::check_launch(launch_locate(r.indices(), T, static_cast<int>(E), static_cast<int>(k), capacity,
-                                        r.workspace(), r.locations(), r.counts(), r.slots(), stream),
-                          "slot assignment");
+  r.buf = at::empty({r.workspace_offset() + 4 * workspace_ints}, options.dtype(at::kByte));
   return r;
 }
 
-// The dispatch into r.x_RD, 2 launches fewer than torch_ops::scatter_rows (it finds the rows to
-// zero from the counts: no inverse map).
+// Scores + top-k + slot assignment into r: the kernels of torch_ops::route_topk.
+void launch_routing(const Routed& r, const Tensor& logits_TE, int64_t score_fn, bool normalize, int64_t capacity) {
+  TORCH_CHECK(logits_TE.scalar_type() == r.vals_type, "adaptmoe: logits of another dtype than the routing buffer's");
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int E = static_cast<int>(r.E), k = static_cast<int>(r.k);
+  torch_ops::check_launch(launch_topk(logits_TE.data_ptr(), torch_ops::dtype_of(logits_TE), r.T, E, k,
+                                      score_fn == 1 ? kSigmoid : kSoftmax, normalize, r.indices(), r.weights(),
+                                      r.scores(), stream),
+                          "top-k");
+  torch_ops::check_launch(launch_locate(r.indices(), r.T, E, k, capacity, r.workspace(), r.locations(), r.counts(),
+                                        r.slots(), stream),
+                          "slot assignment");
+}
+
+// Routing with one allocation instead of route_topk's seven (the buffer above).
+Routed route(const Tensor& logits_TE, int64_t k, int64_t score_fn, bool normalize, int64_t capacity) {
+  Routed r = alloc_routed(logits_TE.size(0), logits_TE.size(1), k, logits_TE.scalar_type(), logits_TE.options());
+  launch_routing(r, logits_TE, score_fn, normalize, capacity);
+  return r;
+}
+
+// The dispatch into r.x_RD, 3 launches fewer than torch_ops::scatter_rows: no inverse map, and the
+// padded rows no choice feeds are left unwritten (their FFN outputs are never gathered: the
+// combine reads kept slots only), which saved a 7 us zeroing kernel (fine-grained cf=1, H100).
 void dispatch(Routed& r, const Tensor& x_TD, int64_t capacity, bool postscore) {
   const int64_t D = x_TD.size(1);
   r.x_RD = at::empty({capacity < 0 ? r.T * r.k : r.E * capacity, D}, x_TD.options());
   torch_ops::check_launch(launch_scatter_located_rows(x_TD.data_ptr(), torch_ops::dtype_of(x_TD), r.slots(),
                                                       postscore ? nullptr : r.weights(), r.vals_dtype(),
                                                       r.T, static_cast<int>(r.k), D, capacity, r.counts(), r.E,
-                                                      r.x_RD.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+                                                      /*zero_unfed=*/false, r.x_RD.data_ptr(),
+                                                      c10::cuda::getCurrentCUDAStream()),
                           "scatter");
 }
 
@@ -129,22 +144,6 @@ Tensor combine(const Tensor& y_RO, const Routed& r, bool postscore, const int64_
                                              kFloat32, c10::cuda::getCurrentCUDAStream()),
                           "gather");
   return y_TO;
-}
-
-// The GShard loss of the call as a 0-dim float32 tensor (no autograd: no-grad calls only), or an
-// undefined tensor when not asked for. Enqueued last in a call: its two small kernels then run
-// after the combine (~5 us of GPU time) instead of delaying the dispatch, and they replace the
-// five ATen ops the Python losses cost (~45 us of host time per call on the H100 machine).
-Tensor gshard_loss(const Routed& r, bool wanted, int64_t score_fn) {
-  if (!wanted) return Tensor();
-  Tensor buf = at::empty({1 + gshard_loss_workspace_floats(r.T, static_cast<int>(r.E))},
-                         r.buf.options().dtype(at::kFloat));
-  float* loss = buf.data_ptr<float>();
-  torch_ops::check_launch(launch_gshard_loss(r.scores(), r.vals_dtype(), r.indices(), r.T,
-                                             static_cast<int>(r.E), static_cast<int>(r.k), score_fn == 1, loss + 1,
-                                             loss, c10::cuda::getCurrentCUDAStream()),
-                          "gshard loss");
-  return buf.select(0, 0);
 }
 
 // Mirrors adaptmoe.expert_compute.ffn_padded (and the fused relu GEMM of ops._fused_gemm).
@@ -286,10 +285,12 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
     // Pre-scored rows combine with weight 1: no weights at all is the same arithmetic (x * 1.0f).
     y_TO = combine(y_RO, r, postscore);
   }
-  Tensor loss = gshard_loss(r, want_gshard_loss, score_fn);
   std::vector<Tensor> out{y_TO, logits_TE};
   for (Tensor& t : r.views()) out.push_back(std::move(t));
-  out.push_back(loss);
+  // Enqueued last: its two small kernels run after the combine (~5 us of GPU time) instead of
+  // delaying the dispatch, and replace the five ATen ops of the Python losses (~45 us of host
+  // time per call on the H100 machine).
+  out.push_back(want_gshard_loss ? torch_ops::gshard_loss(out[4], out[2], score_fn == 1) : Tensor());
   return out;
 }
 
@@ -309,6 +310,75 @@ std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tenso
   std::vector<Tensor> out{logits_TE};
   for (Tensor& t : r.views()) out.push_back(std::move(t));
   out.push_back(inv_R);
+  return out;
+}
+
+namespace {
+
+// Programs of the persistent _grouped_rows_kernel over R rows, as grouped_rows_mm computes them.
+int64_t gathered_fc1_programs(int64_t recipe, int64_t R, int64_t E) {
+  const int64_t bm = triton_kernel_constant(recipe, "BM", 128), n_tiles = triton_kernel_constant(recipe, "N_TILES", 1);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::min(sms, ((R + bm - 1) / bm + E) * n_tiles);
+}
+
+// The arguments of ops/_triton_gemm.py's _grouped_rows_kernel for the gathered first GEMM
+// (gathered_fc1_relu: rows gathered from the tokens, relu and bias in the epilogue), as Python
+// passes them.
+TritonArgs gathered_fc1_args(int64_t programs, const Tensor& x, const Tensor& inv_R, const Tensor& w1,
+                             const Tensor& b1, const Tensor& h, const int64_t* counts, int64_t k) {
+  const int64_t E = w1.size(0), H = w1.size(1), D = w1.size(2);
+  auto ptr = [](const void* p) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p)); };
+  return {{"a_ptr", ptr(x.data_ptr())}, {"gather_ptr", ptr(inv_R.data_ptr())}, {"b_ptr", ptr(w1.data_ptr())},
+          {"bias_ptr", ptr(b1.defined() ? b1.data_ptr() : x.data_ptr())}, {"mask_ptr", ptr(x.data_ptr())},
+          {"c_ptr", ptr(h.data_ptr())}, {"counts_ptr", ptr(counts)}, {"E", E}, {"TOP_K", k}, {"KD", D}, {"N", H},
+          {"stride_be", D * H}, {"stride_bk", 1}, {"stride_bn", D},
+          {"PROGRAMS", programs},
+          {"GATHER", 1}, {"SCATTER", 0}, {"HAS_BIAS", b1.defined() ? 1 : 0}};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32,
+                                                    int64_t k, int64_t score_fn, bool normalize,
+                                                    const at::Tensor& w1_EHD, const at::Tensor& w2_EHO,
+                                                    const std::optional<at::Tensor>& b1_EH,
+                                                    const std::vector<int64_t>& recipes, bool want_gshard_loss) {
+  const ExpertWeights w{w1_EHD, w2_EHO, Tensor(), value_or_undefined(b1_EH), Tensor()};
+  check_inputs(x_TD, wg_ED, k, /*capacity=*/-1, /*grouped=*/true, /*dense=*/false, /*postscore=*/true, w, false);
+  const c10::cuda::CUDAGuard guard(x_TD.device());
+  const at::NoGradGuard no_grad;
+  const Tensor x = x_TD.contiguous();
+  const int64_t T = x.size(0), E = wg_ED.size(0), H = w1_EHD.size(1), n = T * k;
+  if (n == 0) return {};
+  // Every buffer first, then the kernel whose specialization fits their addresses; none fits:
+  // nothing was enqueued, the caller launches through Triton.
+  Routed r = alloc_routed(T, E, k, gate_fp32 ? at::kFloat : wg_ED.scalar_type(), x.options());
+  const Tensor inv_R = at::empty({n}, x.options().dtype(at::kInt));
+  Tensor h_RH = at::empty({n, H}, x.options());
+  int64_t recipe = -1, programs = 0;
+  TritonArgs args;
+  for (int64_t id : recipes) {
+    programs = gathered_fc1_programs(id, n, E);
+    args = gathered_fc1_args(programs, x, inv_R, w.w1, w.b1, h_RH, r.counts(), k);
+    if (triton_kernel_matches(id, args)) {
+      recipe = id;
+      break;
+    }
+  }
+  if (recipe < 0) return {};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Tensor logits_TE = gate_logits(x, wg_ED, gate_fp32);
+  launch_routing(r, logits_TE, score_fn, normalize, /*capacity=*/-1);
+  torch_ops::check_launch(launch_inverse_slots(r.slots(), n, n, inv_R.data_ptr<int>(), stream), "inverse slots");
+  torch_ops::check_launch(launch_triton_kernel(recipe, args, static_cast<unsigned>(programs), stream),
+                          "gathered first GEMM (Triton)");
+  const Tensor offs_E = at::cumsum(r.counts_E(), 0, at::kInt);
+  Tensor y_RO = at::_grouped_mm(h_RH, w.w2, offs_E);
+  h_RH.reset();   // dead once the second GEMM is enqueued (stream-ordered reuse)
+  std::vector<Tensor> out{combine(y_RO, r, /*postscore=*/true), logits_TE};
+  for (Tensor& t : r.views()) out.push_back(std::move(t));
+  out.push_back(want_gshard_loss ? torch_ops::gshard_loss(out[4], out[2], score_fn == 1) : Tensor());
   return out;
 }
 

@@ -57,11 +57,13 @@ cudaError_t launch_scatter_rows(const void* src_TD, DType dt, const int64_t* slo
 
 // launch_scatter_rows for slots made by launch_locate: expert e's kept choices fill rows
 // e*C + [0, min(counts_E[e], C)) when capacity C >= 0 (the rest of its C rows become 0, found from
-// counts_E), every one of the T*K rows when capacity < 0. No inverse map, no workspace: two
-// launches fewer than launch_scatter_rows (the no-grad layer forward's dispatch).
+// counts_E, when zero_unfed; else they are left unwritten), every one of the T*K rows when
+// capacity < 0. No inverse map, no workspace: two launches fewer than launch_scatter_rows (the
+// no-grad layer forward's dispatch, which never reads the outputs of unfed rows).
 cudaError_t launch_scatter_located_rows(const void* src_TD, DType dt, const int64_t* slots_TK, const void* w_TK,
                                         DType w_dt, int64_t T, int K, int64_t D, int64_t capacity,
-                                        const int64_t* counts_E, int64_t E, void* out_RD, cudaStream_t stream);
+                                        const int64_t* counts_E, int64_t E, bool zero_unfed, void* out_RD,
+                                        cudaStream_t stream);
 
 // inv_R[slots[i]] = i for the n = T*K choices whose slot is in [0, R) (other entries untouched):
 // the grouped row -> (token, choice) map of a dropless routing, where every row is fed.

@@ -264,7 +264,7 @@ cudaError_t scatter_t(const void* src, const int64_t* slots, const void* w, DTyp
 
 template <typename T, int N>
 cudaError_t scatter_located_n(const T* src, const int64_t* slots, const void* w, DType w_dt, int64_t T_, int K,
-                              int64_t D, int64_t capacity, const int64_t* counts, int64_t R, T* out,
+                              int64_t D, int64_t capacity, const int64_t* counts, int64_t R, bool zero_unfed, T* out,
                               cudaStream_t stream) {
   if (T_ > 0) {
     const size_t smem = static_cast<size_t>(K) * (sizeof(int64_t) + sizeof(float));
@@ -273,7 +273,7 @@ cudaError_t scatter_located_n(const T* src, const int64_t* slots, const void* w,
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  if (capacity < 0) return cudaSuccess;   // dropless: every one of the T*K rows is fed
+  if (capacity < 0 || !zero_unfed) return cudaSuccess;   // dropless: every one of the T*K rows is fed
   const int64_t zero_blocks = std::min<int64_t>((R + 7) / 8, 132 * 16);
   zero_rows_kernel<T, N><<<static_cast<unsigned>(zero_blocks), 256, 0, stream>>>(UnfedByCounts{counts, capacity}, R,
                                                                                   D, out);
@@ -282,16 +282,16 @@ cudaError_t scatter_located_n(const T* src, const int64_t* slots, const void* w,
 
 template <typename T>
 cudaError_t scatter_located_t(const void* src, const int64_t* slots, const void* w, DType w_dt, int64_t T_, int K,
-                              int64_t D, int64_t capacity, const int64_t* counts, int64_t R, void* out,
-                              cudaStream_t stream) {
+                              int64_t D, int64_t capacity, const int64_t* counts, int64_t R, bool zero_unfed,
+                              void* out, cudaStream_t stream) {
   if (R == 0 || D == 0) return cudaSuccess;
   constexpr int NV = 16 / static_cast<int>(sizeof(T));
   const T* s = static_cast<const T*>(src);
   T* o = static_cast<T*>(out);
   if (D % NV == 0 && aligned16(src) && aligned16(out)) {
-    return scatter_located_n<T, NV>(s, slots, w, w_dt, T_, K, D, capacity, counts, R, o, stream);
+    return scatter_located_n<T, NV>(s, slots, w, w_dt, T_, K, D, capacity, counts, R, zero_unfed, o, stream);
   }
-  return scatter_located_n<T, 1>(s, slots, w, w_dt, T_, K, D, capacity, counts, R, o, stream);
+  return scatter_located_n<T, 1>(s, slots, w, w_dt, T_, K, D, capacity, counts, R, zero_unfed, o, stream);
 }
 
 template <typename T>
@@ -344,12 +344,13 @@ cudaError_t launch_token_major_slots(const int64_t* indices_TK, int64_t T, int K
 
 cudaError_t launch_scatter_located_rows(const void* src_TD, DType dt, const int64_t* slots_TK, const void* w_TK,
                                         DType w_dt, int64_t T, int K, int64_t D, int64_t capacity,
-                                        const int64_t* counts_E, int64_t E, void* out_RD, cudaStream_t stream) {
+                                        const int64_t* counts_E, int64_t E, bool zero_unfed, void* out_RD,
+                                        cudaStream_t stream) {
   const int64_t R = capacity < 0 ? T * K : E * capacity;
   switch (dt) {
-    case kFloat16: return scatter_located_t<__half>(src_TD, slots_TK, w_TK, w_dt, T, K, D, capacity, counts_E, R, out_RD, stream);
-    case kBFloat16: return scatter_located_t<__nv_bfloat16>(src_TD, slots_TK, w_TK, w_dt, T, K, D, capacity, counts_E, R, out_RD, stream);
-    default: return scatter_located_t<float>(src_TD, slots_TK, w_TK, w_dt, T, K, D, capacity, counts_E, R, out_RD, stream);
+    case kFloat16: return scatter_located_t<__half>(src_TD, slots_TK, w_TK, w_dt, T, K, D, capacity, counts_E, R, zero_unfed, out_RD, stream);
+    case kBFloat16: return scatter_located_t<__nv_bfloat16>(src_TD, slots_TK, w_TK, w_dt, T, K, D, capacity, counts_E, R, zero_unfed, out_RD, stream);
+    default: return scatter_located_t<float>(src_TD, slots_TK, w_TK, w_dt, T, K, D, capacity, counts_E, R, zero_unfed, out_RD, stream);
   }
 }
 

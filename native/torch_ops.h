@@ -54,4 +54,7 @@ inline void check_launch(cudaError_t err, const char* what) {
 // act(g) * u elementwise (no autograd); act: Activation code.
 Tensor act_mul(const Tensor& g, const Tensor& u, int64_t act);
 
+// GShard loss (0-dim float32, no autograd) of scores_TE and the first choices indices_TK[:, 0].
+Tensor gshard_loss(const Tensor& scores_TE, const Tensor& indices_TK, bool normalize_rows);
+
 }  // namespace adaptmoe::torch_ops

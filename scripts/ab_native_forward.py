@@ -1,7 +1,8 @@
 """Interleaved A/B of the no-grad forward: one native call (adaptmoe.native_forward) vs the Python
 path vs a CUDA-graph replay, per bench_layer config and capacity mode; where they apply, the
-native call without the dense layout of k == E calls (no_dense) and without the gathered first
-GEMM of dropless calls (no_gather).
+native call without the dense layout of k == E calls (no_dense), without the gathered first
+GEMM of dropless calls (no_gather), and with that GEMM launched from Python between two native
+calls instead of from inside the one native call (triton_py).
 
     python scripts/ab_native_forward.py [config ...] [--iters N] [--routing random|balanced] [--tokens T]
 
@@ -43,11 +44,12 @@ def timed(fn) -> tuple[float, float]:
 
 
 def variants(layer, x, cf, floor):
-    def eager(native: bool, dense: bool = True, gathered: bool = True):
+    def eager(native: bool, dense: bool = True, gathered: bool = True, triton_from_native: bool = True):
         def call():
             native_forward.set_enabled(native)
             native_forward.set_dense_enabled(dense)
             native_forward.set_gathered_enabled(gathered)
+            native_forward.set_triton_from_native(triton_from_native)
             with torch.no_grad():
                 layer(x, capacity_factor=cf)
         return call
@@ -60,6 +62,7 @@ def variants(layer, x, cf, floor):
         calls["no_dense"] = eager(True, dense=False)
     if plan is not None and plan.gathered_fc1:
         calls["no_gather"] = eager(True, gathered=False)
+        calls["triton_py"] = eager(True, triton_from_native=False)
     return calls
 
 
@@ -98,6 +101,7 @@ def run_config(name: str, iters: int, routing: str, tokens: int | None = None) -
         native_forward.set_enabled(True)
         native_forward.set_dense_enabled(True)
         native_forward.set_gathered_enabled(True)
+        native_forward.set_triton_from_native(True)
         med = {n: statistics.median(gpu[n]) for n in names}
         cells = "  ".join(f"{n} {med[n]:.3f} ms ({med[n] / med['floor']:.2f}x, host {statistics.median(host[n]):.0f} us)"
                           for n in names)

@@ -39,7 +39,7 @@ def timeline(name: str, cf: float, calls: int = 6) -> None:
     call = next(e for e in events if e.get("name") == last and e.get("ph") == "X")
     t0, t1 = call["ts"], call["ts"] + call["dur"]
     launches = {e["args"].get("correlation"): e for e in events
-                if e.get("cat") == "cuda_runtime" and t0 <= e["ts"] <= t1 and "args" in e}
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and t0 <= e["ts"] <= t1 and "args" in e}
     kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")
                       and e.get("args", {}).get("correlation") in launches), key=lambda e: e["ts"])
     print(f"\n=== {name} cf={cf} ({'native' if native_forward._enabled else 'python'}): host call {call['dur']:.0f} us")

@@ -288,26 +288,35 @@ def grouped_rows_mm(a: Tensor, counts_E: Tensor, b_E: Tensor, transpose_b: bool,
     saved relu output) is the mask of EPILOGUE_RELU_GRAD. With ``out`` (and ``gather_R``, top_k 1)
     the rows go to out[r'] instead, the relu mask is read at r' too, and only the first
     sum(counts_E) entries of gather_R are used (it may be longer). No autograd; check a blocker first."""
+    N = b_E.shape[1] if transpose_b else b_E.shape[2]
+    if out is not None and (gather_R is None or top_k != 1 or out.shape[1] != N or not out.is_contiguous()):
+        raise ValueError("out= needs gather_R, top_k=1 and a contiguous output of N columns")
+    return _launch_grouped_rows(a, counts_E, b_E, transpose_b, bias_EN, gather_R, top_k, epilogue, relu_out, out,
+                                tiles)[0]
+
+
+def _launch_grouped_rows(a: Tensor, counts_E: Tensor, b_E: Tensor, transpose_b: bool, bias_EN: Tensor | None,
+                         gather_R: Tensor | None, top_k: int, epilogue: int, relu_out: Tensor | None,
+                         out: Tensor | None, tiles: Tiles) -> tuple[Tensor, object]:
+    """grouped_rows_mm's result and the compiled kernel Triton launched (None when nothing ran)."""
     E = b_E.shape[0]
     N, KD = (b_E.shape[1], b_E.shape[2]) if transpose_b else (b_E.shape[2], b_E.shape[1])
     R = a.shape[0] if gather_R is None else gather_R.numel()
-    if out is not None and (gather_R is None or top_k != 1 or out.shape[1] != N or not out.is_contiguous()):
-        raise ValueError("out= needs gather_R, top_k=1 and a contiguous output of N columns")
     c_RN = torch.empty(R, N, device=a.device, dtype=a.dtype) if out is None else out
     if R == 0:
-        return c_RN
+        return c_RN, None
     stride_bk, stride_bn = (1, KD) if transpose_b else (N, 1)
     block_n = tiles.n if N % tiles.n == 0 else 128   # the blocker asks N % 128 == 0, KD % 64 == 0
     block_k = tiles.k if KD % tiles.k == 0 else 64
     programs = min(_sm_count(a.device), (triton.cdiv(R, tiles.m) + E) * (N // block_n))
     dummy = a   # pointer arguments a disabled feature never reads
-    _grouped_rows_kernel[(programs,)](
+    kernel = _grouped_rows_kernel[(programs,)](
         a.contiguous(), dummy if gather_R is None else gather_R, b_E, dummy if bias_EN is None else bias_EN,
         dummy if relu_out is None else relu_out, c_RN, counts_E, E, top_k, KD, N, KD * N, stride_bk, stride_bn,
         programs, N_TILES=N // block_n, GATHER=gather_R is not None, SCATTER=out is not None,
         HAS_BIAS=bias_EN is not None, EPILOGUE=epilogue, GROUP_M=ROWS_GROUP_M, EP=_experts_pow2(E),
         BM=tiles.m, BN=block_n, BK=block_k, num_warps=tiles.warps, num_stages=tiles.stages)
-    return c_RN
+    return c_RN, kernel
 
 
 def ragged_k_mm(a_RP: Tensor, b_RQ: Tensor, counts_E: Tensor, *, sum_a: bool = False, sum_b: bool = False,
@@ -380,11 +389,13 @@ def kernel_blocker(x: Tensor, weights: tuple[Tensor | None, ...], reduced: tuple
 
 
 def gathered_fc1_relu(x_TD: Tensor, inv_R: Tensor, top_k: int, counts_E: Tensor, w1_EHD: Tensor,
-                      b1_EH: Tensor | None) -> Tensor:
+                      b1_EH: Tensor | None) -> tuple[Tensor, object]:
     """h_RH[r] = relu(x_TD[inv_R[r] // top_k] @ w1_EHD[e(r)]^T + b1_EH[e(r)]) over the grouped rows
-    (expert e owns counts_E[e] consecutive rows). No autograd; check the blocker first."""
-    return grouped_rows_mm(x_TD, counts_E, w1_EHD, True, bias_EN=b1_EH, gather_R=inv_R, top_k=top_k,
-                           epilogue=EPILOGUE_RELU)
+    (expert e owns counts_E[e] consecutive rows), and the compiled kernel that ran (None when no
+    row was; the native forward can launch it itself, see ``_triton_native``). No autograd; check
+    the blocker first."""
+    return _launch_grouped_rows(x_TD, counts_E, w1_EHD, True, b1_EH, inv_R, top_k, EPILOGUE_RELU, None, None,
+                                ROWS_TILES)
 
 
 def is_available() -> bool:

@@ -173,6 +173,65 @@ def test_gathered_path_replays_from_a_cuda_graph(monkeypatch):
         assert torch.equal(out, y)   # the same kernels on the same inputs
 
 
+def gathered_layer(bias: bool = True):
+    torch.manual_seed(0)
+    cfg = am.MoEConfig(model_dim=128, num_experts=16, gate=am.GateConfig(top_k=4, capacity_factor=0.0),
+                       experts=am.ExpertConfig(hidden_size=256, has_fc1_bias=bias, has_fc2_bias=False))
+    return am.MoELayer(cfg).to(device=DEV, dtype=torch.bfloat16).eval()
+
+
+def test_gathered_kernel_launched_from_the_native_call(monkeypatch):
+    """After a call launched the gathered GEMM through Triton, later calls launch it from inside
+    the native call: the same kernels in the same order, so the same bits as Triton's launcher
+    gives. A call whose arguments break an assumption of every registered variant falls back to
+    Triton's launcher once and registers the variant it ran. If Triton folds top_k 1 into a
+    constant, the first variant cannot serve top_k 4, and the one compiled for 500 tokens (32
+    programs, a multiple of 16) cannot serve 300 (26); if it does not fold it, the first variant
+    (19 programs, no divisibility assumed) serves every call."""
+    monkeypatch.setattr(native_forward, "_GATHER_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(native_forward, "_gathered_kernels", {})
+    native = ops._native.loaded()
+    served = []
+    real = native.moe_forward_nograd_gathered
+
+    def spy(*args):
+        out = real(*args)
+        served.append(bool(out))
+        return out
+    monkeypatch.setattr(native, "moe_forward_nograd_gathered", spy)
+    layer = gathered_layer()
+    for T, k in ((300, 1), (300, 1), (500, 4), (500, 4), (300, 4), (300, 4)):
+        x = torch.randn(T, 128, device=DEV, dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = layer(x, top_k=k)
+            loss, routing = layer.l_aux, layer.last_routing
+            native_forward.set_triton_from_native(False)
+            try:
+                y_py = layer(x, top_k=k)
+            finally:
+                native_forward.set_triton_from_native(True)
+        assert torch.equal(y, y_py)
+        assert torch.equal(loss, layer.l_aux)
+        for name in ("indices_TK", "weights_TK", "locations_TK", "counts_E", "slots_TK"):
+            assert torch.equal(getattr(routing, name), getattr(layer.last_routing, name)), name
+    # the first call found nothing registered, so five calls went to the native side
+    assert served in ([True, False, True, False, True], [True] * 5)
+    (variants,) = native_forward._gathered_kernels.values()
+    assert len(variants) == served.count(False) + 1
+
+
+def test_natively_launched_gathered_path_replays_from_a_cuda_graph(monkeypatch):
+    monkeypatch.setattr(native_forward, "_GATHER_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(native_forward, "_gathered_kernels", {})
+    layer = gathered_layer(bias=False)
+    x = torch.randn(96, 128, device=DEV, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer(x)   # registers the kernel
+    assert native_forward._gathered_kernels
+    for out, y in replays_and_eager(lambda: layer(x), x):
+        assert torch.equal(out, y)
+
+
 def test_gathered_kernel_vs_per_expert_matmul():
     """ops._triton_gemm.gathered_fc1_relu on poisoned output memory against relu(x[tok] w^T + b)
     computed expert by expert in float32, with zero-token experts and uneven counts."""
@@ -185,7 +244,7 @@ def test_gathered_kernel_vs_per_expert_matmul():
     counts = torch.tensor([0, 130, 1, 0, 200, 69, 200, 0], device=DEV)
     inv = torch.randperm(T * K, device=DEV).to(torch.int32)   # any choice may feed any row
     poison(T * K * H * 2)   # NaN into the cache
-    h = _triton_gemm.gathered_fc1_relu(x, inv, K, counts, w1, b1)
+    h, _ = _triton_gemm.gathered_fc1_relu(x, inv, K, counts, w1, b1)
     rows = x.float()[(inv // K).long()]
     want, start = torch.empty(T * K, H, device=DEV), 0
     for e, n in enumerate(counts.tolist()):

@@ -66,18 +66,25 @@ def up(t):
 @pytest.mark.parametrize("T,E,K,D,cf,skew", SHAPES)
 def test_scatter_located_rows_vs_reference(T, E, K, D, cf, skew, dtype):
     """The no-grad layer forward's dispatch: the rows no choice feeds are found from counts_E
-    (no inverse map); every element written (poisoned output memory), zeros where unfed."""
+    (no inverse map); every element written (poisoned output memory), zeros where unfed; without
+    zero_unfed (the layer forward) every fed row as with it."""
     r = make_routing(T, E, K, cf, skew, seed=T + D)
     x = torch.randn(T, D, device=DEV, dtype=dtype)
     scale = torch.rand(T, K, device=DEV, dtype=dtype)
     native = ops._native.loaded()
     capacity = -1 if r.capacity is None else r.capacity
-    for sc in (None, scale):
+    fed_R = torch.zeros(r.num_rows, dtype=torch.bool, device=DEV)
+    kept = r.slots_TK[r.slots_TK >= 0]
+    fed_R[kept] = True
+    for sc, zero_unfed in ((None, True), (scale, True), (scale, False)):
         ref = dispatch_reference(up(x), r.slots_TK, r.num_rows, up(sc))
         poison((r.num_rows + T) * D * 4 + (1 << 20))
-        out = native.scatter_located_rows(x, r.slots_TK, r.counts_E, capacity, sc)
+        out = native.scatter_located_rows(x, r.slots_TK, r.counts_E, capacity, sc, zero_unfed)
         assert out.dtype == dtype and out.shape == (r.num_rows, D)
-        torch.testing.assert_close(out.float(), ref, **tol("dispatch", dtype))
+        if zero_unfed:
+            torch.testing.assert_close(out.float(), ref, **tol("dispatch", dtype))
+        else:
+            torch.testing.assert_close(out.float()[fed_R], ref[fed_R], **tol("dispatch", dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -14,6 +14,15 @@ def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rel: float = REL_TOL
                                msg=lambda m: f"{what}: {m}" if what else m)
 
 
+def skip_unless_triton_kernels() -> None:
+    """Skips the calling test module unless the Triton kernels run here (triton, an sm90+ GPU)."""
+    import pytest
+
+    from adaptmoe.ops import _triton_gemm
+    if _triton_gemm.kernel_blocker(torch.zeros(1, 128, device="cuda", dtype=torch.bfloat16), ()) is not None:
+        pytest.skip("the Triton kernels need triton and an sm90+ GPU", allow_module_level=True)
+
+
 def rand(*shape, scale: float = 1.0) -> torch.Tensor:
     """Normal bf16 values on the GPU, times ``scale``."""
     return (torch.randn(*shape, device="cuda") * scale).to(torch.bfloat16)

@@ -182,7 +182,9 @@ def test_gshard_loss(T, E, K, dtype, normalize_rows):
 
 
 @pytest.mark.parametrize("T,E,K,cap", [(1, 1, 1, None), (20000, 64, 8, None), (20000, 64, 8, 1000),
-                                       (5000, 2048, 4, 3), (777, 9, 9, None), (3000, 16, 2, 0)])
+                                       (5000, 2048, 4, 3), (777, 9, 9, None), (3000, 16, 2, 0),
+                                       (300, 40, 20, 5),        # choices loaded in rounds of 8, 8, 4
+                                       (600, 2048, 7, None)])   # shared memory holds 6 choices' counts
 def test_assign_slots_exact(T, E, K, cap):
     g = torch.Generator(device=DEV).manual_seed(T)
     s = torch.rand(T, E, generator=g, device=DEV)

@@ -15,11 +15,10 @@ import adaptmoe as am  # noqa: E402
 from adaptmoe.ops import _triton_ffn  # noqa: E402
 from adaptmoe.ops import _triton_slotted  # noqa: E402
 from adaptmoe.ops import _triton_gemm as tg  # noqa: E402
-from gpu_bf16 import assert_close_rel, rand  # noqa: E402
+from gpu_bf16 import assert_close_rel, rand, skip_unless_triton_kernels  # noqa: E402
 from gpu_poison import poison  # noqa: E402
 
-if tg.kernel_blocker(torch.zeros(1, 128, device="cuda", dtype=torch.bfloat16), ()) is not None:
-    pytest.skip("the Triton kernels need triton and an sm90+ GPU", allow_module_level=True)
+skip_unless_triton_kernels()
 
 DEV = "cuda"
 COUNTS = [0, 130, 1, 0, 200, 69, 257, 0]   # zero-row experts, partial and several-tile experts

@@ -14,11 +14,10 @@ if not torch.cuda.is_available():
 import adaptmoe as am  # noqa: E402
 from adaptmoe.ops import _fused_gemm, _triton_slotted  # noqa: E402
 from adaptmoe.ops import _triton_gemm as tg  # noqa: E402
-from gpu_bf16 import assert_close_rel, rand  # noqa: E402
+from gpu_bf16 import assert_close_rel, rand, skip_unless_triton_kernels  # noqa: E402
 from gpu_poison import poison  # noqa: E402
 
-if tg.kernel_blocker(torch.zeros(1, 128, device="cuda", dtype=torch.bfloat16), ()) is not None:
-    pytest.skip("the Triton kernels need triton and an sm90+ GPU", allow_module_level=True)
+skip_unless_triton_kernels()
 
 DEV = "cuda"
 

@@ -177,9 +177,16 @@ at::Tensor bmm_nt_act(const at::Tensor& x_eCD, const at::Tensor& w_eHD, const c1
     auto base = has_bias ? b_eH->unsqueeze(1).expand({e, C, H}) : at::zeros_like(h_eCH);
     return act == kActRelu ? at::relu(base).contiguous() : base.contiguous();
   }
-  TORCH_CHECK(e <= INT32_MAX, "bmm_nt_act: too many experts for one cuBLASLt call");
+  bmm_nt_act_into(x_eCD.scalar_type(), x_eCD.get_device(), x_eCD.data_ptr(), w_eHD.data_ptr(),
+                  has_bias ? b_eH->data_ptr() : nullptr, h_eCH.data_ptr(), e, C, D, H, act, allow_tf32);
+  return h_eCH;
+}
 
-  const cudaDataType_t type = cuda_type(x_eCD.scalar_type());
+void bmm_nt_act_into(at::ScalarType dtype, int device, const void* x, const void* w, const void* b, void* h,
+                     int64_t e, int64_t C, int64_t D, int64_t H, int64_t act, bool allow_tf32) {
+  TORCH_CHECK(e <= INT32_MAX, "bmm_nt_act: too many experts for one cuBLASLt call");
+  const bool has_bias = b != nullptr;
+  const cudaDataType_t type = cuda_type(dtype);
   const bool tf32 = type == CUDA_R_32F && allow_tf32;
   const cublasComputeType_t compute = type == CUDA_R_32F
                                           ? (tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F)
@@ -192,12 +199,11 @@ at::Tensor bmm_nt_act(const at::Tensor& x_eCD, const at::Tensor& w_eHD, const c1
   if constexpr (kTorchWorkspace) {
     ws_ptr = at::cuda::getCUDABlasLtWorkspace();
   } else {
-    ws_tensor = at::empty({static_cast<int64_t>(ws_bytes)}, x_eCD.options().dtype(at::kByte));
+    ws_tensor = at::empty({static_cast<int64_t>(ws_bytes)}, at::TensorOptions().device(at::kCUDA, device).dtype(at::kByte));
     ws_ptr = ws_tensor.data_ptr();
   }
-  const int align_w = alignment_of(w_eHD.data_ptr()), align_x = alignment_of(x_eCD.data_ptr()),
-            align_h = alignment_of(h_eCH.data_ptr());
-  const PlanKey key{x_eCD.get_device(), static_cast<int>(type), static_cast<int>(epilogue), e, C, D, H, align_w, align_x,
+  const int align_w = alignment_of(w), align_x = alignment_of(x), align_h = alignment_of(h);
+  const PlanKey key{device, static_cast<int>(type), static_cast<int>(epilogue), e, C, D, H, align_w, align_x,
                     align_h, tf32, ws_bytes};
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   const float one = 1.0f, zero = 0.0f;
@@ -205,19 +211,16 @@ at::Tensor bmm_nt_act(const at::Tensor& x_eCD, const at::Tensor& w_eHD, const c1
   std::lock_guard<std::mutex> lock(plan_mutex());
   auto found = plan_cache().find(key);
   if (found == plan_cache().end()) {
-    found = plan_cache().emplace(key, make_plan(handle, type, compute, epilogue, has_bias ? b_eH->data_ptr() : nullptr,
-                                                e, C, D, H, align_w, align_x, align_h, ws_bytes)).first;
+    found = plan_cache().emplace(key, make_plan(handle, type, compute, epilogue, b, e, C, D, H, align_w, align_x,
+                                                align_h, ws_bytes)).first;
   }
   Plan& plan = *found->second;
   if (has_bias) {
-    const void* bias = b_eH->data_ptr();
-    check(cublasLtMatmulDescSetAttribute(plan.op.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "bias");
+    check(cublasLtMatmulDescSetAttribute(plan.op.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &b, sizeof(b)), "bias");
   }
-  check(cublasLtMatmul(handle, plan.op.d, &one, w_eHD.data_ptr(), plan.w.l, x_eCD.data_ptr(), plan.x.l, &zero,
-                       h_eCH.data_ptr(), plan.h.l, h_eCH.data_ptr(), plan.h.l, &plan.algo, ws_ptr, ws_bytes,
-                       at::cuda::getCurrentCUDAStream()),
+  check(cublasLtMatmul(handle, plan.op.d, &one, w, plan.w.l, x, plan.x.l, &zero, h, plan.h.l, h, plan.h.l, &plan.algo,
+                       ws_ptr, ws_bytes, at::cuda::getCurrentCUDAStream()),
         "matmul");
-  return h_eCH;
 }
 
 }  // namespace adaptmoe

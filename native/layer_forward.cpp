@@ -150,8 +150,10 @@ Tensor combine(const Tensor& y_RO, const Routed& r, bool postscore, const int64_
 Tensor ffn_padded(const Tensor& x_eCD, const ExpertWeights& w, int64_t act, bool relu_epilogue, bool allow_tf32) {
   Tensor h_eCH;
   if (relu_epilogue) {
-    const std::optional<Tensor> b1 = w.b1.defined() ? std::optional<Tensor>(w.b1) : std::nullopt;
-    h_eCH = bmm_nt_act(x_eCD, w.w1, b1, kActRelu, allow_tf32);
+    const int64_t e = x_eCD.size(0), C = x_eCD.size(1), D = x_eCD.size(2), H = w.w1.size(1);
+    h_eCH = at::empty({e, C, H}, x_eCD.options());
+    bmm_nt_act_into(x_eCD.scalar_type(), x_eCD.get_device(), x_eCD.data_ptr(), w.w1.data_ptr(),
+                    w.b1.defined() ? w.b1.data_ptr() : nullptr, h_eCH.data_ptr(), e, C, D, H, kActRelu, allow_tf32);
   } else {
     h_eCH = at::bmm(x_eCD, w.w1.transpose(1, 2));
     if (w.b1.defined()) h_eCH = h_eCH + w.b1.unsqueeze(1);
@@ -169,11 +171,13 @@ Tensor ffn_padded(const Tensor& x_eCD, const ExpertWeights& w, int64_t act, bool
 Tensor dense_first_gemm(const Tensor& x_TD, const ExpertWeights& w, int64_t act, bool relu_epilogue,
                         bool allow_tf32) {
   const int64_t E = w.w1.size(0), H = w.w1.size(1), D = w.w1.size(2), T = x_TD.size(0);
-  const Tensor w1_ND = w.w1.reshape({E * H, D});
-  if (relu_epilogue) {
-    const std::optional<Tensor> b1 = w.b1.defined() ? std::optional<Tensor>(w.b1.reshape({1, E * H})) : std::nullopt;
-    return bmm_nt_act(x_TD.unsqueeze(0), w1_ND.unsqueeze(0), b1, kActRelu, allow_tf32).view({T, E * H});
+  if (relu_epilogue) {   // w1 [E, H, D] is [E*H, D] as it lies; b1 [E, H] is [E*H]
+    Tensor h_TN = at::empty({T, E * H}, x_TD.options());
+    bmm_nt_act_into(x_TD.scalar_type(), x_TD.get_device(), x_TD.data_ptr(), w.w1.data_ptr(),
+                    w.b1.defined() ? w.b1.data_ptr() : nullptr, h_TN.data_ptr(), 1, T, D, E * H, kActRelu, allow_tf32);
+    return h_TN;
   }
+  const Tensor w1_ND = w.w1.reshape({E * H, D});
   Tensor h_TN = at::mm(x_TD, w1_ND.t());
   if (w.b1.defined()) h_TN = h_TN + w.b1.reshape({E * H});
   return w.w3.defined() ? torch_ops::act_mul(h_TN, at::mm(x_TD, w.w3.reshape({E * H, D}).t()), act)
@@ -242,7 +246,9 @@ void check_inputs(const Tensor& x_TD, const Tensor& wg_ED, int64_t k, int64_t ca
   }
   TORCH_CHECK(!grouped || (capacity < 0 && x_TD.scalar_type() == at::kBFloat16),
               "adaptmoe: the grouped layout takes dropless bf16 rows");
-  TORCH_CHECK(!relu_epilogue || (!grouped && !w.w3.defined()), "adaptmoe: the relu epilogue takes the padded layout, no w3");
+  TORCH_CHECK(!relu_epilogue || (!grouped && !w.w3.defined() && x_TD.size(1) > 0 && w.w1.is_contiguous() &&
+                                  (!w.b1.defined() || w.b1.is_contiguous())),
+              "adaptmoe: the relu epilogue takes the padded layout, no w3, D > 0, contiguous w1 and b1");
   TORCH_CHECK(!dense || (!grouped && k == E && postscore && x_TD.size(0) > 0 && (capacity < 0 || capacity >= x_TD.size(0))),
               "adaptmoe: the dense layout takes k == E, post-scored, no dropped choice, T > 0");
 }

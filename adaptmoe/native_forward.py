@@ -43,10 +43,12 @@ _triton_from_native = True
 _gathered_kernels: dict[tuple, list[int]] = {}
 _MAX_GATHERED_VARIANTS = 8
 _RELU = ACTIVATION_CODES["relu"]
-# Below R*(D+H) elements of dispatch + relu traffic saved, the gathered path's extra host time
-# (a Triton launch and three more ops from Python, ~0.1-0.2 ms on the H100 machines) outweighs
-# it: fine-grained at T=8192 saves ~0.19 ms of GPU time (R*(D+H) = 2e8), at T=1024 ~0.02 ms.
-_GATHER_MIN_ELEMENTS = 1 << 27
+# Calls of fewer R*(D+H) elements (dispatch + relu traffic the gathered GEMM saves) take the
+# padded/grouped path. Since the Triton GEMM is launched from inside the native call, the gathered
+# path wins at every size measured (H100, fine-grained dropless, balanced, isolated calls: T=1024
+# 0.370 vs 0.424 ms, 2048 0.440 vs 0.514, 4096 0.684 vs 0.782; R*(D+H) = 2.5e7 at T=1024); below
+# that it is unmeasured, so the smallest measured size is the bound.
+_GATHER_MIN_ELEMENTS = 1 << 24
 
 
 def set_enabled(enabled: bool) -> None:

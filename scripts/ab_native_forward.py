@@ -1,8 +1,9 @@
 """Interleaved A/B of the no-grad forward: one native call (adaptmoe.native_forward) vs the Python
 path vs a CUDA-graph replay, per bench_layer config and capacity mode; where they apply, the
 native call without the dense layout of k == E calls (no_dense), without the gathered first
-GEMM of dropless calls (no_gather), and with that GEMM launched from Python between two native
-calls instead of from inside the one native call (triton_py).
+GEMM of dropless calls (no_gather), with that GEMM launched from Python between two native
+calls instead of from inside the one native call (triton_py), and with the gathered GEMM at any
+size (gather_all: native_forward._GATHER_MIN_ELEMENTS = 0).
 
     python scripts/ab_native_forward.py [config ...] [--iters N] [--routing random|balanced] [--tokens T]
 
@@ -25,6 +26,7 @@ from adaptmoe.examples.bench_layer import CONFIGS, DTYPES, balance_routing, buil
 from adaptmoe.examples.timing import capture_no_grad
 
 SPIN = False   # --spin: poll the end event instead of blocking on it
+GATHER_MIN = native_forward._GATHER_MIN_ELEMENTS
 
 
 def timed(fn) -> tuple[float, float]:
@@ -44,12 +46,14 @@ def timed(fn) -> tuple[float, float]:
 
 
 def variants(layer, x, cf, floor):
-    def eager(native: bool, dense: bool = True, gathered: bool = True, triton_from_native: bool = True):
+    def eager(native: bool, dense: bool = True, gathered: bool = True, triton_from_native: bool = True,
+              gather_min: int = GATHER_MIN):
         def call():
             native_forward.set_enabled(native)
             native_forward.set_dense_enabled(dense)
             native_forward.set_gathered_enabled(gathered)
             native_forward.set_triton_from_native(triton_from_native)
+            native_forward._GATHER_MIN_ELEMENTS = gather_min
             with torch.no_grad():
                 layer(x, capacity_factor=cf)
         return call
@@ -63,6 +67,7 @@ def variants(layer, x, cf, floor):
     if plan is not None and plan.gathered_fc1:
         calls["no_gather"] = eager(True, gathered=False)
         calls["triton_py"] = eager(True, triton_from_native=False)
+        calls["gather_all"] = eager(True, gather_min=0)
     return calls
 
 
@@ -102,6 +107,7 @@ def run_config(name: str, iters: int, routing: str, tokens: int | None = None) -
         native_forward.set_dense_enabled(True)
         native_forward.set_gathered_enabled(True)
         native_forward.set_triton_from_native(True)
+        native_forward._GATHER_MIN_ELEMENTS = GATHER_MIN
         med = {n: statistics.median(gpu[n]) for n in names}
         cells = "  ".join(f"{n} {med[n]:.3f} ms ({med[n] / med['floor']:.2f}x, host {statistics.median(host[n]):.0f} us)"
                           for n in names)

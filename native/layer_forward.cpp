@@ -50,6 +50,27 @@ Tensor gate_logits(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32) {
   return at::mm(x_TD.scalar_type() == wg_ED.scalar_type() ? x_TD : x_TD.to(wg_ED.scalar_type()), wg_ED.t());
 }
 
+// A contiguous tensor over bytes [byte_offset, ...) of buf's storage, built directly: each narrow or
+// view is a dispatcher call (~2-3 us of host time on the H100 machines), and a call's routing
+// outputs took 16 of them. Its own version counter: these tensors never carry autograd.
+Tensor alias(const Tensor& buf, at::ScalarType dtype, int64_t byte_offset, at::IntArrayRef sizes) {
+  Tensor t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(buf.storage()), buf.key_set(),
+                                                      c10::scalarTypeToTypeMeta(dtype));
+  c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  impl->set_storage_offset((buf.storage_offset() * buf.element_size() + byte_offset) /
+                           static_cast<int64_t>(c10::elementSize(dtype)));
+  impl->set_sizes_contiguous(sizes);
+  return t;
+}
+
+// t.view(sizes) for a contiguous t, without the dispatcher (see alias).
+Tensor viewed(const Tensor& t, at::IntArrayRef sizes) {
+  if (!t.is_contiguous()) return t.reshape(sizes);
+  Tensor v = alias(t, t.scalar_type(), 0, sizes);
+  TORCH_INTERNAL_ASSERT(v.numel() == t.numel(), "adaptmoe: a view of another element count");
+  return v;
+}
+
 // Routing results and the slot assignment's workspace live in one byte buffer (one allocation
 // in front of the dispatch instead of three: each cost ~3.5 us of host time on the H100 machine,
 // ~3x that at the start of a call on an idle GPU): int64 indices, locations, slots and counts,
@@ -71,15 +92,13 @@ struct Routed {
   void* weights() const { return static_cast<char*>(scores()) + T * E * c10::elementSize(vals_type); }
   int* workspace() const { return reinterpret_cast<int*>(static_cast<char*>(buf.data_ptr()) + workspace_offset()); }
   DType vals_dtype() const { return vals_type == at::kFloat ? kFloat32 : vals_type == at::kHalf ? kFloat16 : kBFloat16; }
-  Tensor ints() const { return buf.narrow(0, 0, ints_bytes()).view(at::kLong); }
-  Tensor vals() const { return buf.narrow(0, ints_bytes(), vals_bytes()).view(vals_type); }
-  Tensor counts_E() const { return ints().narrow(0, 3 * T * k, E); }
+  Tensor counts_E() const { return alias(buf, at::kLong, 3 * T * k * 8, {E}); }
   // (indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK)
   std::vector<Tensor> views() const {
-    const int64_t n = T * k;
-    const Tensor i = ints(), v = vals();
-    return {i.narrow(0, 0, n).view({T, k}), v.narrow(0, T * E, n).view({T, k}), v.narrow(0, 0, T * E).view({T, E}),
-            i.narrow(0, n, n).view({T, k}), i.narrow(0, 3 * n, E), i.narrow(0, 2 * n, n).view({T, k})};
+    const int64_t n = T * k, ints = ints_bytes(), val = static_cast<int64_t>(c10::elementSize(vals_type));
+    return {alias(buf, at::kLong, 0, {T, k}), alias(buf, vals_type, ints + T * E * val, {T, k}),
+            alias(buf, vals_type, ints, {T, E}), alias(buf, at::kLong, n * 8, {T, k}), counts_E(),
+            alias(buf, at::kLong, 2 * n * 8, {T, k})};
   }
 };
 
@@ -194,7 +213,7 @@ Tensor dense_second_gemm_and_combine(const Tensor& h_TN, const Routed& r, const 
   torch_ops::check_launch(launch_token_major_slots(r.indices(), T, static_cast<int>(r.k), static_cast<int>(E),
                                                    slots.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
                           "token-major slots");
-  return combine(y_ETO.view({E * T, O}), r, /*postscore=*/true, slots.data_ptr<int64_t>());
+  return combine(viewed(y_ETO, {E * T, O}), r, /*postscore=*/true, slots.data_ptr<int64_t>());
 }
 
 // Bias rows of the grouped layout, added in float32 (mirrors expert_compute._ffn_grouped_mm).
@@ -285,7 +304,7 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
     } else if (grouped) {
       y_RO = ffn_grouped(r.x_RD, r.counts_E(), w, act);
     } else {
-      y_RO = ffn_padded(r.x_RD.view({E, R / E, D}), w, act, relu_epilogue, allow_tf32).view({R, O});
+      y_RO = viewed(ffn_padded(viewed(r.x_RD, {E, R / E, D}), w, act, relu_epilogue, allow_tf32), {R, O});
     }
     r.x_RD.reset();   // dead once the FFN is enqueued: the allocator may reuse it (stream-ordered)
     // Pre-scored rows combine with weight 1: no weights at all is the same arithmetic (x * 1.0f).

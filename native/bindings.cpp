@@ -84,7 +84,7 @@ Tensor gshard_loss(const Tensor& scores_TE, const Tensor& indices_TK, bool norma
                                             static_cast<int>(idx.size(1)), normalize_rows, buf.data_ptr<float>() + 1,
                                             buf.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
                "gshard loss");
-  return buf.select(0, 0);
+  return alias(buf, at::kFloat, 0, {});   // buf[0], 0-dim
 }
 
 // Returns (locations_TK, counts_E, slots_TK) for given expert choices.

@@ -47,23 +47,16 @@ Tensor apply_activation(const Tensor& h, int64_t act) {
 // F.linear of a 2-D input without bias is exactly mm(x, w^T); calling mm skips two dispatcher hops.
 Tensor gate_logits(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32) {
   if (gate_fp32) return at::mm(x_TD.to(at::kFloat), wg_ED.to(at::kFloat).t());
-  return at::mm(x_TD.scalar_type() == wg_ED.scalar_type() ? x_TD : x_TD.to(wg_ED.scalar_type()), wg_ED.t());
+  const Tensor wg_DE = wg_ED.is_contiguous()
+                           ? torch_ops::alias_strided(wg_ED, wg_ED.scalar_type(), 0, {wg_ED.size(1), wg_ED.size(0)},
+                                                      {1, wg_ED.size(1)})
+                           : wg_ED.t();
+  return at::mm(x_TD.scalar_type() == wg_ED.scalar_type() ? x_TD : x_TD.to(wg_ED.scalar_type()), wg_DE);
 }
 
-// A contiguous tensor over bytes [byte_offset, ...) of buf's storage, built directly: each narrow or
-// view is a dispatcher call (~2-3 us of host time on the H100 machines), and a call's routing
-// outputs took 16 of them. Its own version counter: these tensors never carry autograd.
-Tensor alias(const Tensor& buf, at::ScalarType dtype, int64_t byte_offset, at::IntArrayRef sizes) {
-  Tensor t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(buf.storage()), buf.key_set(),
-                                                      c10::scalarTypeToTypeMeta(dtype));
-  c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-  impl->set_storage_offset((buf.storage_offset() * buf.element_size() + byte_offset) /
-                           static_cast<int64_t>(c10::elementSize(dtype)));
-  impl->set_sizes_contiguous(sizes);
-  return t;
-}
+using torch_ops::alias;
 
-// t.view(sizes) for a contiguous t, without the dispatcher (see alias).
+// t.view(sizes) for a contiguous t, without the dispatcher (see torch_ops::alias).
 Tensor viewed(const Tensor& t, at::IntArrayRef sizes) {
   if (!t.is_contiguous()) return t.reshape(sizes);
   Tensor v = alias(t, t.scalar_type(), 0, sizes);
@@ -207,7 +200,10 @@ Tensor dense_first_gemm(const Tensor& x_TD, const ExpertWeights& w, int64_t act,
 // copy), then the combine over token-major slots (e * T + t).
 Tensor dense_second_gemm_and_combine(const Tensor& h_TN, const Routed& r, const ExpertWeights& w) {
   const int64_t E = w.w2.size(0), H = w.w2.size(1), O = w.w2.size(2), T = r.T;
-  Tensor y_ETO = at::bmm(h_TN.view({T, E, H}).transpose(0, 1), w.w2);
+  const Tensor h_ETH = h_TN.is_contiguous()   // [E, T, H] with row stride E*H
+                           ? torch_ops::alias_strided(h_TN, h_TN.scalar_type(), 0, {E, T, H}, {H, E * H, 1})
+                           : h_TN.view({T, E, H}).transpose(0, 1);
+  Tensor y_ETO = at::bmm(h_ETH, w.w2);
   if (w.b2.defined()) y_ETO = y_ETO + w.b2.unsqueeze(1);
   const Tensor slots = at::empty({T * r.k}, r.buf.options().dtype(at::kLong));
   torch_ops::check_launch(launch_token_major_slots(r.indices(), T, static_cast<int>(r.k), static_cast<int>(E),
@@ -341,8 +337,9 @@ std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tenso
 namespace {
 
 // Programs of the persistent _grouped_rows_kernel over R rows, as grouped_rows_mm computes them.
-int64_t gathered_fc1_programs(int64_t recipe, int64_t R, int64_t E) {
-  const int64_t bm = triton_kernel_constant(recipe, "BM", 128), n_tiles = triton_kernel_constant(recipe, "N_TILES", 1);
+int64_t gathered_fc1_programs(int64_t kernel_id, int64_t R, int64_t E) {
+  const int64_t bm = triton_kernel_constant(kernel_id, "BM", 128),
+                n_tiles = triton_kernel_constant(kernel_id, "N_TILES", 1);
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return std::min(sms, ((R + bm - 1) / bm + E) * n_tiles);
 }
@@ -368,7 +365,7 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
                                                     int64_t k, int64_t score_fn, bool normalize,
                                                     const at::Tensor& w1_EHD, const at::Tensor& w2_EHO,
                                                     const std::optional<at::Tensor>& b1_EH,
-                                                    const std::vector<int64_t>& recipes, bool want_gshard_loss) {
+                                                    const std::vector<int64_t>& kernel_ids, bool want_gshard_loss) {
   const ExpertWeights w{w1_EHD, w2_EHO, Tensor(), value_or_undefined(b1_EH), Tensor()};
   check_inputs(x_TD, wg_ED, k, /*capacity=*/-1, /*grouped=*/true, /*dense=*/false, /*postscore=*/true, w, false);
   const c10::cuda::CUDAGuard guard(x_TD.device());
@@ -381,22 +378,22 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
   Routed r = alloc_routed(T, E, k, gate_fp32 ? at::kFloat : wg_ED.scalar_type(), x.options());
   const Tensor inv_R = at::empty({n}, x.options().dtype(at::kInt));
   Tensor h_RH = at::empty({n, H}, x.options());
-  int64_t recipe = -1, programs = 0;
+  int64_t kernel_id = -1, programs = 0;
   TritonArgs args;
-  for (int64_t id : recipes) {
+  for (int64_t id : kernel_ids) {
     programs = gathered_fc1_programs(id, n, E);
     args = gathered_fc1_args(programs, x, inv_R, w.w1, w.b1, h_RH, r.counts(), k);
     if (triton_kernel_matches(id, args)) {
-      recipe = id;
+      kernel_id = id;
       break;
     }
   }
-  if (recipe < 0) return {};
+  if (kernel_id < 0) return {};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Tensor logits_TE = gate_logits(x, wg_ED, gate_fp32);
   launch_routing(r, logits_TE, score_fn, normalize, /*capacity=*/-1);
   torch_ops::check_launch(launch_inverse_slots(r.slots(), n, n, inv_R.data_ptr<int>(), stream), "inverse slots");
-  torch_ops::check_launch(launch_triton_kernel(recipe, args, static_cast<unsigned>(programs), stream),
+  torch_ops::check_launch(launch_triton_kernel(kernel_id, args, static_cast<unsigned>(programs), stream),
                           "gathered first GEMM (Triton)");
   const Tensor offs_E = at::cumsum(r.counts_E(), 0, at::kInt);
   Tensor y_RO = at::_grouped_mm(h_RH, w.w2, offs_E);

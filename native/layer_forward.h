@@ -36,14 +36,14 @@ std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tenso
                                          int64_t score_fn, bool normalize);
 
 // A dropless bf16 call of relu experts without w3 or b2, post-scored, as moe_forward_nograd returns
-// it, with the first GEMM gathering its rows from x_TD (the Triton kernel of
-// ops/_triton_gemm.py's gathered_fc1_relu, launched from here: one of the registered `recipes`,
-// see triton_launch.h), the second through torch's grouped GEMM. Empty, with nothing enqueued,
-// when no recipe was compiled for this call's specialization (or T*k == 0).
+// it, with the first GEMM gathering its rows from x_TD (the Triton kernel of ops/_triton_gemm.py's
+// gathered_fc1_relu, launched from here: the first of the registered `kernel_ids` whose
+// specialization this call's arguments satisfy, see triton_launch.h), the second through torch's
+// grouped GEMM. Empty, with nothing enqueued, when none does (or T*k == 0).
 std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32,
                                                     int64_t k, int64_t score_fn, bool normalize,
                                                     const at::Tensor& w1_EHD, const at::Tensor& w2_EHO,
                                                     const std::optional<at::Tensor>& b1_EH,
-                                                    const std::vector<int64_t>& recipes, bool want_gshard_loss);
+                                                    const std::vector<int64_t>& kernel_ids, bool want_gshard_loss);
 
 }  // namespace adaptmoe

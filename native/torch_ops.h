@@ -47,6 +47,33 @@ inline void check_cuda(const Tensor& t, const char* name, const Tensor& like) {
   TORCH_CHECK(t.device() == like.device(), text("adaptmoe: ", name, " is on ", t.device(), ", expected ", like.device()));
 }
 
+// Tensors over buf's storage from byte_offset, built directly: each narrow, view or transpose is a
+// dispatcher call (~2-3 us of host time on the H100 machines), and a native layer call made ~20 of
+// them. Each has its own version counter: for tensors that never carry autograd. The caller keeps
+// them inside buf's storage.
+inline Tensor storage_alias(const Tensor& buf, at::ScalarType dtype, int64_t byte_offset) {
+  Tensor t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(buf.storage()), buf.key_set(),
+                                                      c10::scalarTypeToTypeMeta(dtype));
+  t.unsafeGetTensorImpl()->set_storage_offset((buf.storage_offset() * buf.element_size() + byte_offset) /
+                                              static_cast<int64_t>(c10::elementSize(dtype)));
+  return t;
+}
+
+// With these sizes and element strides.
+inline Tensor alias_strided(const Tensor& buf, at::ScalarType dtype, int64_t byte_offset, at::IntArrayRef sizes,
+                            at::IntArrayRef strides) {
+  Tensor t = storage_alias(buf, dtype, byte_offset);
+  t.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides);
+  return t;
+}
+
+// Contiguous, of these sizes.
+inline Tensor alias(const Tensor& buf, at::ScalarType dtype, int64_t byte_offset, at::IntArrayRef sizes) {
+  Tensor t = storage_alias(buf, dtype, byte_offset);
+  t.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
+  return t;
+}
+
 inline void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, text("adaptmoe native ", what, " failed: ", cudaGetErrorString(err)));
 }

@@ -1,0 +1,41 @@
+"""Device time of the row movers' kernels alone (torch.profiler, mean of 20 calls), for A/B of
+kernel changes: bench_ops.py's event timing includes each op's host time before its launch.
+
+    python3 scripts/row_mover_kernel_times.py
+"""
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import adaptmoe.ops as ops  # noqa: E402
+
+
+def main():
+    for name, T, D, E, K in (("fine64", 8192, 2048, 64, 8), ("mixtral", 8192, 4096, 8, 2), ("dsv3", 16384, 7168, 256, 8)):
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        idx = torch.rand(T, E, device="cuda").topk(K, 1).indices
+        w = torch.rand(T, K, device="cuda")
+        _, _, slots = ops.assign_slots(idx, E, None)
+        R = T * K
+        y = torch.randn(R, D, device="cuda", dtype=torch.bfloat16)
+        for op, fn in (("combine", lambda: ops.combine(y, slots, w)), ("dispatch", lambda: ops.dispatch(x, slots, R))):
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+            for e in prof.key_averages():
+                t = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
+                if e.count >= 20 and t > 5:
+                    moved = (T + R) * D * 2
+                    print(f"{name:8s} {op:9s} {e.key[:60]:60s} {t:8.1f} us  {moved / t / 1e3:7.1f} GB/s")
+
+
+if __name__ == "__main__":
+    main()

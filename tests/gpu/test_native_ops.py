@@ -155,6 +155,25 @@ def test_route_topk(T, E, K, dtype, score_fn):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E,K", [(2, 2), (8, 3), (64, 8), (256, 8), (1000, 4)])
+def test_route_topk_ties_zeros_and_nans(E, K, dtype):
+    """The selection's order on equal logits (lower expert first, -0 equal to +0) and NaN logits
+    (never preferred over a number): row 0 all equal, row 1 -0 at expert 1 and +0 at expert 0 over
+    negatives, row 2 NaN at expert 0 over equal numbers, row 3 NaN everywhere but expert E-1."""
+    logits = torch.full((4, E), -1.0, device=DEV, dtype=dtype)
+    logits[0] = 0.5
+    logits[1, 1], logits[1, 0] = -0.0, 0.0
+    logits[2, 0] = float("nan")
+    logits[3] = float("nan")
+    logits[3, E - 1] = 2.0
+    idx = ops.route_topk(logits, K, "softmax", True, None)[0].cpu().tolist()
+    assert idx[0] == list(range(K))
+    assert idx[1] == list(range(K))   # +0 (expert 0) and -0 (expert 1) tie: lower first
+    assert idx[2] == (list(range(1, K + 1)) if K < E else list(range(1, E)) + [0])
+    assert idx[3] == [E - 1] + list(range(K - 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T,E,K", [(0, 4, 2), (1, 1, 1), (37, 5, 5), (4096, 64, 8), (20000, 256, 8), (300, 1000, 4)])
 @pytest.mark.parametrize("normalize_rows", [False, True], ids=["softmax", "sigmoid"])
 def test_gshard_loss(T, E, K, dtype, normalize_rows):

@@ -15,7 +15,8 @@ what the Python path would, and packages its outputs the way the Python path doe
 ``native_forward_blocker`` says why a call cannot be served (the layer then runs the Python
 path). Op for op the same, except: large dropless calls of relu experts of up to
 ``ops._triton_gemm.MAX_EXPERT_WEIGHTS`` weights gather their rows inside a Triton first GEMM
-(``gathered_fc1_blocker``), which rounds its own way; calls where every token goes to every
+(``gathered_fc1_blocker``), which rounds its own way (launched from inside the native call once
+Triton has compiled and launched it once: ``ops._triton_native``); calls where every token goes to every
 expert (k == E, post-scored, nothing dropped) skip the dispatch, with one first GEMM over the
 tokens for all experts enqueued before the gate (the same products through GEMMs of other
 shapes); a gshard loss alone is computed inside the native call (fp32 sums in its own order).

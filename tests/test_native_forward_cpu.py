@@ -112,3 +112,85 @@ def test_triton_training_ffn_picks_grouped_mm_weight_gradients_for_short_experts
     assert fine_grained == _triton_ffn.FFNKernels("triton", "triton")
     assert deepseek == _triton_ffn.FFNKernels("triton", "grouped_mm")
     assert deepseek_biases.weight_grads == "triton"   # the bias gradients come from its column sums
+
+
+class _GatheredNative:
+    """A stand-in extension for native_forward._run_gathered: records which side launched the
+    gathered GEMM. `serve` says whether the one native call finds a registered variant."""
+
+    def __init__(self, T, k, E):
+        self.T, self.k, self.E = T, k, E
+        self.serve, self.native_calls, self.registered = True, [], []
+
+    def moe_forward_nograd_gathered(self, x, wg, fp32, k, score_fn, normalize, w1, w2, b1, kernel_ids, loss):
+        self.native_calls.append(list(kernel_ids))
+        if not self.serve:
+            return []
+        return [x.new_full((self.T, w2.shape[2]), 7.0)] + self._routing() + [torch.zeros(())]
+
+    def moe_route_nograd(self, x, wg, fp32, k, score_fn, normalize):
+        return self._routing() + [torch.arange(self.T * k, dtype=torch.int32)]
+
+    def _routing(self):
+        T, k, E = self.T, self.k, self.E
+        idx = torch.arange(T * k).view(T, k) % E
+        return [torch.zeros(T, E), idx, torch.full((T, k), 1.0 / k), torch.full((T, E), 1.0 / E),
+                torch.zeros(T, k, dtype=torch.long), torch.full((E,), T * k // E), torch.arange(T * k).view(T, k)]
+
+    def gather_rows(self, y_RO, slots, weights, dot):
+        return [y_RO[:self.T] * 0 + 3.0]
+
+    def gshard_loss(self, scores, indices, normalize_rows):
+        return torch.zeros(())
+
+    def register_triton_kernel(self, *registration):
+        self.registered.append(registration)
+        return len(self.registered) - 1
+
+
+def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeypatch):
+    """First call: Triton's launcher (Python path), whose compiled kernel gets registered; later
+    calls: one native call with the registered ids; a call no variant serves falls back and
+    registers the variant Triton ran; turned off, the native side is never asked."""
+    from types import SimpleNamespace
+    from adaptmoe.ops import _triton_gemm, _triton_native
+    T, k, E, D, H = 8, 2, 4, 16, 32
+    cfg = am.MoEConfig(model_dim=D, num_experts=E, gate=am.GateConfig(top_k=k, capacity_factor=0.0),
+                       experts=am.ExpertConfig(hidden_size=H))
+    layer = am.MoELayer(cfg).eval()
+    fake = _GatheredNative(T, k, E)
+    functions = iter(range(100, 200))
+    triton_launches = []
+
+    def gathered_fc1_relu(x, inv, top_k, counts, w1, b1):
+        triton_launches.append(top_k)
+        return torch.zeros(T * top_k, H), SimpleNamespace(function=next(functions))
+    monkeypatch.setattr(native_forward, "_gathered_kernels", {})
+    monkeypatch.setattr(native_forward._native, "loaded", lambda: fake)
+    monkeypatch.setattr(_triton_gemm, "gathered_fc1_relu", gathered_fc1_relu)
+    monkeypatch.setattr(_triton_native, "register", lambda native, kernel: native.register_triton_kernel(kernel.function))
+    monkeypatch.setattr(torch, "_grouped_mm", lambda h, w2, offs: torch.zeros(h.shape[0], w2.shape[2]), raising=False)
+    plan = native_forward.NativeForwardPlan(score_fn=0, normalize=True, activation=1, relu_epilogue=False,
+                                            grouped=True, gathered_fc1=True, gshard_loss=True)
+    gate, wg = native_forward._gate_of(layer, 0)
+
+    def call():
+        x = torch.randn(T, D)
+        return native_forward._run_gathered(layer, x, layer.resolve_knobs(), plan, gate, wg,
+                                            layer.experts.stored_weights())
+    assert call()[0].eq(3.0).all()                       # Triton's launcher, then the Python combine
+    assert (fake.native_calls, len(triton_launches), len(fake.registered)) == ([], 1, 1)
+    assert call()[0].eq(7.0).all()                       # one native call with the registered id
+    assert fake.native_calls == [[0]] and len(triton_launches) == 1
+    fake.serve = False
+    assert call()[0].eq(3.0).all()                       # no variant fits: fallback, new variant
+    assert fake.native_calls[-1] == [0] and len(triton_launches) == 2 and len(fake.registered) == 2
+    fake.serve = True
+    assert call()[0].eq(7.0).all() and fake.native_calls[-1] == [0, 1]
+    native_forward.set_triton_from_native(False)
+    try:
+        asked = len(fake.native_calls)
+        assert call()[0].eq(3.0).all()
+        assert len(fake.native_calls) == asked and len(fake.registered) == 2
+    finally:
+        native_forward.set_triton_from_native(True)

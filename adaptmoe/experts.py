@@ -44,12 +44,13 @@ def resolve_activation(activation) -> Callable[[Tensor], Tensor]:
 _FFN_WEIGHT_NAMES = ("batched_fc1_w", "batched_fc2_w", "batched_fc1_bias", "batched_fc2_bias", "batched_fc3_w")
 
 
-def _param(module: nn.Module, name: str):
+def _param(module: nn.Module, name: str, *default):
     """``module.name`` in one dict read when it is a registered parameter: nn.Module.__getattr__
     costs ~1 us of host time per read, and stored_weights runs on every call. Anything else
-    (an absent weight kept as None, a tensor swapped in by a functional call) the usual way."""
+    (an absent weight kept as None, a tensor swapped in by a functional call) the usual way,
+    ``getattr(module, name, *default)``."""
     value = module._parameters.get(name)
-    return value if value is not None else getattr(module, name)
+    return value if value is not None else getattr(module, name, *default)
 
 
 def _uniform_(tensor: Tensor, bound: float) -> None:

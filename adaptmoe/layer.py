@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import executor, native_forward
 from .config import A2A_ALGOS, PLAN_MODES, MoEConfig, check_capacity_factor
-from .experts import build_experts
+from .experts import _param, build_experts
 from .gates import add_noise, build_gate, select_experts
 from .losses import compute_losses
 from .planning import LayerPlanner, PlanningOptions
@@ -317,11 +317,7 @@ def _compute_dtype(x: Tensor, experts: nn.Module) -> torch.dtype:
     """Autocast's dtype when active, else the experts' parameter dtype (Tutel's rule), else x's."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
-    # built-in experts: no parameter walk per call, and a dict read (nn.Module.__getattr__ costs
-    # ~1 us per read on every call)
-    param = experts._parameters.get("batched_fc1_w")
-    if param is None:
-        param = getattr(experts, "batched_fc1_w", None)
+    param = _param(experts, "batched_fc1_w", None)   # built-in experts: no parameter walk per call
     if param is None:
         param = next(experts.parameters(), None)
     return param.dtype if param is not None else x.dtype

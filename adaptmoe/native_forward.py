@@ -220,8 +220,8 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_
     y_TO = native.gather_rows(y_RO, slots_TK, weights_TK, None)[0]
     # Last, like inside the one-call path: nothing in front of the expert GEMMs waits for it.
     loss = native.gshard_loss(scores_TE, indices_TK, plan.score_fn == 1) if plan.gshard_loss else None
-    routing = Routing(indices_TK, weights_TK, locations_TK, counts_E, None, slots_TK, T * k)
-    return (y_TO, routing) + _losses_or_inputs(logits_TE, scores_TE, loss, plan)
+    return _packaged([y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK, loss],
+                     None, T * k, plan)
 
 
 def _remember_gathered_kernel(key: tuple, native, kernel) -> None:

@@ -243,6 +243,17 @@ Tensor ffn_grouped(const Tensor& x_RD, const Tensor& counts_E, const ExpertWeigh
   return y_RO;
 }
 
+// A forward's outputs (layer_forward.h), the gshard loss enqueued last: its two small kernels run
+// after the combine (~5 us of GPU time) instead of delaying the dispatch, and replace the five ATen
+// ops of the Python losses (~45 us of host time per call on the H100 machine).
+std::vector<Tensor> forward_outputs(const Tensor& y_TO, const Tensor& logits_TE, const Routed& r, bool want_gshard_loss,
+                                    int64_t score_fn) {
+  std::vector<Tensor> out{y_TO, logits_TE};
+  for (Tensor& t : r.views()) out.push_back(std::move(t));
+  out.push_back(want_gshard_loss ? torch_ops::gshard_loss(out[4], out[2], score_fn == 1) : Tensor());
+  return out;
+}
+
 void check_inputs(const Tensor& x_TD, const Tensor& wg_ED, int64_t k, int64_t capacity, bool grouped, bool dense,
                   bool postscore, const ExpertWeights& w, bool relu_epilogue) {
   TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");
@@ -306,13 +317,7 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
     // Pre-scored rows combine with weight 1: no weights at all is the same arithmetic (x * 1.0f).
     y_TO = combine(y_RO, r, postscore);
   }
-  std::vector<Tensor> out{y_TO, logits_TE};
-  for (Tensor& t : r.views()) out.push_back(std::move(t));
-  // Enqueued last: its two small kernels run after the combine (~5 us of GPU time) instead of
-  // delaying the dispatch, and replace the five ATen ops of the Python losses (~45 us of host
-  // time per call on the H100 machine).
-  out.push_back(want_gshard_loss ? torch_ops::gshard_loss(out[4], out[2], score_fn == 1) : Tensor());
-  return out;
+  return forward_outputs(y_TO, logits_TE, r, want_gshard_loss, score_fn);
 }
 
 std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
@@ -398,10 +403,7 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
   const Tensor offs_E = at::cumsum(r.counts_E(), 0, at::kInt);
   Tensor y_RO = at::_grouped_mm(h_RH, w.w2, offs_E);
   h_RH.reset();   // dead once the second GEMM is enqueued (stream-ordered reuse)
-  std::vector<Tensor> out{combine(y_RO, r, /*postscore=*/true), logits_TE};
-  for (Tensor& t : r.views()) out.push_back(std::move(t));
-  out.push_back(want_gshard_loss ? torch_ops::gshard_loss(out[4], out[2], score_fn == 1) : Tensor());
-  return out;
+  return forward_outputs(combine(y_RO, r, /*postscore=*/true), logits_TE, r, want_gshard_loss, score_fn);
 }
 
 }  // namespace adaptmoe

@@ -273,7 +273,8 @@ cudaError_t scatter_located_n(const T* src, const int64_t* slots, const void* w,
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  if (capacity < 0 || !zero_unfed) return cudaSuccess;   // dropless: every one of the T*K rows is fed
+  // dropless: every one of the T*K rows is fed; !zero_unfed: the caller never reads unfed rows
+  if (capacity < 0 || !zero_unfed) return cudaSuccess;
   const int64_t zero_blocks = std::min<int64_t>((R + 7) / 8, 132 * 16);
   zero_rows_kernel<T, N><<<static_cast<unsigned>(zero_blocks), 256, 0, stream>>>(UnfedByCounts{counts, capacity}, R,
                                                                                   D, out);

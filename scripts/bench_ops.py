@@ -14,15 +14,22 @@ import adaptmoe.ops as ops  # noqa: E402
 from adaptmoe.examples.timing import median_ms  # noqa: E402
 
 
-def main():
-    print(f"native: {ops.native_status()}")
+def row_mover_cases():
+    """(name, T, D, E, K, x_TD, idx_TK, w_TK, slots_TK, y_RD) per benchmark shape: bf16 rows,
+    random routing, dropless slots (R = T*K)."""
     for name, T, D, E, K in (("fine64", 8192, 2048, 64, 8), ("mixtral", 8192, 4096, 8, 2), ("dsv3", 16384, 7168, 256, 8)):
         x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
         idx = torch.rand(T, E, device="cuda").topk(K, 1).indices
         w = torch.rand(T, K, device="cuda")
-        loc, counts, slots = ops.assign_slots(idx, E, None)
+        _, _, slots = ops.assign_slots(idx, E, None)
+        y = torch.randn(T * K, D, device="cuda", dtype=torch.bfloat16)
+        yield name, T, D, E, K, x, idx, w, slots, y
+
+
+def main():
+    print(f"native: {ops.native_status()}")
+    for name, T, D, E, K, x, idx, w, slots, y in row_mover_cases():
         R = T * K
-        y = torch.randn(R, D, device="cuda", dtype=torch.bfloat16)
         g = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
         from adaptmoe.ops._ops import combine_backward_op, dispatch_backward_op
         rows = {

@@ -12,16 +12,12 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import adaptmoe.ops as ops  # noqa: E402
+from scripts.bench_ops import row_mover_cases  # noqa: E402
 
 
 def main():
-    for name, T, D, E, K in (("fine64", 8192, 2048, 64, 8), ("mixtral", 8192, 4096, 8, 2), ("dsv3", 16384, 7168, 256, 8)):
-        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-        idx = torch.rand(T, E, device="cuda").topk(K, 1).indices
-        w = torch.rand(T, K, device="cuda")
-        _, _, slots = ops.assign_slots(idx, E, None)
+    for name, T, D, E, K, x, _, w, slots, y in row_mover_cases():
         R = T * K
-        y = torch.randn(R, D, device="cuda", dtype=torch.bfloat16)
         for op, fn in (("combine", lambda: ops.combine(y, slots, w)), ("dispatch", lambda: ops.dispatch(x, slots, R))):
             for _ in range(3):
                 fn()

@@ -160,24 +160,21 @@ def test_gathered_first_gemm_dropless(T, bias, monkeypatch):
         native_forward.set_gathered_enabled(True)
 
 
-def test_gathered_path_replays_from_a_cuda_graph(monkeypatch):
-    """The gathered dropless path reads counts only on the device: it captures and replays."""
-    monkeypatch.setattr(native_forward, "_GATHER_MIN_ELEMENTS", 0)
-    torch.manual_seed(0)
-    cfg = am.MoEConfig(model_dim=128, num_experts=16, gate=am.GateConfig(top_k=4, capacity_factor=0.0),
-                       experts=am.ExpertConfig(hidden_size=256, has_fc1_bias=True, has_fc2_bias=False))
-    layer = am.MoELayer(cfg).to(device=DEV, dtype=torch.bfloat16).eval()
-    x = torch.randn(96, 128, device=DEV, dtype=torch.bfloat16)
-    assert gathered_plan(layer, x)
-    for out, y in replays_and_eager(lambda: layer(x), x):
-        assert torch.equal(out, y)   # the same kernels on the same inputs
-
-
 def gathered_layer(bias: bool = True):
     torch.manual_seed(0)
     cfg = am.MoEConfig(model_dim=128, num_experts=16, gate=am.GateConfig(top_k=4, capacity_factor=0.0),
                        experts=am.ExpertConfig(hidden_size=256, has_fc1_bias=bias, has_fc2_bias=False))
     return am.MoELayer(cfg).to(device=DEV, dtype=torch.bfloat16).eval()
+
+
+def test_gathered_path_replays_from_a_cuda_graph(monkeypatch):
+    """The gathered dropless path reads counts only on the device: it captures and replays."""
+    monkeypatch.setattr(native_forward, "_GATHER_MIN_ELEMENTS", 0)
+    layer = gathered_layer()
+    x = torch.randn(96, 128, device=DEV, dtype=torch.bfloat16)
+    assert gathered_plan(layer, x)
+    for out, y in replays_and_eager(lambda: layer(x), x):
+        assert torch.equal(out, y)   # the same kernels on the same inputs
 
 
 def test_gathered_kernel_launched_from_the_native_call(monkeypatch):

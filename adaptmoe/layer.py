@@ -116,8 +116,14 @@ class MoELayer(nn.Module):
                 top_k: int | None = None, adaptive_r: int | None = None, a2a_ffn_overlap_degree: int | None = None,
                 a2a_algo: str | None = None, megablocks_size: int | None = None, reserve_dims: int = 1,
                 inequivalent_tokens: bool = False, plan: str | None = None) -> Any:
-        knobs, mode = self._resolved_call(gate_index, top_k, capacity_factor, adaptive_r, a2a_ffn_overlap_degree,
-                                          a2a_algo, megablocks_size, plan)
+        args = (gate_index, top_k, capacity_factor, adaptive_r, a2a_ffn_overlap_degree, a2a_algo, megablocks_size, plan,
+                reserve_dims, inequivalent_tokens)
+        repeat_key, repeat = self._repeat_call(args)
+        if repeat is not None:   # a native call with these knob arguments ran before: the short way
+            result = native_forward.repeat(self, repeat, x)
+            if result is not None:
+                return self._finish(x, x, (x.shape[0],), reserve_dims, repeat.knobs, *result, None)
+        knobs, mode = self._resolved_call(*args[:8])
         x_TD, lead_shape = self._tokens_of(x, reserve_dims)
         timer = None
         if mode == "auto":
@@ -126,12 +132,19 @@ class MoELayer(nn.Module):
             if timer is not None:
                 timer.start()
         native_plan = native_forward.plan_for(self, x_TD, knobs)
-        losses = None
         if native_plan is not None:   # inference on one GPU: the whole chain from one native call
-            y_TO, routing, loss_inputs, losses = native_forward.run(self, x_TD, knobs, native_plan)
+            result = native_forward.run(self, x_TD, knobs, native_plan)
+            if repeat_key is not None and mode != "auto" and x_TD is x:
+                self._remember_repeat_call(repeat_key, native_forward.RepeatCall(self, x_TD, knobs, native_plan))
         else:
             routing, loss_inputs = self._route(x_TD, knobs)
-            y_TO = self._run(x_TD, routing, knobs)
+            result = (self._run(x_TD, routing, knobs), routing, loss_inputs, None)
+        return self._finish(x, x_TD, lead_shape, reserve_dims, knobs, *result, timer)
+
+    def _finish(self, x: Tensor, x_TD: Tensor, lead_shape: tuple, reserve_dims: int, knobs: executor.CallKnobs,
+                y_TO: Tensor, routing: Routing, loss_inputs: tuple | None, losses: dict | None, timer) -> Any:
+        """The call's output from the experts' y_TO: losses (unless the native call computed them),
+        the input's leading shape and dtype restored, l_aux and last_routing kept."""
         # Losses are enqueued after the experts: their small kernels then run under the expert
         # GEMMs instead of delaying the dispatch (fine64 forward on an H100: dispatch 0.28 ms earlier).
         if losses is None:
@@ -154,6 +167,24 @@ class MoELayer(nn.Module):
             self.__dict__.update(l_aux=l_aux, losses=losses, last_routing=routing)
         y.l_aux = l_aux
         return self.result_func(y) if self.result_func is not None else y
+
+    def _repeat_call(self, args: tuple) -> tuple[tuple | None, native_forward.RepeatCall | None]:
+        """(memo key of these knob arguments, the native call remembered for them or None); the
+        key is None for unhashable arguments (never remembered). Types are part of the key, as
+        in ``_resolved_call``."""
+        if torch.compiler.is_compiling():
+            return None, None
+        key = args + tuple(map(type, args))
+        try:
+            return key, self.__dict__.get("_repeat_calls", {}).get(key)
+        except TypeError:
+            return None, None
+
+    def _remember_repeat_call(self, key: tuple, call: native_forward.RepeatCall) -> None:
+        calls = self.__dict__.setdefault("_repeat_calls", {})
+        if len(calls) >= _MAX_RESOLVED_CALLS:
+            calls.clear()
+        calls[key] = call
 
     def _resolved_call(self, *args) -> tuple[executor.CallKnobs, str]:
         """(knobs, plan mode) of a call's knob arguments (``forward``'s order), memoised per

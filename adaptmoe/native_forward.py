@@ -23,6 +23,7 @@ shapes); a gshard loss alone is computed inside the native call (fp32 sums in it
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -163,11 +164,68 @@ def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Ro
     one native call, and the call's losses when the native call computed them (``plan.gshard_loss``;
     the loss inputs are then None), else None and (clean logits, noisy logits, scores) for
     ``MoELayer._losses``."""
+    gate, wg_ED = _gate_of(layer, knobs.gate_index)
+    return _launch(layer, x_TD, knobs, plan, gate, wg_ED, layer._modules["experts"].stored_weights())
+
+
+class RepeatCall:
+    """A layer's native call remembered for later calls with the same knob arguments
+    (``MoELayer.forward`` keeps one per argument tuple): its knobs and plan, and everything the
+    full path read to decide them, so that a later call is served by ``repeat`` after a few
+    reads instead of the knob checks, input flattening and plan lookup. Why: an isolated call's
+    GPU waits for every line of Python in front of the native call, and right after a sync the
+    host runs them several times slower than in a warm loop (README bf16 layer on the H100
+    machine: the layer's Python around the native call cost 43-65 us of such a call's time,
+    ``docs/results/2026-11-22/h100_isolated_native_call_session9.log``)."""
+
+    __slots__ = ("knobs", "plan", "model_dim", "dtype", "device_index", "training", "settings", "experts", "params",
+                 "weights", "gate", "gate_linear", "wg_ED")
+
+    def __init__(self, layer, x_TD: Tensor, knobs, plan: NativeForwardPlan):
+        self.knobs, self.plan = knobs, plan
+        self.model_dim, self.dtype, self.device_index = layer.config.model_dim, x_TD.dtype, x_TD.get_device()
+        self.training, self.settings = layer.training, _settings()
+        self.experts = layer._modules["experts"]
+        self.params = tuple(self.experts._parameters.values())
+        self.weights = self.experts.stored_weights()
+        self.gate, self.wg_ED = _gate_of(layer, knobs.gate_index)
+        self.gate_linear = self.gate._modules["wg"]
+
+    def modules_unchanged(self, layer) -> bool:
+        """The same experts and gate modules holding the same parameter objects (parameters
+        converted in place, ``module.to(...)``, keep their identity: ``repeat`` checks the dtype)."""
+        params = self.experts._parameters
+        return (layer._modules["experts"] is self.experts and len(params) == len(self.params)
+                and all(map(operator.is_, params.values(), self.params))
+                and layer._modules["gates"]._modules[str(self.knobs.gate_index)] is self.gate
+                and self.gate._modules["wg"] is self.gate_linear
+                and self.gate_linear._parameters["weight"] is self.wg_ED)
+
+
+def repeat(layer, call: RepeatCall, x: Tensor) -> tuple | None:
+    """``run``'s result for tokens ``x`` given to a call with ``call``'s knob arguments, when
+    ``_plan_or_reason`` and ``MoELayer._tokens_of`` would decide as they did for it (same
+    switches, grad and autocast off, not traced, x a 2-D tensor of model_dim columns in the
+    experts' dtype on the same device, same training flag, same modules and parameters); else
+    None and nothing ran. Any token count: the capacity is recomputed per call."""
+    if (type(x) is not Tensor or torch.is_grad_enabled() or x.dim() != 2 or x.shape[1] != call.model_dim
+            or x.dtype is not call.dtype or x.get_device() != call.device_index or layer.training is not call.training
+            or call.settings != _settings() or torch.is_autocast_enabled("cuda") or torch.compiler.is_compiling()
+            or not call.modules_unchanged(layer) or call.weights.w1_eHD.dtype is not x.dtype):
+        return None
+    return _launch(layer, x, call.knobs, call.plan, call.gate, call.wg_ED, call.weights)
+
+
+def _settings() -> tuple:
+    """The switches a plan depends on (``_plan_or_reason``'s first checks and its cache key)."""
+    return _enabled, _native.loaded() is not None, _fused_gemm._enabled, _gathered_enabled, _dense_enabled
+
+
+def _launch(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Tensor, w) -> tuple:
+    """``run`` with the gate module, its weight and the experts' weights read."""
     T = x_TD.shape[0]
     E, k = layer.config.num_experts, knobs.top_k
     capacity = capacity_for(knobs.capacity_factor, T, E, k)
-    gate, wg_ED = _gate_of(layer, knobs.gate_index)
-    w = layer._modules["experts"].stored_weights()
     if plan.gathered_fc1 and T * k * (w.w1_eHD.shape[1] + w.w1_eHD.shape[2]) >= _GATHER_MIN_ELEMENTS:
         return _run_gathered(layer, x_TD, knobs, plan, gate, wg_ED, w)
     dense = plan.dense and T > 0 and (capacity is None or capacity >= T)   # then no choice drops
@@ -259,5 +317,5 @@ def set_gathered_enabled(enabled: bool) -> None:
     _gathered_enabled = bool(enabled)
 
 
-__all__ = ["NativeForwardPlan", "native_forward_blocker", "plan_for", "run", "set_dense_enabled", "set_enabled",
+__all__ = ["NativeForwardPlan", "RepeatCall", "native_forward_blocker", "plan_for", "repeat", "run", "set_dense_enabled", "set_enabled",
            "set_gathered_enabled"]

@@ -1,6 +1,7 @@
 """Interleaved A/B of the no-grad forward: one native call (adaptmoe.native_forward) vs the Python
 path vs a CUDA-graph replay, per bench_layer config and capacity mode; where they apply, the
-native call without the dense layout of k == E calls (no_dense), without the gathered first
+native call without the short way of repeat calls (no_repeat: every call through the knob checks,
+flattening and plan lookup), without the dense layout of k == E calls (no_dense), without the gathered first
 GEMM of dropless calls (no_gather), with that GEMM launched from Python between two native
 calls instead of from inside the one native call (triton_py), and with the gathered GEMM at any
 size (gather_all: native_forward._GATHER_MIN_ELEMENTS = 0).
@@ -60,6 +61,8 @@ def variants(layer, x, cf, floor):
 
     graph, _ = capture_no_grad(lambda: layer(x, capacity_factor=cf), warmup=3)
     calls = {"floor": floor, "native": eager(True), "python": eager(False), "graphed": graph.replay}
+    full_path = eager(True)
+    calls["no_repeat"] = lambda: (layer.__dict__.pop("_repeat_calls", None), full_path())
     with torch.no_grad():
         plan = native_forward.plan_for(layer, x, layer.resolve_knobs(capacity_factor=cf))
     if plan is not None and plan.dense:   # A/B rows only where the switch changes the call

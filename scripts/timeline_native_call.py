@@ -1,7 +1,9 @@
 """GPU/host timeline of isolated no-grad layer calls (torch.profiler trace): when each kernel starts
 on the GPU and when the host launched it, in us from the call's start, for the last of N calls.
 
-    python scripts/timeline_native_call.py [config ...] [--python]   # default: fine64 readme_bf16
+    python scripts/timeline_native_call.py [config ...] [--python] [--host]   # default: fine64 readme_bf16
+
+--host also lists the host's ATen ops and CUDA API calls of the last call (>= 1 us each).
 
 A kernel whose GPU start trails its launch by ~the launch latency was waiting for the host; the
 gaps between kernels on the GPU are the bubbles an isolated call pays.
@@ -49,6 +51,12 @@ def timeline(name: str, cf: float, calls: int = 6) -> None:
         gap = "" if prev_end is None else f"gap {k['ts'] - prev_end:6.1f}"
         print(f"  launch {launch['ts'] - t0:7.1f}  gpu {k['ts'] - t0:7.1f} +{k['dur']:7.1f}  {gap:>10}  {k['name'][:70]}")
         prev_end = k["ts"] + k["dur"]
+    if "--host" in sys.argv:   # what the host did in the call: ATen ops and CUDA API calls of >= 1 us
+        print("  host events (start us from the call, duration us):")
+        host = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver")
+                       and t0 <= e["ts"] <= t1 and e.get("dur", 0) >= 1.0), key=lambda e: e["ts"])
+        for e in host:
+            print(f"    {e['ts'] - t0:7.1f} +{e['dur']:6.1f}  {e['cat']:<12} {e['name'][:80]}")
 
 
 def main() -> None:

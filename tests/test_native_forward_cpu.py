@@ -194,3 +194,63 @@ def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeyp
         assert len(fake.native_calls) == asked and len(fake.registered) == 2
     finally:
         native_forward.set_triton_from_native(True)
+
+
+def _repeat_setup(monkeypatch):
+    """A layer, tokens and a RepeatCall made as forward makes one, with the launch stubbed (no
+    extension on CPU): repeat() returns "launched" when it would serve the call."""
+    layer = make_layer()
+    x = torch.randn(6, 16)
+    knobs = layer.resolve_knobs()
+    plan = native_forward._signature_plan(layer, x, _FakeNative(), 0, 2, False)
+    call = native_forward.RepeatCall(layer, x, knobs, plan)
+    monkeypatch.setattr(native_forward, "_launch", lambda *args: "launched")
+    return layer, x, call
+
+
+def test_repeat_serves_calls_the_full_path_would_decide_alike(monkeypatch):
+    layer, x, call = _repeat_setup(monkeypatch)
+    with torch.no_grad():
+        assert native_forward.repeat(layer, call, x) == "launched"
+        assert native_forward.repeat(layer, call, torch.randn(1, 16)) == "launched"   # any token count
+        assert native_forward.repeat(layer, call, torch.randn(0, 16)) == "launched"
+
+
+@pytest.mark.parametrize("change", ["grad", "3d", "dtype", "model_dim", "train", "switched_off", "dense_off",
+                                    "new_expert_weight", "new_gate_weight", "new_gate", "experts_to_half", "list"])
+def test_repeat_declines_whatever_the_full_path_would_decide_anew(monkeypatch, change):
+    """Each change sends the call down the full path (checks, flattening, plan), nothing launched."""
+    layer, x, call = _repeat_setup(monkeypatch)
+    grad = change == "grad"
+    if change == "3d":
+        x = x.reshape(2, 3, 16)
+    elif change == "dtype":
+        x = x.double()
+    elif change == "model_dim":
+        x = torch.randn(6, 15)
+    elif change == "train":
+        layer.train()
+    elif change == "switched_off":
+        monkeypatch.setattr(native_forward, "_enabled", False)
+    elif change == "dense_off":
+        monkeypatch.setattr(native_forward, "_dense_enabled", False)
+    elif change == "new_expert_weight":
+        layer.experts.batched_fc1_w = torch.nn.Parameter(layer.experts.batched_fc1_w.detach().clone())
+    elif change == "new_gate_weight":
+        layer.gates[0].wg.weight = torch.nn.Parameter(layer.gates[0].wg.weight.detach().clone())
+    elif change == "new_gate":
+        layer.gates[0] = type(layer.gates[0])(16, 4, fp32=False)
+    elif change == "experts_to_half":
+        layer.experts.half()   # in place: same parameter objects, another dtype
+    elif change == "list":
+        x = [x]
+    with torch.set_grad_enabled(grad):
+        assert native_forward.repeat(layer, call, x) is None
+
+
+def test_forward_remembers_no_call_the_native_path_did_not_serve():
+    layer = make_layer()
+    with torch.no_grad():
+        layer(torch.randn(5, 16))
+        layer(torch.randn(5, 16), capacity_factor=0.0)
+    assert not layer.__dict__.get("_repeat_calls")

@@ -1,6 +1,7 @@
 """The one-call native forward (adaptmoe.native_forward) against the Python path and the float64
 per-token reference: same outputs, routing and losses; it runs exactly when its blocker says so."""
 import copy
+import pickle
 
 import pytest
 import torch
@@ -409,3 +410,80 @@ def test_noisy_gate_in_training_takes_the_python_path():
 def reference_on_cpu_knobs(layer, x, gate_index=0, top_k=None):
     return reference_forward(copy.deepcopy(layer).cpu(), x.cpu(), gate_index=gate_index,
                              top_k=top_k).to(x.device)
+
+
+def served_by_repeat(monkeypatch) -> list:
+    """Counts the calls native_forward.repeat served (a list of 1s) while the test runs."""
+    served, real = [], native_forward.repeat
+
+    def counting(layer, call, x):
+        result = real(layer, call, x)
+        if result is not None:
+            served.append(1)
+        return result
+    monkeypatch.setattr(native_forward, "repeat", counting)
+    return served
+
+
+@pytest.mark.parametrize("cf", [1.0, 0.0, -2.0])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-E{c[5]}k{c[6]}")
+def test_repeat_calls_match_the_full_path(case, cf, monkeypatch):
+    """A call with the knob arguments of an earlier native call takes the short way (no knob
+    checks, flattening or plan lookup) to the same native call: the same bits as the full path,
+    for the same and for other token counts."""
+    served = served_by_repeat(monkeypatch)
+    layer = make_layer(case, torch.bfloat16, cf)
+    x, x_other = (torch.randn(T, layer.config.model_dim, device=DEV, dtype=torch.bfloat16) for T in (40, 24))
+    with torch.no_grad():
+        first = layer(x, capacity_factor=cf)
+        again, routing_again = layer(x, capacity_factor=cf), layer.last_routing
+        other, l_aux_other = layer(x_other, capacity_factor=cf), layer.l_aux
+    assert len(served) == 2
+
+    def full_path(x):
+        layer.__dict__.pop("_repeat_calls")
+        with torch.no_grad():
+            return layer(x, capacity_factor=cf)
+    other_full = full_path(x_other)
+    l_aux_full = layer.l_aux
+    first_full = full_path(x)
+    routing_full = layer.last_routing
+    assert len(served) == 2
+    assert torch.equal(first, again) and torch.equal(again, first_full) and torch.equal(other, other_full)
+    assert torch.equal(l_aux_other, l_aux_full) and torch.equal(again.l_aux, first_full.l_aux)
+    for name in ("indices_TK", "weights_TK", "locations_TK", "counts_E", "slots_TK"):
+        assert torch.equal(getattr(routing_again, name), getattr(routing_full, name)), name
+
+
+def test_layers_with_remembered_calls_deep_copy_and_pickle():
+    layer = make_layer(CASES[0], torch.bfloat16, 1.0)
+    x = torch.randn(16, layer.config.model_dim, device=DEV, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+        assert layer.__dict__["_repeat_calls"]
+        copied = copy.deepcopy(layer)
+        assert torch.equal(copied(x), y)
+        restored = pickle.loads(pickle.dumps(layer))
+        assert torch.equal(restored(x), y)
+
+
+def test_repeat_calls_see_replaced_changed_and_converted_weights(monkeypatch):
+    served = served_by_repeat(monkeypatch)
+    layer = make_layer(CASES[0], torch.bfloat16, 1.0)
+    x = torch.randn(64, layer.config.model_dim, device=DEV, dtype=torch.bfloat16)
+
+    def check(layer, x, tol):
+        with torch.no_grad():
+            y = layer(x)
+        want = reference_on_cpu(layer, x)
+        torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+    check(layer, x, REF_TOL[torch.bfloat16])
+    layer.experts.batched_fc1_w = torch.nn.Parameter(torch.randn_like(layer.experts.batched_fc1_w) * 0.1)
+    check(layer, x, REF_TOL[torch.bfloat16])   # a new parameter: the full path, remembered anew
+    with torch.no_grad():
+        layer.experts.batched_fc2_w.mul_(2.0)   # in place: the remembered call reads it
+        layer.gates[0].wg.weight.neg_()
+    check(layer, x, REF_TOL[torch.bfloat16])
+    layer.half()   # the same parameter objects in another dtype
+    check(layer, x.half(), REF_TOL[torch.float16])
+    assert len(served) == 1   # only the in-place change was served the short way

@@ -66,6 +66,40 @@ std::vector<Tensor> route_topk(const Tensor& logits_TE, int64_t k, int64_t score
   return {indices, weights, scores, locations, counts, slots};
 }
 
+// d loss / d logits_TE of route_topk's weights_TK and scores_TE (see launch_topk_backward); either
+// gradient may be None (no gradient reached it).
+Tensor route_topk_backward(const Tensor& logits_TE, const Tensor& indices_TK, const std::optional<Tensor>& grad_w_TK,
+                           const std::optional<Tensor>& grad_scores_TE, int64_t score_fn, bool normalize) {
+  TORCH_CHECK(logits_TE.is_cuda() && logits_TE.dim() == 2, "adaptmoe: logits_TE must be a 2-D CUDA tensor");
+  const auto dt = dtype_of(logits_TE);
+  check_cuda(indices_TK, "indices_TK", logits_TE);
+  const int64_t T = logits_TE.size(0), E = logits_TE.size(1), k = indices_TK.dim() == 2 ? indices_TK.size(1) : 0;
+  TORCH_CHECK(indices_TK.dim() == 2 && indices_TK.scalar_type() == at::kLong && indices_TK.size(0) == T,
+              "adaptmoe: indices_TK must be int64 [T, k] over logits_TE's T tokens");
+  TORCH_CHECK(E >= 1 && E <= adaptmoe::kMaxTopkExperts && k >= 1 && k <= E,
+              text("adaptmoe: native top-k backward takes 1..", adaptmoe::kMaxTopkExperts, " experts, 1 <= k <= E"));
+  auto grad_of = [&](const std::optional<Tensor>& g, const char* name, at::IntArrayRef shape) -> Tensor {
+    if (!g.has_value() || !g->defined()) return Tensor();
+    check_cuda(*g, name, logits_TE);
+    TORCH_CHECK(g->sizes() == shape && g->scalar_type() == logits_TE.scalar_type(),
+                text("adaptmoe: ", name, " must have shape ", shape, " and logits_TE's dtype"));
+    return g->contiguous();
+  };
+  const Tensor grad_w = grad_of(grad_w_TK, "grad_w_TK", indices_TK.sizes());
+  const Tensor grad_scores = grad_of(grad_scores_TE, "grad_scores_TE", logits_TE.sizes());
+  const c10::cuda::CUDAGuard guard(logits_TE.device());
+  const Tensor logits = logits_TE.contiguous(), indices = indices_TK.contiguous();
+  Tensor grad_logits = at::empty({T, E}, logits.options());
+  check_launch(adaptmoe::launch_topk_backward(logits.data_ptr(), dt, indices.data_ptr<int64_t>(),
+                                              grad_w.defined() ? grad_w.data_ptr() : nullptr,
+                                              grad_scores.defined() ? grad_scores.data_ptr() : nullptr, T,
+                                              static_cast<int>(E), static_cast<int>(k),
+                                              score_fn == 1 ? adaptmoe::kSigmoid : adaptmoe::kSoftmax, normalize,
+                                              grad_logits.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+               "top-k backward");
+  return grad_logits;
+}
+
 // GShard loss (0-dim float32) of scores_TE and the first choices indices_TK[:, 0]; rows of scores
 // divided by their sum first when normalize_rows (see launch_gshard_loss).
 Tensor gshard_loss(const Tensor& scores_TE, const Tensor& indices_TK, bool normalize_rows) {
@@ -328,6 +362,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace adaptmoe::torch_ops;
   m.doc() = "adaptmoe native CUDA kernels (gating/top-k, slot assignment, dispatch/combine rows, decode FFN)";
   m.def("route_topk", &route_topk, "fused scores + top-k + slot assignment");
+  m.def("route_topk_backward", &route_topk_backward, "d loss / d logits of route_topk's weights and scores");
   m.def("gshard_loss", &gshard_loss, "GShard balance loss of scores and first choices (no autograd)");
   m.def("assign_slots", &assign_slots, "slot locations in GShard priority order");
   m.def("scatter_rows", &scatter_rows, "token rows -> expert-major rows (optional scale, optional dots)");

@@ -138,5 +138,47 @@ int resident_blocks(Kernel kernel, int threads) {
   return max(1, sms * max(1, per_sm));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Gating: one token's scores with one warp, the lane holding experts lane, lane + 32, ... (VPL of
+// them). v: the logits in fp32 (a NaN logit reads -inf: never preferred, score 0 under softmax;
+// padding past E reads -inf); p: softmax (max-subtracted) or sigmoid of v. Returns the padding
+// mask (bit j: element j is past E).
+template <typename T, int VPL>
+__device__ __forceinline__ unsigned row_scores(const T* __restrict__ row, int E, int lane, int fn, float (&v)[VPL],
+                                               float (&p)[VPL]) {
+  unsigned padding = 0u;
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    const int e = j * 32 + lane;
+    if (e < E) {
+      const float x = to_f<T>(row[e]);
+      v[j] = isnan(x) ? -INFINITY : x;
+    } else {
+      v[j] = -INFINITY;
+      padding |= 1u << j;
+    }
+  }
+  if (fn == kSoftmax) {
+    float m = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) m = fmaxf(m, v[j]);
+    m = warp_max(m);
+    if (m == -INFINITY) m = 0.f;
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      p[j] = (padding >> j & 1u) ? 0.f : expf(v[j] - m);
+      s += p[j];
+    }
+    const float inv = 1.f / warp_sum(s);
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) p[j] *= inv;
+  } else {
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) p[j] = 1.f / (1.f + expf(-v[j]));
+  }
+  return padding;
+}
+
 }  // namespace
 }  // namespace adaptmoe

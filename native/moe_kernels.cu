@@ -28,43 +28,13 @@ __global__ void topk_kernel(const T* __restrict__ logits, int64_t num_tokens, in
   const int64_t warps_per_block = blockDim.x >> 5;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * warps_per_block;
   for (int64_t t = blockIdx.x * warps_per_block + (threadIdx.x >> 5); t < num_tokens; t += stride) {
-    const T* row = logits + t * E;
     float v[VPL];
     float p[VPL];
     int rank[VPL];
-    unsigned taken = 0u;   // bit j: element j is padding (no expert)
+    const unsigned taken = row_scores<T, VPL>(logits + t * E, E, lane, fn, v, p);   // bit j: padding
     unsigned chosen = 0u;  // bit j: element j is in the top-k
 #pragma unroll
-    for (int j = 0; j < VPL; ++j) {
-      const int e = j * 32 + lane;
-      rank[j] = 0;
-      if (e < E) {
-        const float x = to_f<T>(row[e]);
-        v[j] = isnan(x) ? -INFINITY : x;  // a NaN logit is never preferred (and never OOB)
-      } else {
-        v[j] = -INFINITY;
-        taken |= 1u << j;
-      }
-    }
-    if (fn == kSoftmax) {
-      float m = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < VPL; ++j) m = fmaxf(m, v[j]);
-      m = warp_max(m);
-      if (m == -INFINITY) m = 0.f;
-      float s = 0.f;
-#pragma unroll
-      for (int j = 0; j < VPL; ++j) {
-        p[j] = (taken >> j & 1u) ? 0.f : expf(v[j] - m);
-        s += p[j];
-      }
-      const float inv = 1.f / warp_sum(s);
-#pragma unroll
-      for (int j = 0; j < VPL; ++j) p[j] *= inv;
-    } else {
-#pragma unroll
-      for (int j = 0; j < VPL; ++j) p[j] = 1.f / (1.f + expf(-v[j]));
-    }
+    for (int j = 0; j < VPL; ++j) rank[j] = 0;
     if (scores != nullptr) {
 #pragma unroll
       for (int j = 0; j < VPL; ++j) {

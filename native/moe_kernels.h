@@ -27,6 +27,14 @@ cudaError_t launch_topk(const void* logits_TE, DType dt, int64_t T, int E, int K
                         bool normalize, int64_t* indices_TK, void* weights_TK, void* scores_TE,
                         cudaStream_t stream);
 
+// d loss / d logits_TE of launch_topk's weights_TK and scores_TE (gating_backward.cu): scores
+// recomputed as launch_topk computes them, grad_w_TK and grad_scores_TE (either may be null: no
+// gradient) in the logits dtype, the weights' renormalisation differentiated when `normalize`
+// (its sum clamped at FLT_MIN), fp32 inside. grad_logits_TE in the logits dtype.
+cudaError_t launch_topk_backward(const void* logits_TE, DType dt, const int64_t* indices_TK, const void* grad_w_TK,
+                                 const void* grad_scores_TE, int64_t T, int E, int K, ScoreFn fn, bool normalize,
+                                 void* grad_logits_TE, cudaStream_t stream);
+
 // Ints of workspace launch_locate needs.
 int64_t locate_workspace_ints(int64_t T, int E, int K);
 

@@ -13,8 +13,9 @@ from torch import Tensor
 
 from . import _native
 from ._decode_op import DECODE_TOLERANCES, decode_ffn, native_decode_blocker
-from ._ops import (SCORE_FNS, TOLERANCES, assign_slots_op, bypasses_dispatcher, combine_impl, combine_op,
-                   dispatch_impl, dispatch_op, route_topk_grad, route_topk_impl, route_topk_op)
+from ._ops import (SCORE_FNS, TOLERANCES, CombineFunction, DispatchFunction, RouteTopkFunction, assign_slots_op,
+                   bypasses_dispatcher, combine_impl, combine_op, dispatch_impl, dispatch_op, eager_autograd,
+                   route_topk_backward_impl, route_topk_grad, route_topk_impl, route_topk_op)
 
 __all__ = ["dispatch", "combine", "route_topk", "assign_slots", "decode_ffn", "native_decode_blocker",
            "DECODE_TOLERANCES", "native_available", "native_status",
@@ -23,13 +24,17 @@ __all__ = ["dispatch", "combine", "route_topk", "assign_slots", "decode_ffn", "n
 
 def dispatch(x_TD: Tensor, slots_TK: Tensor, num_rows: int, scale_TK: Tensor | None = None) -> Tensor:
     """x_RD: row ``slots_TK[t, k]`` holds ``x_TD[t]`` (times ``scale_TK[t, k]``); other rows 0."""
-    op = dispatch_impl if bypasses_dispatcher(x_TD, x_TD, scale_TK) else dispatch_op
+    if bypasses_dispatcher(x_TD, x_TD, scale_TK):
+        return dispatch_impl(x_TD, slots_TK, num_rows, scale_TK)
+    op = DispatchFunction.apply if eager_autograd(x_TD) else dispatch_op
     return op(x_TD, slots_TK, num_rows, scale_TK)
 
 
 def combine(y_RD: Tensor, slots_TK: Tensor, weights_TK: Tensor) -> Tensor:
     """y_TD[t] = sum_k weights_TK[t, k] * y_RD[slots_TK[t, k]] (dropped choices add nothing)."""
-    op = combine_impl if bypasses_dispatcher(y_RD, y_RD, weights_TK) else combine_op
+    if bypasses_dispatcher(y_RD, y_RD, weights_TK):
+        return combine_impl(y_RD, slots_TK, weights_TK)
+    op = CombineFunction.apply if eager_autograd(y_RD) else combine_op
     return op(y_RD, slots_TK, weights_TK)
 
 
@@ -38,7 +43,10 @@ def route_topk(logits_TE: Tensor, k: int, score_fn: str = "softmax", normalize: 
     """Fused scores + top-k + slot assignment: (indices_TK, weights_TK, scores_TE, locations_TK,
     counts_E, slots_TK). ``capacity=None`` is dropless (slots are expert-major rows, T*K of
     them); else slot = e*capacity + location, -1 when the location is >= capacity."""
-    op = route_topk_impl if bypasses_dispatcher(logits_TE, logits_TE) else route_topk_op
+    if bypasses_dispatcher(logits_TE, logits_TE):
+        op = route_topk_impl
+    else:
+        op = RouteTopkFunction.apply if eager_autograd(logits_TE) else route_topk_op
     return op(logits_TE, k, score_fn, normalize, -1 if capacity is None else capacity)
 
 

@@ -30,6 +30,8 @@ TOLERANCES: dict[str, dict[torch.dtype, tuple[float, float]]] = {
     "combine_backward": {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (3e-2, 3e-2)},
     # weights / scores (indices, locations, counts and slots must match exactly)
     "route_topk": {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.6e-2, 8e-3)},
+    # d logits: fp32 inside, one rounding to the logits dtype (the reference sums in another order)
+    "route_topk_backward": {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 1e-4), torch.bfloat16: (1.6e-2, 1e-3)},
     # the native gshard loss of a no-grad call sums in fp32 whatever the scores' dtype
     "gshard_loss": {dt: (2e-5, 1e-6) for dt in (torch.float32, torch.float16, torch.bfloat16)},
 }
@@ -96,9 +98,8 @@ def _(x_TD, slots_TK, num_rows, scale_TK):
     return x_TD.new_empty(num_rows, x_TD.shape[1])
 
 
-@torch.library.custom_op("adaptmoe::dispatch_backward", mutates_args=())
-def dispatch_backward_op(grad_RD: Tensor, x_TD: Tensor, slots_TK: Tensor, scale_TK: Tensor | None,
-                         need_scale_grad: bool) -> tuple[Tensor, Tensor]:
+def dispatch_backward_impl(grad_RD: Tensor, x_TD: Tensor, slots_TK: Tensor, scale_TK: Tensor | None,
+                           need_scale_grad: bool) -> tuple[Tensor, Tensor]:
     """(grad_x_TD, grad_scale_TK); grad_scale is empty unless asked for."""
     scale_dtype = scale_TK.dtype if scale_TK is not None else torch.float32
     native = _native.for_tensor(grad_RD)
@@ -110,6 +111,9 @@ def dispatch_backward_op(grad_RD: Tensor, x_TD: Tensor, slots_TK: Tensor, scale_
     if need_scale_grad:
         return grad_x, _dots_ref(grad_RD, slots_TK, x_TD, scale_dtype)
     return grad_x, _empty_like_tk(slots_TK, scale_dtype)
+
+
+dispatch_backward_op = torch.library.custom_op("adaptmoe::dispatch_backward", mutates_args=())(dispatch_backward_impl)
 
 
 @dispatch_backward_op.register_fake
@@ -127,13 +131,17 @@ def _dispatch_setup(ctx, inputs, output):
     ctx.save_for_backward(x_TD if scale_TK is not None else None, slots_TK, scale_TK)
 
 
-def _dispatch_backward(ctx, grad_RD):
+def _dispatch_backward_with(backward_op, ctx, grad_RD):
     x_TD, slots_TK, scale_TK = ctx.saved_tensors
     need_scale = ctx.has_scale and ctx.needs_input_grad[3]
     if x_TD is None:
         x_TD = grad_RD.new_empty(0, grad_RD.shape[1])
-    grad_x, grad_scale = dispatch_backward_op(grad_RD, x_TD, slots_TK, scale_TK, need_scale)
+    grad_x, grad_scale = backward_op(grad_RD, x_TD, slots_TK, scale_TK, need_scale)
     return grad_x, None, None, (grad_scale if need_scale else None)
+
+
+def _dispatch_backward(ctx, grad_RD):
+    return _dispatch_backward_with(dispatch_backward_op, ctx, grad_RD)
 
 
 dispatch_op.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
@@ -156,9 +164,8 @@ def _(y_RD, slots_TK, weights_TK):
     return y_RD.new_empty(slots_TK.shape[0], y_RD.shape[1])
 
 
-@torch.library.custom_op("adaptmoe::combine_backward", mutates_args=())
-def combine_backward_op(grad_TD: Tensor, y_RD: Tensor, slots_TK: Tensor, weights_TK: Tensor,
-                        need_weights_grad: bool) -> tuple[Tensor, Tensor]:
+def combine_backward_impl(grad_TD: Tensor, y_RD: Tensor, slots_TK: Tensor, weights_TK: Tensor,
+                          need_weights_grad: bool) -> tuple[Tensor, Tensor]:
     """(grad_y_RD, grad_weights_TK); grad_weights is empty unless asked for."""
     native = _native.for_tensor(grad_TD)
     if native is not None:
@@ -169,6 +176,9 @@ def combine_backward_op(grad_TD: Tensor, y_RD: Tensor, slots_TK: Tensor, weights
     if need_weights_grad:
         return grad_y, _dots_ref(y_RD, slots_TK, grad_TD, weights_TK.dtype)
     return grad_y, _empty_like_tk(slots_TK, weights_TK.dtype)
+
+
+combine_backward_op = torch.library.custom_op("adaptmoe::combine_backward", mutates_args=())(combine_backward_impl)
 
 
 @combine_backward_op.register_fake
@@ -184,11 +194,15 @@ def _combine_setup(ctx, inputs, output):
     ctx.save_for_backward(y_RD, slots_TK, weights_TK)
 
 
-def _combine_backward(ctx, grad_TD):
+def _combine_backward_with(backward_op, ctx, grad_TD):
     y_RD, slots_TK, weights_TK = ctx.saved_tensors
     need_w = ctx.needs_input_grad[2]
-    grad_y, grad_w = combine_backward_op(grad_TD, y_RD, slots_TK, weights_TK, need_w)
+    grad_y, grad_w = backward_op(grad_TD, y_RD, slots_TK, weights_TK, need_w)
     return (grad_y if ctx.needs_input_grad[0] else None), None, (grad_w if need_w else None)
+
+
+def _combine_backward(ctx, grad_TD):
+    return _combine_backward_with(combine_backward_op, ctx, grad_TD)
 
 
 combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
@@ -269,6 +283,7 @@ def _(logits_TE, k, score_fn, normalize, capacity):
 def _route_setup(ctx, inputs, output):
     logits_TE, k, score_fn, normalize, capacity = inputs
     ctx.score_fn, ctx.normalize = score_fn, normalize
+    ctx.set_materialize_grads(False)   # gradients of unused outputs stay None (no zero tensors)
     ctx.save_for_backward(logits_TE, output[0])
 
 
@@ -293,9 +308,64 @@ def route_topk_grad(logits_TE: Tensor, indices_TK: Tensor, grad_w_TK: Tensor | N
     return grad_TE.to(logits_TE.dtype)
 
 
-def _route_backward(ctx, g_idx, g_w, g_scores, g_loc, g_counts, g_slots):
+def route_topk_backward_impl(logits_TE: Tensor, indices_TK: Tensor, grad_w_TK: Tensor | None,
+                             grad_scores_TE: Tensor | None, score_fn: str, normalize: bool) -> Tensor:
+    """``route_topk_grad`` in one native kernel on CUDA (the scores recomputed as the forward
+    kernel computes them: a NaN logit scores 0 under softmax there), else that reference."""
+    native = _native.for_tensor(logits_TE)
+    if (_native_routing_ok(native, logits_TE.shape[1]) and hasattr(native, "route_topk_backward")
+            and logits_TE.shape[1] <= native.max_topk_experts
+            and logits_TE.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+        return native.route_topk_backward(logits_TE, indices_TK, grad_w_TK, grad_scores_TE,
+                                          SCORE_FNS.index(score_fn), normalize)
+    return route_topk_grad(logits_TE, indices_TK, grad_w_TK, grad_scores_TE, score_fn, normalize)
+
+
+route_topk_backward_op = torch.library.custom_op("adaptmoe::route_topk_backward",
+                                                 mutates_args=())(route_topk_backward_impl)
+
+
+@route_topk_backward_op.register_fake
+def _(logits_TE, indices_TK, grad_w_TK, grad_scores_TE, score_fn, normalize):
+    return torch.empty_like(logits_TE)
+
+
+def _route_backward_with(backward_op, ctx, g_idx, g_w, g_scores, g_loc, g_counts, g_slots):
     logits_TE, indices_TK = ctx.saved_tensors
-    return route_topk_grad(logits_TE, indices_TK, g_w, g_scores, ctx.score_fn, ctx.normalize), None, None, None, None
+    return backward_op(logits_TE, indices_TK, g_w, g_scores, ctx.score_fn, ctx.normalize), None, None, None, None
+
+
+def _route_backward(ctx, *grads):
+    return _route_backward_with(route_topk_backward_op, ctx, *grads)
 
 
 route_topk_op.register_autograd(_route_backward, setup_context=_route_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager autograd: the same implementations and backward rules as the registered ops, as plain
+# autograd Functions. A registered op's autograd (torch.library) costs ~0.1-0.2 ms of host time
+# per op and again per backward on the H100 machine (redispatch, Python wrappers), which a
+# training step with short GPU work waits for (README layer in bf16: forward + backward ~1.5 ms
+# of GPU work, ~2.8 ms per step). Traced calls (torch.compile) and functorch transforms keep the
+# registered ops.
+def eager_autograd(t: Tensor) -> bool:
+    """Whether a call on ``t`` that records autograd may use the Functions below."""
+    return (type(t) is Tensor and t.is_cuda and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _eager_function(name: str, impl, setup_context, backward_with, backward_impl) -> type:
+    """An autograd Function running ``impl`` forward and ``backward_with(backward_impl, ...)`` back."""
+    def backward(ctx, *grads):
+        return backward_with(backward_impl, ctx, *grads)
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(impl), "backward": staticmethod(backward),
+                                                   "setup_context": staticmethod(setup_context)})
+
+
+DispatchFunction = _eager_function("DispatchFunction", dispatch_impl, _dispatch_setup, _dispatch_backward_with,
+                                   dispatch_backward_impl)
+CombineFunction = _eager_function("CombineFunction", combine_impl, _combine_setup, _combine_backward_with,
+                                  combine_backward_impl)
+RouteTopkFunction = _eager_function("RouteTopkFunction", route_topk_impl, _route_setup, _route_backward_with,
+                                    route_topk_backward_impl)

@@ -155,6 +155,61 @@ def test_route_topk(T, E, K, dtype, score_fn):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,E,K", [(1, 1, 1), (1, 8, 8), (37, 5, 2), (4096, 64, 8), (2000, 256, 8),
+                                   (300, 1000, 4), (129, 33, 33), (64, 2, 2)])
+@pytest.mark.parametrize("score_fn", ["softmax", "sigmoid"])
+def test_route_topk_backward(T, E, K, dtype, score_fn):
+    """The native gating backward against the PyTorch form of the same gradient (route_topk_grad)
+    and against autograd of the float32 reference (softmax/sigmoid, gather, renormalisation), for
+    the weights' gradient, the scores' gradient, or both."""
+    from adaptmoe.ops._ops import route_topk_backward_impl
+    torch.manual_seed(T + E)
+    logits = torch.randn(T, E, device=DEV).to(dtype)
+    for normalize in (True, False):
+        idx = ops.route_topk(logits, K, score_fn, normalize, None)[0]
+        g_w = torch.randn(T, K, device=DEV).to(dtype)
+        g_s = torch.randn(T, E, device=DEV).to(dtype)
+        for gw, gs in ((g_w, g_s), (g_w, None), (None, g_s)):
+            poison(T * E * 8 + (1 << 16))
+            got = route_topk_backward_impl(logits, idx, gw, gs, score_fn, normalize)
+            assert got.dtype == dtype and got.shape == (T, E)
+            want = ops.route_topk_grad(logits, idx, gw, gs, score_fn, normalize)
+            torch.testing.assert_close(got.float(), want.float(), **tol("route_topk_backward", dtype))
+            lf = logits.detach().float().clone().requires_grad_()   # a fresh leaf (float() of fp32 is the same tensor)
+            p = torch.softmax(lf, 1) if score_fn == "softmax" else torch.sigmoid(lf)
+            sel = p.gather(1, idx)
+            w = sel / sel.sum(1, keepdim=True) if normalize else sel
+            loss = (w * gw.float()).sum() if gw is not None else p.new_zeros(())
+            loss = loss + ((p * gs.float()).sum() if gs is not None else 0)
+            loss.backward()
+            torch.testing.assert_close(got.float(), lf.grad, **tol("route_topk_backward", dtype))
+
+
+def test_eager_autograd_functions_match_the_registered_ops():
+    """Eager CUDA calls that record autograd run plain autograd Functions (less host time); the
+    registered ops (what torch.compile traces) give the same bits, forward and backward."""
+    from adaptmoe.ops._ops import combine_op, dispatch_op, route_topk_op
+    T, E, K, D = 300, 16, 4, 96
+    torch.manual_seed(0)
+    logits0 = torch.randn(T, E, device=DEV, dtype=torch.bfloat16)
+    x0 = torch.randn(T, D, device=DEV, dtype=torch.bfloat16)
+    g = torch.randn(T, D, device=DEV, dtype=torch.bfloat16)
+
+    def run(route, dispatch, combine):
+        logits, x = logits0.clone().requires_grad_(), x0.clone().requires_grad_()
+        idx, w, scores, _, counts, slots = route(logits, K, "softmax", True, 80)
+        x_RD = dispatch(x, slots, E * 80, None)
+        y = combine(torch.relu(x_RD), slots, w)
+        torch.autograd.backward([y, scores.float().square().sum()], [g, None])
+        return y, logits.grad, x.grad
+
+    eager = run(ops.route_topk, ops.dispatch, ops.combine)
+    registered = run(route_topk_op, dispatch_op, combine_op)
+    for a, b in zip(eager, registered):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("E,K", [(2, 2), (8, 3), (64, 8), (256, 8), (1000, 4)])
 def test_route_topk_ties_zeros_and_nans(E, K, dtype):
     """The selection's order on equal logits (lower expert first, -0 equal to +0) and NaN logits

@@ -9,7 +9,12 @@ from torch import Tensor
 
 
 def gshard_loss(scores_TE: Tensor, indices_TK: Tensor) -> Tensor:
-    """E * sum_e mean_t(p_te) * fraction of tokens whose first choice is e (1.0 when balanced)."""
+    """E * sum_e mean_t(p_te) * fraction of tokens whose first choice is e (1.0 when balanced).
+    Eager CUDA calls run the native kernels (``ops.gshard_loss_native``); this is the reference."""
+    from .ops import gshard_loss_native   # lazy: ops imports modules that import this one
+    native = gshard_loss_native(scores_TE, indices_TK)
+    if native is not None:
+        return native
     T, E = scores_TE.shape
     mean_prob_E = torch.mean(scores_TE, dim=0, dtype=torch.float32)   # fp32 accumulation, no fp32 copy
     # sum_e mean_e * count_e / T == sum_t mean[first choice of t] / T: one gather instead of a

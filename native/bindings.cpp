@@ -66,6 +66,27 @@ std::vector<Tensor> route_topk(const Tensor& logits_TE, int64_t k, int64_t score
   return {indices, weights, scores, locations, counts, slots};
 }
 
+// d loss / d scores_TE [T, E] (dtype) of gshard_loss without row normalisation, for the loss's
+// gradient grad (0-dim float32 on the GPU): no host read of it.
+Tensor gshard_loss_backward(const Tensor& indices_TK, const Tensor& grad, int64_t num_experts, at::ScalarType dtype) {
+  TORCH_CHECK(indices_TK.is_cuda() && indices_TK.dim() == 2 && indices_TK.scalar_type() == at::kLong &&
+                  indices_TK.size(1) >= 1,
+              "adaptmoe: indices_TK must be an int64 [T, k] CUDA tensor, k >= 1");
+  check_cuda(grad, "grad", indices_TK);
+  TORCH_CHECK(grad.numel() == 1 && grad.scalar_type() == at::kFloat, "adaptmoe: grad must be one float32 value");
+  TORCH_CHECK(num_experts >= 1 && num_experts <= adaptmoe::kMaxTopkExperts,
+              text("adaptmoe: the gshard loss takes 1..", adaptmoe::kMaxTopkExperts, " experts, got ", num_experts));
+  const c10::cuda::CUDAGuard guard(indices_TK.device());
+  const Tensor idx = indices_TK.contiguous(), g = grad.contiguous();
+  const int64_t T = idx.size(0);
+  Tensor out = at::empty({T, num_experts}, idx.options().dtype(dtype));
+  check_launch(adaptmoe::launch_gshard_loss_backward(idx.data_ptr<int64_t>(), T, static_cast<int>(num_experts),
+                                                     static_cast<int>(idx.size(1)), g.data_ptr<float>(), dtype_of(out),
+                                                     out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+               "gshard loss backward");
+  return out;
+}
+
 // d loss / d logits_TE of route_topk's weights_TK and scores_TE (see launch_topk_backward); either
 // gradient may be None (no gradient reached it).
 Tensor route_topk_backward(const Tensor& logits_TE, const Tensor& indices_TK, const std::optional<Tensor>& grad_w_TK,
@@ -363,6 +384,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adaptmoe native CUDA kernels (gating/top-k, slot assignment, dispatch/combine rows, decode FFN)";
   m.def("route_topk", &route_topk, "fused scores + top-k + slot assignment");
   m.def("route_topk_backward", &route_topk_backward, "d loss / d logits of route_topk's weights and scores");
+  m.def("gshard_loss_backward", &gshard_loss_backward, "d gshard_loss / d scores (rows not normalised)");
   m.def("gshard_loss", &gshard_loss, "GShard balance loss of scores and first choices (no autograd)");
   m.def("assign_slots", &assign_slots, "slot locations in GShard priority order");
   m.def("scatter_rows", &scatter_rows, "token rows -> expert-major rows (optional scale, optional dots)");

@@ -1,4 +1,5 @@
-// adaptmoe native kernels: the backward of the fused gating (scores + top-k weights).
+// adaptmoe native kernels: the backward of the fused gating (scores + top-k weights) and of the
+// GShard balance loss.
 // Plain CUDA translation unit (no torch headers): `nvcc -arch=sm_90 -c gating_backward.cu` checks it.
 //
 // Legend: T tokens, E experts, K top-k. All arithmetic in fp32; tensors keep their dtype.
@@ -122,6 +123,40 @@ cudaError_t topk_backward_vpl(const void* logits, const int64_t* indices, const 
 #undef ADAPTMOE_TOPK_BWD
 }
 
+// d (GShard loss) / d scores: loss = E / T^2 * sum_e c_e * sum_t p_te with c_e the tokens whose
+// first choice is e, so every row of the gradient is g * E * c_e / T^2. Each block counts the
+// first choices itself (shared memory, E ints; the indices are read from L2 by every block),
+// then writes its share of the rows.
+template <typename T>
+__global__ void gshard_loss_backward_kernel(const int64_t* __restrict__ indices, int64_t num_tokens, int E, int K,
+                                            const float* __restrict__ grad, T* __restrict__ grad_scores) {
+  extern __shared__ int s_counts[];   // E
+  for (int e = threadIdx.x; e < E; e += blockDim.x) s_counts[e] = 0;
+  __syncthreads();
+  for (int64_t t = threadIdx.x; t < num_tokens; t += blockDim.x) {
+    const int64_t e = indices[t * K];
+    if (e >= 0 && e < E) atomicAdd(&s_counts[e], 1);
+  }
+  __syncthreads();
+  const float scale = *grad * static_cast<float>(E) / (static_cast<float>(num_tokens) * static_cast<float>(num_tokens));
+  const int64_t n = num_tokens * E;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    grad_scores[i] = from_f<T>(scale * static_cast<float>(s_counts[i % E]));
+  }
+}
+
+template <typename T>
+cudaError_t gshard_loss_backward_t(const int64_t* indices, int64_t T_, int E, int K, const float* grad,
+                                   void* grad_scores, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  int64_t blocks = (T_ * E + kThreads * 8 - 1) / (kThreads * 8);
+  blocks = blocks < 1 ? 1 : (blocks > 132 ? 132 : blocks);
+  gshard_loss_backward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, E * sizeof(int), stream>>>(
+      indices, T_, E, K, grad, static_cast<T*>(grad_scores));
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t launch_topk_backward(const void* logits_TE, DType dt, const int64_t* indices_TK, const void* grad_w_TK,
@@ -139,6 +174,17 @@ cudaError_t launch_topk_backward(const void* logits_TE, DType dt, const int64_t*
     default:
       return topk_backward_vpl<float>(logits_TE, indices_TK, grad_w_TK, grad_scores_TE, T, E, K, fn, normalize,
                                       grad_logits_TE, stream);
+  }
+}
+
+cudaError_t launch_gshard_loss_backward(const int64_t* indices_TK, int64_t T, int E, int K, const float* grad,
+                                        DType dt, void* grad_scores_TE, cudaStream_t stream) {
+  if (T == 0) return cudaSuccess;
+  if (E < 1 || E > kMaxTopkExperts || K < 1) return cudaErrorInvalidValue;
+  switch (dt) {
+    case kFloat16: return gshard_loss_backward_t<__half>(indices_TK, T, E, K, grad, grad_scores_TE, stream);
+    case kBFloat16: return gshard_loss_backward_t<__nv_bfloat16>(indices_TK, T, E, K, grad, grad_scores_TE, stream);
+    default: return gshard_loss_backward_t<float>(indices_TK, T, E, K, grad, grad_scores_TE, stream);
   }
 }
 

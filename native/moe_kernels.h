@@ -35,6 +35,12 @@ cudaError_t launch_topk_backward(const void* logits_TE, DType dt, const int64_t*
                                  const void* grad_scores_TE, int64_t T, int E, int K, ScoreFn fn, bool normalize,
                                  void* grad_logits_TE, cudaStream_t stream);
 
+// d loss / d scores_TE of launch_gshard_loss (rows not normalised): grad (one device float, the
+// loss's gradient) * E * (tokens whose first choice indices_TK[t, 0] is e) / T^2 in every row, in
+// dtype dt (gating_backward.cu).
+cudaError_t launch_gshard_loss_backward(const int64_t* indices_TK, int64_t T, int E, int K, const float* grad,
+                                        DType dt, void* grad_scores_TE, cudaStream_t stream);
+
 // Ints of workspace launch_locate needs.
 int64_t locate_workspace_ints(int64_t T, int E, int K);
 

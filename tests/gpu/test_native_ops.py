@@ -255,6 +255,30 @@ def test_gshard_loss(T, E, K, dtype, normalize_rows):
     assert torch.equal(loss, _native.loaded().gshard_loss(scores, idx, normalize_rows))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,E,K", [(1, 1, 1), (37, 5, 5), (4096, 64, 8), (300, 1000, 4), (8192, 2, 2)])
+def test_gshard_loss_with_autograd(T, E, K, dtype):
+    """losses.gshard_loss on CUDA (native forward and backward) against autograd of the float64
+    formula: the loss and d loss / d scores, for a non-unit upstream gradient."""
+    from adaptmoe.losses import gshard_loss
+    g = torch.Generator(device=DEV).manual_seed(T + E)
+    scores = torch.rand(T, E, generator=g, device=DEV).to(dtype).requires_grad_()
+    idx = torch.randint(0, E, (T, K), generator=g, device=DEV)
+    if T > 4:
+        idx[: T // 4, 0] = 0
+    poison(T * E * 8 + (1 << 16))
+    loss = gshard_loss(scores, idx)
+    (loss * 3.0).backward()
+    p = scores.detach().double().requires_grad_()
+    want = E * (p.mean(0) * torch.bincount(idx[:, 0], minlength=E).double() / T).sum()
+    (want * 3.0).backward()
+    rtol, atol = ops.TOLERANCES["gshard_loss"][dtype]
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=rtol, atol=atol)
+    assert scores.grad.dtype == dtype
+    # every element is 3 * E * c_e / T^2, rounded once to the scores' dtype
+    torch.testing.assert_close(scores.grad.double(), p.grad, rtol=ops.TOLERANCES["route_topk_backward"][dtype][0], atol=0)
+
+
 @pytest.mark.parametrize("T,E,K,cap", [(1, 1, 1, None), (20000, 64, 8, None), (20000, 64, 8, 1000),
                                        (5000, 2048, 4, 3), (777, 9, 9, None), (3000, 16, 2, 0),
                                        (300, 40, 20, 5),        # choices loaded in rounds of 8, 8, 4

@@ -317,5 +317,5 @@ def set_gathered_enabled(enabled: bool) -> None:
     _gathered_enabled = bool(enabled)
 
 
-__all__ = ["NativeForwardPlan", "RepeatCall", "native_forward_blocker", "plan_for", "repeat", "run", "set_dense_enabled", "set_enabled",
-           "set_gathered_enabled"]
+__all__ = ["NativeForwardPlan", "RepeatCall", "native_forward_blocker", "plan_for", "repeat", "run",
+           "set_dense_enabled", "set_enabled", "set_gathered_enabled"]

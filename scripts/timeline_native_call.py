@@ -53,7 +53,8 @@ def timeline(name: str, cf: float, calls: int = 6) -> None:
         prev_end = k["ts"] + k["dur"]
     if "--host" in sys.argv:   # what the host did in the call: ATen ops and CUDA API calls of >= 1 us
         print("  host events (start us from the call, duration us):")
-        host = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver")
+        kinds = ("cpu_op", "cuda_runtime", "cuda_driver")
+        host = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in kinds
                        and t0 <= e["ts"] <= t1 and e.get("dur", 0) >= 1.0), key=lambda e: e["ts"])
         for e in host:
             print(f"    {e['ts'] - t0:7.1f} +{e['dur']:6.1f}  {e['cat']:<12} {e['name'][:80]}")

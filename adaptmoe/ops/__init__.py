@@ -15,8 +15,7 @@ from . import _native
 from ._decode_op import DECODE_TOLERANCES, decode_ffn, native_decode_blocker
 from ._ops import (SCORE_FNS, TOLERANCES, CombineFunction, DispatchFunction, RouteTopkFunction, assign_slots_op,
                    bypasses_dispatcher, combine_impl, combine_op, dispatch_impl, dispatch_op, eager_autograd,
-                   gshard_loss_native,
-                   route_topk_backward_impl, route_topk_grad, route_topk_impl, route_topk_op)
+                   gshard_loss_native, route_topk_grad, route_topk_impl, route_topk_op)
 
 __all__ = ["dispatch", "combine", "route_topk", "assign_slots", "decode_ffn", "native_decode_blocker",
            "DECODE_TOLERANCES", "native_available", "native_status",

@@ -349,10 +349,14 @@ route_topk_op.register_autograd(_route_backward, setup_context=_route_setup)
 # training step with short GPU work waits for (README layer in bf16: forward + backward ~1.5 ms
 # of GPU work, ~2.8 ms per step). Traced calls (torch.compile) and functorch transforms keep the
 # registered ops.
+# torch 2.x's private check; a torch without it is treated as running no functorch transform.
+_functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def eager_autograd(t: Tensor) -> bool:
     """Whether a call on ``t`` that records autograd may use the Functions below."""
     return (type(t) is Tensor and t.is_cuda and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active())
+            and not _functorch_transforms_active())
 
 
 def _eager_function(name: str, impl, setup_context, backward_with, backward_impl) -> type:

@@ -98,7 +98,8 @@ Tensor route_topk_backward(const Tensor& logits_TE, const Tensor& indices_TK, co
   TORCH_CHECK(indices_TK.dim() == 2 && indices_TK.scalar_type() == at::kLong && indices_TK.size(0) == T,
               "adaptmoe: indices_TK must be int64 [T, k] over logits_TE's T tokens");
   TORCH_CHECK(E >= 1 && E <= adaptmoe::kMaxTopkExperts && k >= 1 && k <= E,
-              text("adaptmoe: native top-k backward takes 1..", adaptmoe::kMaxTopkExperts, " experts, 1 <= k <= E"));
+              text("adaptmoe: native top-k backward takes 1..", adaptmoe::kMaxTopkExperts, " experts and 1 <= k <= E, got E=",
+                   E, ", k=", k));
   auto grad_of = [&](const std::optional<Tensor>& g, const char* name, at::IntArrayRef shape) -> Tensor {
     if (!g.has_value() || !g->defined()) return Tensor();
     check_cuda(*g, name, logits_TE);

@@ -69,9 +69,15 @@ class _BmmNT(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_eCH: Tensor):
         x_eCD, w_eHD = ctx.saved_tensors
-        gx = torch.bmm(g_eCH, w_eHD) if ctx.needs_input_grad[0] else None
-        gw = torch.bmm(g_eCH.transpose(1, 2), x_eCD) if ctx.needs_input_grad[1] else None
-        return gx, gw
+        return bmm_nt_grads(g_eCH, x_eCD, w_eHD, ctx.needs_input_grad)
+
+
+def bmm_nt_grads(g_eCH: Tensor, x_eCD: Tensor, w_eHD: Tensor, needs_input_grad) -> tuple[Tensor | None, Tensor | None]:
+    """(d x, d w) of x_eCD @ w_eHD^T for the upstream g_eCH, each only where needs_input_grad asks;
+    d w comes out contiguous in w's [e, H, D] layout."""
+    gx = torch.bmm(g_eCH, w_eHD) if needs_input_grad[0] else None
+    gw = torch.bmm(g_eCH.transpose(1, 2), x_eCD) if needs_input_grad[1] else None
+    return gx, gw
 
 
 def _bmm_nt(x_eCD: Tensor, w_eHD: Tensor) -> Tensor:

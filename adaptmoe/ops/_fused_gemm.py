@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..expert_compute import bmm_nt_grads
 from . import _native
 from ._decode_op import _DTYPE_CODES, ACTIVATION_CODES, activation_code
 
@@ -91,8 +92,7 @@ class _Fc1WithRelu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_eCH: Tensor):
         x_eCD, w1_eHD = ctx.saved_tensors
-        gx = torch.bmm(g_eCH, w1_eHD) if ctx.needs_input_grad[0] else None
-        gw = torch.bmm(g_eCH.transpose(1, 2), x_eCD) if ctx.needs_input_grad[1] else None
+        gx, gw = bmm_nt_grads(g_eCH, x_eCD, w1_eHD, ctx.needs_input_grad)
         gb = g_eCH.sum(1) if ctx.needs_input_grad[2] else None
         return gx, gw, gb
 

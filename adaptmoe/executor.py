@@ -46,8 +46,23 @@ def run_experts_local(x_RD: Tensor, routing: Routing, experts, num_experts: int)
     return y.reshape(num_experts * capacity, math.prod(y.shape[2:]))
 
 
+def every_token_to_every_expert(x_TD: Tensor, routing: Routing, experts, num_experts: int, is_postscore: bool) -> bool:
+    """k == E, post-scored, nothing dropped, experts that can run densely: the dispatch would copy
+    every token to every expert, so ``run_local`` skips it (``experts.forward_dense``)."""
+    T, K = routing.indices_TK.shape
+    return (is_postscore and K == num_experts and T > 0 and (routing.capacity is None or routing.capacity >= T)
+            and hasattr(experts, "forward_dense"))
+
+
 def run_local(x_TD: Tensor, routing: Routing, experts, *, num_experts: int, is_postscore: bool) -> Tensor:
     scale_TK, combine_TK = gate_scales(routing, is_postscore)
+    if every_token_to_every_expert(x_TD, routing, experts, num_experts, is_postscore):
+        # Tutel's README layer (E = k = 2) in training: no dispatch (a copy of every token per expert)
+        # and no dispatch backward; the combine reads token-major rows e * T + t of [E, T, O].
+        T = x_TD.shape[0]
+        token_major_TK = routing.indices_TK * T + torch.arange(T, device=x_TD.device).unsqueeze(1)
+        y_ETO = experts.forward_dense(x_TD)
+        return dispatch_ops.combine(y_ETO.reshape(num_experts * T, y_ETO.shape[2]), token_major_TK, combine_TK)
     layout = experts.slot_layout(x_TD, routing) if hasattr(experts, "slot_layout") else None
     if layout is not None:   # dropless in cf=1's slots, overflow rows in free ones (experts.slot_layout)
         x_SD = dispatch_ops.dispatch(x_TD, layout.slots_TK, num_experts * layout.capacity, scale_TK)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -46,6 +47,22 @@ def ffn_padded(x_eCD: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) ->
     if w.b2_eO is not None:
         y_eCO = y_eCO + w.b2_eO.unsqueeze(1)
     return y_eCO
+
+
+def ffn_dense(x_TD: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor:
+    """Every expert's FFN over every token, [E, T, O] (the layout of calls where every token goes to
+    every expert: no dispatch). The first GEMM covers all experts at once (N = E*H: w1 [E, H, D] is
+    [E*H, D] as it lies), so its input gradient sums over the experts inside one GEMM; the second
+    runs per expert over its column block of h ([E, T, H] with row stride E*H, no copy)."""
+    E, H, D = w.w1_eHD.shape
+    T = x_TD.shape[0]
+    h_TN = F.linear(x_TD, w.w1_eHD.reshape(E * H, D), None if w.b1_eH is None else w.b1_eH.reshape(E * H))
+    if w.w3_eHD is not None:
+        h_TN = gated_product(h_TN, F.linear(x_TD, w.w3_eHD.reshape(E * H, D)), act)
+    else:
+        h_TN = act(h_TN)
+    y_ETO = torch.bmm(h_TN.view(T, E, H).transpose(0, 1), w.w2_eHO)
+    return y_ETO if w.b2_eO is None else y_ETO + w.b2_eO.unsqueeze(1)
 
 
 def _relu_ffn_fused(x_eCD: Tensor, w: FFNWeights, act: Callable[[Tensor], Tensor]) -> Tensor | None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ExpertConfig
-from .expert_compute import FFNWeights, ffn_grouped, ffn_padded, ffn_slotted
+from .expert_compute import FFNWeights, ffn_dense, ffn_grouped, ffn_padded, ffn_slotted
 from .routing import OverflowSlots, capacity_for
 
 ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -108,6 +108,10 @@ class FFNExperts(nn.Module):
     def forward_grouped(self, x_RD: Tensor, counts_e: Tensor, weights: FFNWeights | None = None,
                         max_rows_per_expert: int | None = None) -> Tensor:
         return ffn_grouped(x_RD, counts_e, weights or self.stored_weights(), self.activation, max_rows_per_expert)
+
+    def forward_dense(self, x_TD: Tensor) -> Tensor:
+        """Every expert over every token: [E, T, O] (``expert_compute.ffn_dense``)."""
+        return ffn_dense(x_TD, self.stored_weights(), self.activation)
 
     def slot_layout(self, x_TD: Tensor, routing) -> OverflowSlots | None:
         """The capacity-slot layout for a dropless training call of these experts on one process

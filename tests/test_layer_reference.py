@@ -194,3 +194,20 @@ def test_input_shortcut_under_autocast_takes_what_flatten_input_takes():
             assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
     with pytest.raises(TypeError, match="floating-point"):   # the shortcut never lets integers through
         layer._tokens_of(torch.ones(5, 16, dtype=torch.int64), 1)
+
+
+@pytest.mark.parametrize("expert_kind,bias", [("ffn", True), ("ffn", False), ("gated_ffn", False)])
+@pytest.mark.parametrize("cf", [1.0, 0.0, -1.0])
+def test_every_token_to_every_expert_runs_dense_and_matches_reference(expert_kind, bias, cf, monkeypatch):
+    """k == E, post-scored, nothing dropped: the experts run over the tokens themselves
+    (``forward_dense``: no dispatch, combine from token-major rows); outputs and gradients equal
+    the float64 reference. A pre-scored layer, or a capacity that drops, keeps the dispatch."""
+    layer = make_layer("softmax", 4, cf, bias, expert_kind=expert_kind)
+    dense_calls = []
+    real = type(layer.experts).forward_dense
+    monkeypatch.setattr(type(layer.experts), "forward_dense",
+                        lambda self, x_TD: dense_calls.append(x_TD.shape[0]) or real(self, x_TD))
+    compare_with_reference(layer, torch.randn(13, 8, dtype=torch.float64))
+    assert dense_calls == [13]
+    compare_with_reference(layer, torch.randn(13, 8, dtype=torch.float64), capacity_factor=0.5)   # drops
+    assert dense_calls == [13]

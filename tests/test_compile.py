@@ -1,13 +1,15 @@
 """torch.compile(fullgraph=True) of the layer: no graph break inside it (capacity mode, CPU)."""
+import pytest
 import torch
 
 import adaptmoe as am
 
 
-def test_layer_compiles_without_graph_breaks_and_matches_eager():
+@pytest.mark.parametrize("num_experts", [4, 2])   # 2: every token to every expert (the dense layout)
+def test_layer_compiles_without_graph_breaks_and_matches_eager(num_experts):
     torch._dynamo.reset()   # a layer compiled earlier in this process with another capacity factor would recompile
     torch.manual_seed(0)
-    cfg = am.MoEConfig(model_dim=16, num_experts=4, gate=am.GateConfig(top_k=2, capacity_factor=1.0),
+    cfg = am.MoEConfig(model_dim=16, num_experts=num_experts, gate=am.GateConfig(top_k=2, capacity_factor=1.0),
                        experts=am.ExpertConfig(hidden_size=32))
     layer = am.MoELayer(cfg)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")

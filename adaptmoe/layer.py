@@ -118,12 +118,13 @@ class MoELayer(nn.Module):
                 inequivalent_tokens: bool = False, plan: str | None = None) -> Any:
         args = (gate_index, top_k, capacity_factor, adaptive_r, a2a_ffn_overlap_degree, a2a_algo, megablocks_size, plan,
                 reserve_dims, inequivalent_tokens)
-        repeat_key, repeat = self._repeat_call(args)
+        key = self._memo_key(args)
+        repeat = self._memo_get("_repeat_calls", key)
         if repeat is not None:   # a native call with these knob arguments ran before: the short way
             result = native_forward.repeat(self, repeat, x)
             if result is not None:
                 return self._finish(x, x, (x.shape[0],), reserve_dims, repeat.knobs, *result, None)
-        knobs, mode = self._resolved_call(*args[:8])
+        knobs, mode = self._resolved_call(key, *args[:8])
         x_TD, lead_shape = self._tokens_of(x, reserve_dims)
         timer = None
         if mode == "auto":
@@ -134,8 +135,8 @@ class MoELayer(nn.Module):
         native_plan = native_forward.plan_for(self, x_TD, knobs)
         if native_plan is not None:   # inference on one GPU: the whole chain from one native call
             result = native_forward.run(self, x_TD, knobs, native_plan)
-            if repeat_key is not None and mode != "auto" and x_TD is x:
-                self._remember_repeat_call(repeat_key, native_forward.RepeatCall(self, x_TD, knobs, native_plan))
+            if key is not None and mode != "auto" and x_TD is x:
+                self._memo_put("_repeat_calls", key, native_forward.RepeatCall(self, x_TD, knobs, native_plan))
         else:
             routing, loss_inputs = self._route(x_TD, knobs)
             result = (self._run(x_TD, routing, knobs), routing, loss_inputs, None)
@@ -168,39 +169,35 @@ class MoELayer(nn.Module):
         y.l_aux = l_aux
         return self.result_func(y) if self.result_func is not None else y
 
-    def _repeat_call(self, args: tuple) -> tuple[tuple | None, native_forward.RepeatCall | None]:
-        """(memo key of these knob arguments, the native call remembered for them or None); the
-        key is None for unhashable arguments (never remembered). Types are part of the key, as
-        in ``_resolved_call``."""
+    def _memo_key(self, args: tuple) -> tuple | None:
+        """The key of forward's per-layer memos (``_resolved_calls``, ``_repeat_calls``) for these
+        knob arguments: the arguments and their types, so ``True`` never passes as a memoised ``1``.
+        None while dynamo traces (it folds the checks into guards; it cannot trace a memo) and for
+        an unhashable argument (never remembered: the checks name it)."""
         if torch.compiler.is_compiling():
-            return None, None
+            return None
         key = args + tuple(map(type, args))
         try:
-            return key, self.__dict__.get("_repeat_calls", {}).get(key)
+            hash(key)
         except TypeError:
-            return None, None
+            return None
+        return key
 
-    def _remember_repeat_call(self, key: tuple, call: native_forward.RepeatCall) -> None:
-        calls = self.__dict__.setdefault("_repeat_calls", {})
-        if len(calls) >= _MAX_RESOLVED_CALLS:
-            calls.clear()
-        calls[key] = call
+    def _memo_get(self, memo: str, key: tuple | None) -> Any:
+        return None if key is None else self.__dict__.get(memo, {}).get(key)
 
-    def _resolved_call(self, *args) -> tuple[executor.CallKnobs, str]:
-        """(knobs, plan mode) of a call's knob arguments (``forward``'s order), memoised per
-        argument tuple: the checks cost ~15 us of host time at the start of a call on an idle GPU
-        (H100 machine), time the GPU waits. Types are part of the key, so ``True`` never passes
-        as a memoised ``1``; the config is frozen, so a resolution stays valid; only calls that
-        passed every check are remembered."""
-        if torch.compiler.is_compiling():   # dynamo folds the checks into guards; it cannot trace the memo
-            key, cache, hit = None, None, None
-        else:
-            key = args + tuple(map(type, args))
-            cache = self.__dict__.setdefault("_resolved_calls", {})
-            try:
-                hit = cache.get(key)
-            except TypeError:   # an unhashable argument: the checks below name it
-                hit, key = None, None
+    def _memo_put(self, memo: str, key: tuple, value: Any) -> None:
+        entries = self.__dict__.setdefault(memo, {})
+        if len(entries) >= _MAX_RESOLVED_CALLS:   # e.g. a server passing a new capacity factor per call
+            entries.clear()
+        entries[key] = value
+
+    def _resolved_call(self, key: tuple | None, *args) -> tuple[executor.CallKnobs, str]:
+        """(knobs, plan mode) of a call's knob arguments (``forward``'s order), memoised under
+        ``key`` (``_memo_key``): the checks cost ~15 us of host time at the start of a call on an
+        idle GPU (H100 machine), time the GPU waits. The config is frozen, so a resolution stays
+        valid; only calls that passed every check are remembered."""
+        hit = self._memo_get("_resolved_calls", key)
         if hit is not None:
             return hit
         gate_index, top_k, capacity_factor, adaptive_r, overlap, a2a_algo, megablocks_size, plan = args
@@ -211,9 +208,7 @@ class MoELayer(nn.Module):
         if mode not in PLAN_MODES:
             raise ValueError(f"plan must be one of {list(PLAN_MODES)}, got {plan!r}")
         if key is not None:
-            if len(cache) >= _MAX_RESOLVED_CALLS:   # e.g. a server passing a new capacity factor per call
-                cache.clear()
-            cache[key] = (knobs, mode)
+            self._memo_put("_resolved_calls", key, (knobs, mode))
         return knobs, mode
 
     def _tokens_of(self, x: Any, reserve_dims: Any) -> tuple[Tensor, tuple[int, ...]]:

@@ -46,7 +46,7 @@ def run_experts_local(x_RD: Tensor, routing: Routing, experts, num_experts: int)
     return y.reshape(num_experts * capacity, math.prod(y.shape[2:]))
 
 
-def every_token_to_every_expert(x_TD: Tensor, routing: Routing, experts, num_experts: int, is_postscore: bool) -> bool:
+def every_token_to_every_expert(routing: Routing, experts, num_experts: int, is_postscore: bool) -> bool:
     """k == E, post-scored, nothing dropped, experts that can run densely: the dispatch would copy
     every token to every expert, so ``run_local`` skips it (``experts.forward_dense``)."""
     T, K = routing.indices_TK.shape
@@ -56,7 +56,7 @@ def every_token_to_every_expert(x_TD: Tensor, routing: Routing, experts, num_exp
 
 def run_local(x_TD: Tensor, routing: Routing, experts, *, num_experts: int, is_postscore: bool) -> Tensor:
     scale_TK, combine_TK = gate_scales(routing, is_postscore)
-    if every_token_to_every_expert(x_TD, routing, experts, num_experts, is_postscore):
+    if every_token_to_every_expert(routing, experts, num_experts, is_postscore):
         # Tutel's README layer (E = k = 2) in training: no dispatch (a copy of every token per expert)
         # and no dispatch backward; the combine reads token-major rows e * T + t of [E, T, O].
         T = x_TD.shape[0]

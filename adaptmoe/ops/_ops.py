@@ -226,6 +226,18 @@ def _native_routing_ok(native, num_experts: int) -> bool:
     return native is not None and num_experts <= getattr(native, "max_locate_experts", 0)
 
 
+def _native_topk(logits_TE: Tensor, entry: str):
+    """The extension when its top-k kernels (``entry``: the binding to call) serve these logits
+    (CUDA, a float dtype they take, few enough experts for the top-k and the slot assignment),
+    else None."""
+    native = _native.for_tensor(logits_TE)
+    E = logits_TE.shape[1]
+    if (_native_routing_ok(native, E) and hasattr(native, entry) and E <= native.max_topk_experts
+            and logits_TE.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+        return native
+    return None
+
+
 @torch.library.custom_op("adaptmoe::assign_slots", mutates_args=())
 def assign_slots_op(indices_TK: Tensor, num_experts: int, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
     """(locations_TK, counts_E, slots_TK) in GShard priority order; capacity < 0 means dropless."""
@@ -256,9 +268,8 @@ def route_topk_impl(logits_TE: Tensor, k: int, score_fn: str, normalize: bool,
     if score_fn not in SCORE_FNS:
         raise ValueError(f"score_fn must be one of {list(SCORE_FNS)}, got {score_fn!r}")
     T, E = logits_TE.shape
-    native = _native.for_tensor(logits_TE)
-    if (_native_routing_ok(native, E) and E <= native.max_topk_experts
-            and logits_TE.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+    native = _native_topk(logits_TE, "route_topk")
+    if native is not None:
         out = native.route_topk(logits_TE, k, SCORE_FNS.index(score_fn), normalize, capacity, True)
         return tuple(out)
     scores_TE = _scores_fp32(logits_TE, score_fn)
@@ -312,10 +323,8 @@ def route_topk_backward_impl(logits_TE: Tensor, indices_TK: Tensor, grad_w_TK: T
                              grad_scores_TE: Tensor | None, score_fn: str, normalize: bool) -> Tensor:
     """``route_topk_grad`` in one native kernel on CUDA (the scores recomputed as the forward
     kernel computes them: a NaN logit scores 0 under softmax there), else that reference."""
-    native = _native.for_tensor(logits_TE)
-    if (_native_routing_ok(native, logits_TE.shape[1]) and hasattr(native, "route_topk_backward")
-            and logits_TE.shape[1] <= native.max_topk_experts
-            and logits_TE.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+    native = _native_topk(logits_TE, "route_topk_backward")
+    if native is not None:
         return native.route_topk_backward(logits_TE, indices_TK, grad_w_TK, grad_scores_TE,
                                           SCORE_FNS.index(score_fn), normalize)
     return route_topk_grad(logits_TE, indices_TK, grad_w_TK, grad_scores_TE, score_fn, normalize)
@@ -401,12 +410,11 @@ def gshard_loss_native(scores_TE: Tensor, indices_TK: Tensor) -> Tensor | None:
     serve (T > 0), else None. Not while a CUDA graph is captured: a replay has no host time to
     save, and a capture of a training step through torch.cuda.make_graphed_callables with this
     loss failed (cudaErrorStreamCaptureInvalidated, H100; not understood yet: NOTES.md)."""
-    if (not eager_autograd(scores_TE) or scores_TE.dtype not in (torch.float32, torch.float16, torch.bfloat16)
-            or torch.cuda.is_current_stream_capturing()):
+    if (not eager_autograd(scores_TE) or torch.cuda.is_current_stream_capturing() or scores_TE.shape[0] == 0
+            or scores_TE.shape[1] == 0):
         return None
-    native = _native.for_tensor(scores_TE)
-    if (native is None or not hasattr(native, "gshard_loss_backward") or scores_TE.shape[0] == 0
-            or not 1 <= scores_TE.shape[1] <= native.max_topk_experts):
+    # The scores are the top-k kernels' output: the same dtypes and expert counts.
+    if _native_topk(scores_TE, "gshard_loss_backward") is None:
         return None
     return _GshardLossFunction.apply(scores_TE, indices_TK)
 

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import sys
 
 import torch
 
 import adaptmoe as am
 from adaptmoe import dispatch, executor, ops
 from adaptmoe.ops import _ops
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from graph_replay import WithAux, eager_step_then_forget  # noqa: E402   (the GPU test's own setup)
 
 
 def status() -> str:
@@ -60,25 +65,10 @@ def capture_training_step(cf: float) -> None:
     cfg = am.MoEConfig(model_dim=64, num_experts=4, gate=am.GateConfig(top_k=2, capacity_factor=cf),
                        experts=am.ExpertConfig(hidden_size=96))
     layer = am.MoELayer(cfg).to(device="cuda")
-
-    class WithAux(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = layer
-
-        def forward(self, x_TD):
-            y = self.layer(x_TD)
-            return y, y.l_aux
-
-    module = WithAux()
+    module = WithAux(layer)
     x = torch.randn(96, 64, device="cuda", requires_grad=True)
     print("eager step", flush=True)
-    y0, l0 = module(x)
-    torch.autograd.backward([y0, l0], [torch.ones_like(y0), torch.ones_like(l0)])
-    del y0, l0
-    layer.forget_last_call()
-    for p in layer.parameters():
-        p.grad = None
+    eager_step_then_forget(module, x)
     print("make_graphed_callables (warmup, then capture)", flush=True)
     try:
         torch.cuda.make_graphed_callables(module, (x,))

@@ -1,4 +1,4 @@
-"""CUDA-graph replay against eager calls, for the GPU tests."""
+"""CUDA-graph replay against eager calls, for the GPU tests (and scripts/debug_capture_gshard.py)."""
 from __future__ import annotations
 
 from typing import Callable, Iterator
@@ -19,3 +19,27 @@ def replays_and_eager(call: Callable[[], torch.Tensor], x: torch.Tensor,
         with torch.no_grad():
             ref = call()
         yield out, ref   # outside no_grad: grad mode is global, the caller's loop body runs here
+
+
+class WithAux(torch.nn.Module):
+    """A layer as torch.cuda.make_graphed_callables takes it: returns (y, y.l_aux)."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x_TD: torch.Tensor):
+        y = self.layer(x_TD)
+        return y, y.l_aux
+
+
+def eager_step_then_forget(module: WithAux, x: torch.Tensor) -> None:
+    """One eager training step of ``module`` on the default stream, then what capturing a step
+    after it needs: ``forget_last_call()`` and no gradients left (the last call's graph, kept by
+    the layer's l_aux, would otherwise break the backward capture)."""
+    y, l_aux = module(x)
+    torch.autograd.backward([y, l_aux], [torch.ones_like(y), torch.ones_like(l_aux)])
+    del y, l_aux
+    module.layer.forget_last_call()
+    for p in module.layer.parameters():
+        p.grad = None

@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 import adaptmoe as am  # noqa: E402
-from graph_replay import replays_and_eager  # noqa: E402
+from graph_replay import WithAux, eager_step_then_forget, replays_and_eager  # noqa: E402
 
 DEV = "cuda"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
@@ -59,24 +59,9 @@ def test_training_step_through_make_graphed_callables_matches_eager(cf):
     l_aux and gradients as the eager layer. Without forget_last_call() the backward capture fails
     (the layer's l_aux keeps the eager step's AccumulateGrad nodes alive: scripts/debug_graphed_train.py)."""
     layer = make_layer(torch.float32, cf)
-
-    class WithAux(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = layer
-
-        def forward(self, x_TD):
-            y = self.layer(x_TD)
-            return y, y.l_aux
-
-    module = WithAux()
+    module = WithAux(layer)
     x = torch.randn(96, 64, device=DEV, requires_grad=True)
-    y0, l0 = module(x)
-    torch.autograd.backward([y0, l0], [torch.ones_like(y0), torch.ones_like(l0)])
-    del y0, l0
-    layer.forget_last_call()
-    for p in layer.parameters():
-        p.grad = None
+    eager_step_then_forget(module, x)
     graphed = torch.cuda.make_graphed_callables(module, (x,))
     params = list(layer.parameters())
     for _ in range(2):

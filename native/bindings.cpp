@@ -34,15 +34,24 @@ std::optional<Tensor> checked_tk(const std::optional<Tensor>& w, const Tensor& s
   return w->contiguous();
 }
 
+// The rows a backward dots with the moved rows (n of them, src's width and dtype), when given.
+std::optional<Tensor> checked_dot_rows(const std::optional<Tensor>& dot, const Tensor& src, int64_t n) {
+  if (!dot.has_value()) return std::nullopt;
+  check_cuda(*dot, "dot rows", src);
+  TORCH_CHECK(dot->scalar_type() == src.scalar_type() && dot->dim() == 2 && dot->size(0) == n &&
+                  dot->size(1) == src.size(1),
+              text("adaptmoe: dot rows must be (", n, ", ", src.size(1), ") of the rows' dtype"));
+  return dot->contiguous();
+}
+
 // Returns (indices_TK int64, weights_TK, scores_TE (empty unless want_scores), locations_TK, counts_E, slots_TK).
 std::vector<Tensor> route_topk(const Tensor& logits_TE, int64_t k, int64_t score_fn, bool normalize,
                                int64_t capacity, bool want_scores) {
-  TORCH_CHECK(logits_TE.is_cuda() && logits_TE.dim() == 2, "adaptmoe: logits_TE must be a 2-D CUDA tensor");
-  const auto dt = dtype_of(logits_TE);
+  const auto dt = check_rows(logits_TE, "logits_TE");
   const c10::cuda::CUDAGuard guard(logits_TE.device());
   const Tensor logits = logits_TE.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1);
-  TORCH_CHECK(E >= 1 && E <= adaptmoe::kMaxTopkExperts, text("adaptmoe: native top-k takes 1..", adaptmoe::kMaxTopkExperts, " experts, got ", E));
+  check_experts(E, adaptmoe::kMaxTopkExperts, "native top-k");
   TORCH_CHECK(k >= 1 && k <= E, text("adaptmoe: top_k must be in [1, E], got ", k));
   TORCH_CHECK(T * k < INT32_MAX, "adaptmoe: T*k must fit in int32");
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -69,15 +78,12 @@ std::vector<Tensor> route_topk(const Tensor& logits_TE, int64_t k, int64_t score
 // d loss / d scores_TE [T, E] (dtype) of gshard_loss without row normalisation, for the loss's
 // gradient grad (0-dim float32 on the GPU): no host read of it.
 Tensor gshard_loss_backward(const Tensor& indices_TK, const Tensor& grad, int64_t num_experts, at::ScalarType dtype) {
-  TORCH_CHECK(indices_TK.is_cuda() && indices_TK.dim() == 2 && indices_TK.scalar_type() == at::kLong &&
-                  indices_TK.size(1) >= 1,
-              "adaptmoe: indices_TK must be an int64 [T, k] CUDA tensor, k >= 1");
+  const Tensor idx = checked_indices(indices_TK, indices_TK);
   check_cuda(grad, "grad", indices_TK);
   TORCH_CHECK(grad.numel() == 1 && grad.scalar_type() == at::kFloat, "adaptmoe: grad must be one float32 value");
-  TORCH_CHECK(num_experts >= 1 && num_experts <= adaptmoe::kMaxTopkExperts,
-              text("adaptmoe: the gshard loss takes 1..", adaptmoe::kMaxTopkExperts, " experts, got ", num_experts));
+  check_experts(num_experts, adaptmoe::kMaxTopkExperts, "the gshard loss");
   const c10::cuda::CUDAGuard guard(indices_TK.device());
-  const Tensor idx = indices_TK.contiguous(), g = grad.contiguous();
+  const Tensor g = grad.contiguous();
   const int64_t T = idx.size(0);
   Tensor out = at::empty({T, num_experts}, idx.options().dtype(dtype));
   check_launch(adaptmoe::launch_gshard_loss_backward(idx.data_ptr<int64_t>(), T, static_cast<int>(num_experts),
@@ -91,15 +97,12 @@ Tensor gshard_loss_backward(const Tensor& indices_TK, const Tensor& grad, int64_
 // gradient may be None (no gradient reached it).
 Tensor route_topk_backward(const Tensor& logits_TE, const Tensor& indices_TK, const std::optional<Tensor>& grad_w_TK,
                            const std::optional<Tensor>& grad_scores_TE, int64_t score_fn, bool normalize) {
-  TORCH_CHECK(logits_TE.is_cuda() && logits_TE.dim() == 2, "adaptmoe: logits_TE must be a 2-D CUDA tensor");
-  const auto dt = dtype_of(logits_TE);
-  check_cuda(indices_TK, "indices_TK", logits_TE);
-  const int64_t T = logits_TE.size(0), E = logits_TE.size(1), k = indices_TK.dim() == 2 ? indices_TK.size(1) : 0;
-  TORCH_CHECK(indices_TK.dim() == 2 && indices_TK.scalar_type() == at::kLong && indices_TK.size(0) == T,
-              "adaptmoe: indices_TK must be int64 [T, k] over logits_TE's T tokens");
-  TORCH_CHECK(E >= 1 && E <= adaptmoe::kMaxTopkExperts && k >= 1 && k <= E,
-              text("adaptmoe: native top-k backward takes 1..", adaptmoe::kMaxTopkExperts, " experts and 1 <= k <= E, got E=",
-                   E, ", k=", k));
+  const auto dt = check_rows(logits_TE, "logits_TE");
+  const int64_t T = logits_TE.size(0), E = logits_TE.size(1);
+  const Tensor indices = checked_indices(indices_TK, logits_TE, T);
+  const int64_t k = indices.size(1);
+  check_experts(E, adaptmoe::kMaxTopkExperts, "native top-k backward");
+  TORCH_CHECK(k <= E, text("adaptmoe: top-k backward needs k <= E, got E=", E, ", k=", k));
   auto grad_of = [&](const std::optional<Tensor>& g, const char* name, at::IntArrayRef shape) -> Tensor {
     if (!g.has_value() || !g->defined()) return Tensor();
     check_cuda(*g, name, logits_TE);
@@ -110,7 +113,7 @@ Tensor route_topk_backward(const Tensor& logits_TE, const Tensor& indices_TK, co
   const Tensor grad_w = grad_of(grad_w_TK, "grad_w_TK", indices_TK.sizes());
   const Tensor grad_scores = grad_of(grad_scores_TE, "grad_scores_TE", logits_TE.sizes());
   const c10::cuda::CUDAGuard guard(logits_TE.device());
-  const Tensor logits = logits_TE.contiguous(), indices = indices_TK.contiguous();
+  const Tensor logits = logits_TE.contiguous();
   Tensor grad_logits = at::empty({T, E}, logits.options());
   check_launch(adaptmoe::launch_topk_backward(logits.data_ptr(), dt, indices.data_ptr<int64_t>(),
                                               grad_w.defined() ? grad_w.data_ptr() : nullptr,
@@ -125,16 +128,12 @@ Tensor route_topk_backward(const Tensor& logits_TE, const Tensor& indices_TK, co
 // GShard loss (0-dim float32) of scores_TE and the first choices indices_TK[:, 0]; rows of scores
 // divided by their sum first when normalize_rows (see launch_gshard_loss).
 Tensor gshard_loss(const Tensor& scores_TE, const Tensor& indices_TK, bool normalize_rows) {
-  TORCH_CHECK(scores_TE.is_cuda() && scores_TE.dim() == 2, "adaptmoe: scores_TE must be a 2-D CUDA tensor");
-  check_cuda(indices_TK, "indices_TK", scores_TE);
-  TORCH_CHECK(indices_TK.dim() == 2 && indices_TK.scalar_type() == at::kLong && indices_TK.size(0) == scores_TE.size(0) &&
-                  indices_TK.size(1) >= 1,
-              "adaptmoe: indices_TK must be int64 (T, K >= 1) with scores_TE's T");
-  const auto dt = dtype_of(scores_TE);
+  const auto dt = check_rows(scores_TE, "scores_TE");
   const int64_t T = scores_TE.size(0), E = scores_TE.size(1);
-  TORCH_CHECK(E >= 1 && E <= adaptmoe::kMaxTopkExperts, text("adaptmoe: the gshard loss takes 1..", adaptmoe::kMaxTopkExperts, " experts, got ", E));
+  const Tensor idx = checked_indices(indices_TK, scores_TE, T);
+  check_experts(E, adaptmoe::kMaxTopkExperts, "the gshard loss");
   const c10::cuda::CUDAGuard guard(scores_TE.device());
-  const Tensor scores = scores_TE.contiguous(), idx = indices_TK.contiguous();
+  const Tensor scores = scores_TE.contiguous();
   Tensor buf = at::empty({1 + adaptmoe::gshard_loss_workspace_floats(T, static_cast<int>(E))}, scores.options().dtype(at::kFloat));
   check_launch(adaptmoe::launch_gshard_loss(scores.data_ptr(), dt, idx.data_ptr<int64_t>(), T, static_cast<int>(E),
                                             static_cast<int>(idx.size(1)), normalize_rows, buf.data_ptr<float>() + 1,
@@ -147,8 +146,7 @@ Tensor gshard_loss(const Tensor& scores_TE, const Tensor& indices_TK, bool norma
 std::vector<Tensor> assign_slots(const Tensor& indices_TK, int64_t num_experts, int64_t capacity) {
   TORCH_CHECK(indices_TK.is_cuda() && indices_TK.dim() == 2 && indices_TK.scalar_type() == at::kLong,
               "adaptmoe: indices_TK must be a 2-D int64 CUDA tensor");
-  TORCH_CHECK(num_experts >= 1 && num_experts <= adaptmoe::kMaxLocateExperts, text("adaptmoe: native slot assignment takes 1..",
-              adaptmoe::kMaxLocateExperts, " experts, got ", num_experts));
+  check_experts(num_experts, adaptmoe::kMaxLocateExperts, "native slot assignment");
   const c10::cuda::CUDAGuard guard(indices_TK.device());
   const Tensor idx = indices_TK.contiguous();
   const int64_t T = idx.size(0), K = idx.size(1);
@@ -169,21 +167,14 @@ std::vector<Tensor> assign_slots(const Tensor& indices_TK, int64_t num_experts, 
 // Returns (out_RD, dot_TK (empty unless dot_RD)).
 std::vector<Tensor> scatter_rows(const Tensor& src_TD, const Tensor& slots_TK, int64_t num_rows,
                                  const std::optional<Tensor>& w_TK, const std::optional<Tensor>& dot_RD) {
-  TORCH_CHECK(src_TD.is_cuda() && src_TD.dim() == 2, "adaptmoe: rows must be a 2-D CUDA tensor");
-  const auto dt = dtype_of(src_TD);
+  const auto dt = check_rows(src_TD, "rows");
   const c10::cuda::CUDAGuard guard(src_TD.device());
   const Tensor src = src_TD.contiguous();
   const Tensor slots = checked_slots(slots_TK, src);
   TORCH_CHECK(slots.size(0) == src.size(0), "adaptmoe: slots_TK and rows disagree on T");
   TORCH_CHECK(slots.numel() < INT32_MAX, "adaptmoe: T*k must fit in int32");
   const auto w = checked_tk(w_TK, slots, src, "scale/weights");
-  std::optional<Tensor> dot;
-  if (dot_RD.has_value()) {
-    check_cuda(*dot_RD, "dot rows", src);
-    TORCH_CHECK(dot_RD->scalar_type() == src.scalar_type() && dot_RD->dim() == 2 && dot_RD->size(0) == num_rows &&
-                    dot_RD->size(1) == src.size(1), "adaptmoe: dot rows must be (R, D) of the rows' dtype");
-    dot = dot_RD->contiguous();
-  }
+  const std::optional<Tensor> dot = checked_dot_rows(dot_RD, src, num_rows);
   const int64_t T = src.size(0), D = src.size(1), K = slots.size(1);
   auto stream = c10::cuda::getCurrentCUDAStream();
   Tensor out = at::empty({num_rows, D}, src.options());
@@ -205,8 +196,7 @@ std::vector<Tensor> scatter_rows(const Tensor& src_TD, const Tensor& slots_TK, i
 // padded rows no choice feeds become 0 (the layer forward leaves them unwritten).
 Tensor scatter_located_rows(const Tensor& src_TD, const Tensor& slots_TK, const Tensor& counts_E, int64_t capacity,
                             const std::optional<Tensor>& w_TK, bool zero_unfed) {
-  TORCH_CHECK(src_TD.is_cuda() && src_TD.dim() == 2, "adaptmoe: rows must be a 2-D CUDA tensor");
-  const auto dt = dtype_of(src_TD);
+  const auto dt = check_rows(src_TD, "rows");
   const c10::cuda::CUDAGuard guard(src_TD.device());
   const Tensor src = src_TD.contiguous();
   const Tensor slots = checked_slots(slots_TK, src);
@@ -229,20 +219,13 @@ Tensor scatter_located_rows(const Tensor& src_TD, const Tensor& slots_TK, const 
 // Returns (out_TD, dot_TK (empty unless dot_TD)).
 std::vector<Tensor> gather_rows(const Tensor& src_RD, const Tensor& slots_TK, const std::optional<Tensor>& w_TK,
                                 const std::optional<Tensor>& dot_TD) {
-  TORCH_CHECK(src_RD.is_cuda() && src_RD.dim() == 2, "adaptmoe: rows must be a 2-D CUDA tensor");
-  const auto dt = dtype_of(src_RD);
+  const auto dt = check_rows(src_RD, "rows");
   const c10::cuda::CUDAGuard guard(src_RD.device());
   const Tensor src = src_RD.contiguous();
   const Tensor slots = checked_slots(slots_TK, src);
   const auto w = checked_tk(w_TK, slots, src, "scale/weights");
   const int64_t T = slots.size(0), K = slots.size(1), D = src.size(1), R = src.size(0);
-  std::optional<Tensor> dot;
-  if (dot_TD.has_value()) {
-    check_cuda(*dot_TD, "dot rows", src);
-    TORCH_CHECK(dot_TD->scalar_type() == src.scalar_type() && dot_TD->dim() == 2 && dot_TD->size(0) == T &&
-                    dot_TD->size(1) == D, "adaptmoe: dot rows must be (T, D) of the rows' dtype");
-    dot = dot_TD->contiguous();
-  }
+  const std::optional<Tensor> dot = checked_dot_rows(dot_TD, src, T);
   auto stream = c10::cuda::getCurrentCUDAStream();
   Tensor out = at::empty({T, D}, src.options());
   const auto dot_dtype = w.has_value() ? w->scalar_type() : at::kFloat;
@@ -298,8 +281,7 @@ DecodeInputs checked_decode_inputs(const Tensor& x_TD, const Tensor& e_TK, const
                                    const Tensor& w1_EHD, const Tensor& w2_EHO, const std::optional<Tensor>& w3_EHD,
                                    const std::optional<Tensor>& b1_EH, const std::optional<Tensor>& b2_EO,
                                    int64_t act, int64_t splits, int64_t out_dtype) {
-  TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");
-  dtype_of(x_TD);
+  check_rows(x_TD, "x_TD");
   TORCH_CHECK(w1_EHD.dim() == 3 && w2_EHO.dim() == 3, "adaptmoe: w1_EHD and w2_EHO must be 3-D");
   DecodeInputs in;
   in.T = x_TD.size(0), in.D = x_TD.size(1), in.E = w1_EHD.size(0), in.H = w1_EHD.size(1), in.O = w2_EHO.size(2);

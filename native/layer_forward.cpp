@@ -256,8 +256,7 @@ std::vector<Tensor> forward_outputs(const Tensor& y_TO, const Tensor& logits_TE,
 
 void check_inputs(const Tensor& x_TD, const Tensor& wg_ED, int64_t k, int64_t capacity, bool grouped, bool dense,
                   bool postscore, const ExpertWeights& w, bool relu_epilogue) {
-  TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");
-  torch_ops::dtype_of(x_TD);
+  torch_ops::check_rows(x_TD, "x_TD");
   torch_ops::check_cuda(wg_ED, "wg_ED", x_TD);
   TORCH_CHECK(wg_ED.dim() == 2 && wg_ED.size(1) == x_TD.size(1), "adaptmoe: wg_ED must be (E, D) with x_TD's D");
   const int64_t E = wg_ED.size(0);

@@ -47,6 +47,27 @@ inline void check_cuda(const Tensor& t, const char* name, const Tensor& like) {
   TORCH_CHECK(t.device() == like.device(), text("adaptmoe: ", name, " is on ", t.device(), ", expected ", like.device()));
 }
 
+// The dtype code of t, a 2-D CUDA tensor of a float type the kernels take.
+inline adaptmoe::DType check_rows(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.dim() == 2, text("adaptmoe: ", name, " must be a 2-D CUDA tensor"));
+  return dtype_of(t);
+}
+
+// Expert choices: int64 [T, k >= 1] on like's device (T = rows unless rows < 0), contiguous.
+inline Tensor checked_indices(const Tensor& indices_TK, const Tensor& like, int64_t rows = -1) {
+  check_cuda(indices_TK, "indices_TK", like);
+  TORCH_CHECK(indices_TK.dim() == 2 && indices_TK.scalar_type() == at::kLong && indices_TK.size(1) >= 1 &&
+                  (rows < 0 || indices_TK.size(0) == rows),
+              text("adaptmoe: indices_TK must be int64 (T, k >= 1)", rows < 0 ? "" : text(" with T=", rows)));
+  return indices_TK.contiguous();
+}
+
+// num_experts in [1, max_experts] for the kernels of `what`.
+inline void check_experts(int64_t num_experts, int64_t max_experts, const char* what) {
+  TORCH_CHECK(num_experts >= 1 && num_experts <= max_experts,
+              text("adaptmoe: ", what, " takes 1..", max_experts, " experts, got ", num_experts));
+}
+
 // Tensors over buf's storage from byte_offset, built directly: each narrow, view or transpose is a
 // dispatcher call (~2-3 us of host time on the H100 machines), and a native layer call made ~20 of
 // them. Each has its own version counter: for tensors that never carry autograd. The caller keeps

@@ -74,7 +74,8 @@ def variants(layer, x, cf, floor):
     return calls
 
 
-def run_config(name: str, iters: int, routing: str, tokens: int | None = None) -> None:
+def run_config(name: str, iters: int, routing: str, tokens: int | None = None,
+               modes: tuple[str, ...] = ("cf=1", "dropless")) -> None:
     cfg = dict(CONFIGS[name], **({"T": tokens} if tokens else {}))
     T, D, E, K = cfg["T"], cfg["D"], cfg["E"], cfg["K"]
     dtype = DTYPES[cfg["dtype"]]
@@ -90,7 +91,8 @@ def run_config(name: str, iters: int, routing: str, tokens: int | None = None) -
         with torch.no_grad():
             torch.bmm(torch.relu(torch.bmm(xf, w1.transpose(1, 2))), w2)
 
-    for mode, cf in (("cf=1", 1.0), ("dropless", 0.0)):
+    for mode in modes:
+        cf = {"cf=1": 1.0, "dropless": 0.0}[mode]
         calls = variants(layer, x, cf, floor)
         names = list(calls)
         burn = time.perf_counter()
@@ -126,13 +128,14 @@ def main() -> None:
     ap.add_argument("--routing", default="random", choices=["random", "balanced"])
     ap.add_argument("--spin", action="store_true", help="wait for each call by polling its end event")
     ap.add_argument("--tokens", type=int, default=None, help="override T (e.g. small serving batches)")
+    ap.add_argument("--modes", default="cf=1,dropless", help="capacity modes in the order measured")
     args = ap.parse_args()
     global SPIN
     SPIN = args.spin
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | routing {args.routing} | spin {SPIN} | "
           f"median of {args.iters} interleaved isolated calls")
     for name in args.configs:
-        run_config(name, args.iters, args.routing, args.tokens)
+        run_config(name, args.iters, args.routing, args.tokens, tuple(args.modes.split(",")))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ The Python path stays the reference: this module only decides whether the native
 what the Python path would, and packages its outputs the way the Python path does;
 ``native_forward_blocker`` says why a call cannot be served (the layer then runs the Python
 path). Op for op the same, except: large dropless calls of relu experts of up to
-``ops._triton_gemm.MAX_EXPERT_WEIGHTS`` weights gather their rows inside a Triton first GEMM
+``ops._triton_gemm.MAX_EXPERT_WEIGHTS`` weights, and large capacity calls of relu experts of up
+to ``_CAPACITY_GATHER_MAX_WEIGHTS``, gather their rows inside a Triton first GEMM
 (``gathered_fc1_blocker``), which rounds its own way (launched from inside the native call once
 Triton has compiled and launched it once: ``ops._triton_native``); calls where every token goes to every
 expert (k == E, post-scored, nothing dropped) skip the dispatch, with one first GEMM over the
@@ -51,6 +52,11 @@ _RELU = ACTIVATION_CODES["relu"]
 # 0.370 vs 0.424 ms, 2048 0.440 vs 0.514, 4096 0.684 vs 0.782; R*(D+H) = 2.5e7 at T=1024); below
 # that it is unmeasured, so the smallest measured size is the bound.
 _GATHER_MIN_ELEMENTS = 1 << 24
+# H*D of one expert's first matrix up to which capacity (cf != 0) calls gather their padded rows in
+# the Triton first GEMM instead of a dispatch pass and cuBLAS's batched GEMM (H100, balanced, first
+# GEMM graphed, scripts/explore_capacity_gathered.py: fine-grained 1024x2048 experts 0.457 vs
+# 0.488 ms; DeepSeek-V3's 2048x7168 6.04 vs 5.99, where cuBLAS's tiles win).
+_CAPACITY_GATHER_MAX_WEIGHTS = 1 << 22
 
 
 def set_enabled(enabled: bool) -> None:
@@ -75,7 +81,7 @@ class NativeForwardPlan:
     activation: int        # Activation code of native/moe_kernels.h
     relu_epilogue: bool    # relu inside the first GEMM (capacity layout, plain FFN)
     grouped: bool          # dropless rows through the grouped GEMM (else a padded batch)
-    gathered_fc1: bool = False   # grouped: the first GEMM gathers its rows (Triton, no dispatch)
+    gathered_fc1: bool = False   # the first GEMM gathers its rows (Triton, no dispatch; with capacity: padded rows)
     gshard_loss: bool = False    # the gate's only loss is gshard: the native call computes it
     dense: bool = False          # k == E, post-scored: calls that drop nothing skip the dispatch
 
@@ -142,13 +148,15 @@ def _signature_plan(layer, x_TD: Tensor, native, gate_index: int, top_k: int,
     if E > min(native.max_topk_experts, native.max_locate_experts):
         return f"{E} experts (native routing takes up to {native.max_topk_experts})"
     grouped = dropless and top_k != E   # k == E: every expert gets all T rows, a padded batch
-    gathered = False
     if grouped:
         from .expert_compute import _grouped_mm_usable
         if x_TD.dtype != torch.bfloat16 or not _grouped_mm_usable(x_TD, w):
             return "dropless rows outside bf16 grouped GEMM (sm90+, D, H, O multiples of 8)"
-        gathered = (_gathered_enabled and w.w3_eHD is None and w.b2_eO is None and layer.config.is_postscore
-                    and _triton_gemm.gathered_fc1_blocker(x_TD, w.w1_eHD, w.b1_eH, act == _RELU) is None)
+    max_gathered = (_triton_gemm.MAX_EXPERT_WEIGHTS if grouped else
+                    _CAPACITY_GATHER_MAX_WEIGHTS if not dropless and top_k != E else 0)
+    gathered = (_gathered_enabled and w.w3_eHD is None and w.b2_eO is None and layer.config.is_postscore
+                and w.w1_eHD.shape[1] * w.w1_eHD.shape[2] <= max_gathered
+                and _triton_gemm.gathered_fc1_blocker(x_TD, w.w1_eHD, w.b1_eH, act == _RELU) is None)
     relu_epilogue = (not grouped and w.w3_eHD is None
                      and _fused_gemm.fused_ffn_blocker(x_TD.unsqueeze(0), w.w1_eHD, w.b1_eH, w.w2_eHO,
                                                        experts.activation) is None)
@@ -226,8 +234,9 @@ def _launch(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Te
     T = x_TD.shape[0]
     E, k = layer.config.num_experts, knobs.top_k
     capacity = capacity_for(knobs.capacity_factor, T, E, k)
-    if plan.gathered_fc1 and T * k * (w.w1_eHD.shape[1] + w.w1_eHD.shape[2]) >= _GATHER_MIN_ELEMENTS:
-        return _run_gathered(layer, x_TD, knobs, plan, gate, wg_ED, w)
+    if (plan.gathered_fc1 and T * k * (w.w1_eHD.shape[1] + w.w1_eHD.shape[2]) >= _GATHER_MIN_ELEMENTS
+            and capacity != 0):
+        return _run_gathered(layer, x_TD, knobs, plan, gate, wg_ED, w, capacity)
     dense = plan.dense and T > 0 and (capacity is None or capacity >= T)   # then no choice drops
     outputs = _native.loaded().moe_forward_nograd(
         x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, -1 if capacity is None else capacity,
@@ -252,34 +261,43 @@ def _gate_of(layer, gate_index: int) -> tuple:
     return gate, gate._modules["wg"]._parameters["weight"]
 
 
-def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Tensor, w) -> tuple:
-    """Dropless relu experts (``_triton_gemm.gathered_fc1_blocker`` says which): native routing,
-    the first GEMM gathering its rows from the tokens with relu in its epilogue
-    (``ops._triton_gemm``), grouped second GEMM, native combine. One native call when a registered
-    variant of that GEMM fits this call's arguments; else the GEMM is launched from Python (and the
-    variant Triton ran is registered for the next calls)."""
-    T, k = x_TD.shape[0], knobs.top_k
+def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Tensor, w,
+                  capacity: int | None) -> tuple:
+    """Relu experts whose first GEMM gathers its rows from the tokens, relu in its epilogue
+    (``ops._triton_gemm``; ``gathered_fc1_blocker`` says which): native routing, that GEMM over
+    the grouped rows then the grouped second GEMM (dropless, capacity None), or over the padded
+    rows (every expert ``capacity`` of them) then the batched one; native combine. One native
+    call when a registered variant of that GEMM fits this call's arguments; else the GEMM is
+    launched from Python (and the variant Triton ran is registered for the next calls)."""
+    T, k, E = x_TD.shape[0], knobs.top_k, layer.config.num_experts
     native = _native.loaded()
+    num_rows = T * k if capacity is None else E * capacity
+    native_capacity = -1 if capacity is None else capacity
     variants_key = (x_TD.device.index, tuple(w.w1_eHD.shape), w.b1_eH is not None)
     variants = _gathered_kernels.get(variants_key) if _triton_from_native else None
     if variants:
         outputs = native.moe_forward_nograd_gathered(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize,
-                                                     w.w1_eHD, w.w2_eHO, w.b1_eH, variants, plan.gshard_loss)
+                                                     w.w1_eHD, w.w2_eHO, w.b1_eH, variants, plan.gshard_loss,
+                                                     native_capacity)
         if outputs:
-            return _packaged(outputs, None, T * k, plan)
+            return _packaged(outputs, capacity, num_rows, plan)
     (logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK,
-     inv_R) = native.moe_route_nograd(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize)
-    if T == 0:
+     inv_R) = native.moe_route_nograd(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, native_capacity)
+    if num_rows == 0:
         y_RO = x_TD.new_zeros(0, w.w2_eHO.shape[2])
     else:
-        h_RH, kernel = _triton_gemm.gathered_fc1_relu(x_TD, inv_R, k, counts_E, w.w1_eHD, w.b1_eH)
+        rows_E = counts_E if capacity is None else torch.full_like(counts_E, capacity)
+        h_RH, kernel = _triton_gemm.gathered_fc1_relu(x_TD, inv_R, k, rows_E, w.w1_eHD, w.b1_eH)
         _remember_gathered_kernel(variants_key, native, kernel)
-        y_RO = torch._grouped_mm(h_RH, w.w2_eHO, offs=torch.cumsum(counts_E, 0, dtype=torch.int32))
+        if capacity is None:
+            y_RO = torch._grouped_mm(h_RH, w.w2_eHO, offs=torch.cumsum(counts_E, 0, dtype=torch.int32))
+        else:   # rows no choice feeds (computed from token 0) are never gathered
+            y_RO = torch.bmm(h_RH.view(E, capacity, -1), w.w2_eHO).view(num_rows, -1)
     y_TO = native.gather_rows(y_RO, slots_TK, weights_TK, None)[0]
     # Last, like inside the one-call path: nothing in front of the expert GEMMs waits for it.
     loss = native.gshard_loss(scores_TE, indices_TK, plan.score_fn == 1) if plan.gshard_loss else None
     return _packaged([y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK, loss],
-                     None, T * k, plan)
+                     capacity, num_rows, plan)
 
 
 def _remember_gathered_kernel(key: tuple, native, kernel) -> None:

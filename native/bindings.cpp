@@ -377,11 +377,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bmm_nt_act", &adaptmoe::bmm_nt_act, "act(x @ w^T + b) per expert, activation in cuBLASLt's epilogue");
   m.def("decode_ffn", &decode_ffn, "expert FFN of a few tokens over the selected experts only");
   m.def("moe_route_nograd", &adaptmoe::moe_route_nograd,
-        "no-grad dropless routing of a single-process layer plus the grouped row -> choice map");
+        "no-grad routing of a single-process layer plus the row -> choice map of a gathering first GEMM");
   m.def("moe_forward_nograd", &adaptmoe::moe_forward_nograd,
         "no-grad forward of a single-process layer: gate, routing, dispatch, FFN, combine in one call");
   m.def("moe_forward_nograd_gathered", &adaptmoe::moe_forward_nograd_gathered,
-        "moe_forward_nograd for dropless relu experts, the first GEMM a registered Triton kernel gathering its rows");
+        "moe_forward_nograd for relu experts, the first GEMM a registered Triton kernel gathering its rows");
   m.def("register_triton_kernel", &adaptmoe::register_triton_kernel,
         "registers a compiled Triton kernel (function handle and specialization) for launches from C++; -1 if refused");
   m.attr("max_decode_pairs") = adaptmoe::kMaxDecodePairs;

@@ -319,19 +319,36 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
   return forward_outputs(y_TO, logits_TE, r, want_gshard_loss, score_fn);
 }
 
+namespace {
+
+// Rows of a gathering first GEMM: T*k (dropless) or E * capacity.
+int64_t gathered_rows(int64_t T, int64_t E, int64_t k, int64_t capacity) { return capacity < 0 ? T * k : E * capacity; }
+
+// inv_R[r] = the choice feeding row r (launch_inverse_slots); the padded layout's unfed rows read
+// choice 0 (their outputs are never gathered; an unset index would read out of bounds).
+void launch_gathered_inverse(const Routed& r, int64_t capacity, const Tensor& inv_R) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t rows = inv_R.numel();
+  if (capacity >= 0 && rows > 0) {
+    torch_ops::check_launch(cudaMemsetAsync(inv_R.data_ptr<int>(), 0, sizeof(int) * rows, stream), "inverse slots");
+  }
+  torch_ops::check_launch(launch_inverse_slots(r.slots(), r.T * r.k, rows, inv_R.data_ptr<int>(), stream),
+                          "inverse slots");
+}
+
+}  // namespace
+
 std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
-                                         int64_t score_fn, bool normalize) {
+                                         int64_t score_fn, bool normalize, int64_t capacity) {
   TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");
   torch_ops::check_cuda(wg_ED, "wg_ED", x_TD);
   TORCH_CHECK(wg_ED.dim() == 2 && wg_ED.size(1) == x_TD.size(1), "adaptmoe: wg_ED must be (E, D) with x_TD's D");
   const c10::cuda::CUDAGuard guard(x_TD.device());
   const at::NoGradGuard no_grad;
   const Tensor logits_TE = gate_logits(x_TD, wg_ED, gate_fp32);
-  const Routed r = route(logits_TE, k, score_fn, normalize, -1);
-  const int64_t n = r.T * r.k;
-  Tensor inv_R = at::empty({n}, x_TD.options().dtype(at::kInt));
-  torch_ops::check_launch(launch_inverse_slots(r.slots(), n, n, inv_R.data_ptr<int>(), c10::cuda::getCurrentCUDAStream()),
-                          "inverse slots");
+  const Routed r = route(logits_TE, k, score_fn, normalize, capacity);
+  Tensor inv_R = at::empty({gathered_rows(r.T, r.E, r.k, capacity)}, x_TD.options().dtype(at::kInt));
+  launch_gathered_inverse(r, capacity, inv_R);
   std::vector<Tensor> out{logits_TE};
   for (Tensor& t : r.views()) out.push_back(std::move(t));
   out.push_back(inv_R);
@@ -369,24 +386,29 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
                                                     int64_t k, int64_t score_fn, bool normalize,
                                                     const at::Tensor& w1_EHD, const at::Tensor& w2_EHO,
                                                     const std::optional<at::Tensor>& b1_EH,
-                                                    const std::vector<int64_t>& kernel_ids, bool want_gshard_loss) {
+                                                    const std::vector<int64_t>& kernel_ids, bool want_gshard_loss,
+                                                    int64_t capacity) {
   const ExpertWeights w{w1_EHD, w2_EHO, Tensor(), value_or_undefined(b1_EH), Tensor()};
-  check_inputs(x_TD, wg_ED, k, /*capacity=*/-1, /*grouped=*/true, /*dense=*/false, /*postscore=*/true, w, false);
+  check_inputs(x_TD, wg_ED, k, capacity, /*grouped=*/capacity < 0, /*dense=*/false, /*postscore=*/true, w, false);
+  TORCH_CHECK(x_TD.scalar_type() == at::kBFloat16, "adaptmoe: the gathered first GEMM takes bfloat16 tokens");
   const c10::cuda::CUDAGuard guard(x_TD.device());
   const at::NoGradGuard no_grad;
   const Tensor x = x_TD.contiguous();
-  const int64_t T = x.size(0), E = wg_ED.size(0), H = w1_EHD.size(1), n = T * k;
-  if (n == 0) return {};
+  const int64_t T = x.size(0), E = wg_ED.size(0), H = w1_EHD.size(1), R = gathered_rows(T, E, k, capacity);
+  if (T * k == 0 || R == 0) return {};
   // Every buffer first, then the kernel whose specialization fits their addresses; none fits:
   // nothing was enqueued, the caller launches through Triton.
   Routed r = alloc_routed(T, E, k, gate_fp32 ? at::kFloat : wg_ED.scalar_type(), x.options());
-  const Tensor inv_R = at::empty({n}, x.options().dtype(at::kInt));
-  Tensor h_RH = at::empty({n, H}, x.options());
+  const Tensor inv_R = at::empty({R}, x.options().dtype(at::kInt));
+  // The kernel's rows per expert: the counts (dropless), or capacity for every expert (padded).
+  const Tensor rows_E = capacity < 0 ? Tensor() : at::empty({E}, x.options().dtype(at::kLong));
+  const int64_t* rows_per_expert = capacity < 0 ? r.counts() : rows_E.data_ptr<int64_t>();
+  Tensor h_RH = at::empty({R, H}, x.options());
   int64_t kernel_id = -1, programs = 0;
   TritonArgs args;
   for (int64_t id : kernel_ids) {
-    programs = gathered_fc1_programs(id, n, E);
-    args = gathered_fc1_args(programs, x, inv_R, w.w1, w.b1, h_RH, r.counts(), k);
+    programs = gathered_fc1_programs(id, R, E);
+    args = gathered_fc1_args(programs, x, inv_R, w.w1, w.b1, h_RH, rows_per_expert, k);
     if (triton_kernel_matches(id, args)) {
       kernel_id = id;
       break;
@@ -395,12 +417,17 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
   if (kernel_id < 0) return {};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Tensor logits_TE = gate_logits(x, wg_ED, gate_fp32);
-  launch_routing(r, logits_TE, score_fn, normalize, /*capacity=*/-1);
-  torch_ops::check_launch(launch_inverse_slots(r.slots(), n, n, inv_R.data_ptr<int>(), stream), "inverse slots");
+  launch_routing(r, logits_TE, score_fn, normalize, capacity);
+  launch_gathered_inverse(r, capacity, inv_R);
+  if (rows_E.defined()) rows_E.fill_(capacity);
   torch_ops::check_launch(launch_triton_kernel(kernel_id, args, static_cast<unsigned>(programs), stream),
                           "gathered first GEMM (Triton)");
-  const Tensor offs_E = at::cumsum(r.counts_E(), 0, at::kInt);
-  Tensor y_RO = at::_grouped_mm(h_RH, w.w2, offs_E);
+  Tensor y_RO;
+  if (capacity < 0) {
+    y_RO = at::_grouped_mm(h_RH, w.w2, at::cumsum(r.counts_E(), 0, at::kInt));
+  } else {   // [E, capacity, H] @ [E, H, O]; rows no choice feeds are computed and never read
+    y_RO = viewed(at::bmm(viewed(h_RH, {E, capacity, H}), w.w2), {R, w.w2.size(2)});
+  }
   h_RH.reset();   // dead once the second GEMM is enqueued (stream-ordered reuse)
   return forward_outputs(combine(y_RO, r, /*postscore=*/true), logits_TE, r, want_gshard_loss, score_fn);
 }

@@ -29,21 +29,26 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
                                            const std::optional<at::Tensor>& b2_EO, int64_t act, bool relu_epilogue,
                                            bool allow_tf32, bool want_gshard_loss, bool dense);
 
-// The routing part of the above for a dropless call: logits_TE, then (indices_TK, weights_TK,
-// scores_TE, locations_TK, counts_E, slots_TK) and inv_R (int32: the choice t*K + k that feeds each
-// of the T*K grouped rows), for an expert GEMM that gathers its rows itself.
+// The routing part of the above: logits_TE, then (indices_TK, weights_TK, scores_TE, locations_TK,
+// counts_E, slots_TK) and inv_R (int32: the choice t*K + k that feeds each row), for an expert
+// GEMM that gathers its rows itself. capacity < 0 (dropless): the T*K grouped rows; else the
+// E * capacity rows of the padded layout, rows no choice feeds reading choice 0.
 std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
-                                         int64_t score_fn, bool normalize);
+                                         int64_t score_fn, bool normalize, int64_t capacity);
 
-// A dropless bf16 call of relu experts without w3 or b2, post-scored, as moe_forward_nograd returns
-// it, with the first GEMM gathering its rows from x_TD (the Triton kernel of ops/_triton_gemm.py's
+// A bf16 call of relu experts without w3 or b2, post-scored, as moe_forward_nograd returns it, with
+// the first GEMM gathering its rows from x_TD (the Triton kernel of ops/_triton_gemm.py's
 // gathered_fc1_relu, launched from here: the first of the registered `kernel_ids` whose
-// specialization this call's arguments satisfy, see triton_launch.h), the second through torch's
-// grouped GEMM. Empty, with nothing enqueued, when none does (or T*k == 0).
+// specialization this call's arguments satisfy, see triton_launch.h). Dropless (capacity < 0): the
+// T*K grouped rows, the second GEMM through torch's grouped GEMM; else the E * capacity rows of the
+// padded layout (every expert `capacity` rows, the unfed ones computed from token 0 and never
+// read), the second GEMM a batched one. Empty, with nothing enqueued, when no kernel fits (or
+// there are no rows).
 std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32,
                                                     int64_t k, int64_t score_fn, bool normalize,
                                                     const at::Tensor& w1_EHD, const at::Tensor& w2_EHO,
                                                     const std::optional<at::Tensor>& b1_EH,
-                                                    const std::vector<int64_t>& kernel_ids, bool want_gshard_loss);
+                                                    const std::vector<int64_t>& kernel_ids, bool want_gshard_loss,
+                                                    int64_t capacity);
 
 }  // namespace adaptmoe

@@ -1,12 +1,13 @@
 """Interleaved A/B of the no-grad forward: one native call (adaptmoe.native_forward) vs the Python
 path vs a CUDA-graph replay, per bench_layer config and capacity mode; where they apply, the
 native call without the short way of repeat calls (no_repeat: every call through the knob checks,
-flattening and plan lookup), without the dense layout of k == E calls (no_dense), without the gathered first
-GEMM of dropless calls (no_gather), with that GEMM launched from Python between two native
-calls instead of from inside the one native call (triton_py), and with the gathered GEMM at any
-size (gather_all: native_forward._GATHER_MIN_ELEMENTS = 0).
+flattening and plan lookup), without the dense layout of k == E calls (no_dense), without the
+gathered first GEMM (no_gather, and graphed_no_gather its graph), with that GEMM launched from
+Python between two native calls instead of from inside the one native call (triton_py), and with
+the gathered GEMM at any size (gather_all: native_forward._GATHER_MIN_ELEMENTS = 0).
 
     python scripts/ab_native_forward.py [config ...] [--iters N] [--routing random|balanced] [--tokens T]
+                                        [--modes cf=1,dropless]
 
 Each iteration times the three variants back to back, in a rotating order, each call started on
 an idle GPU (CUDA events around it, then a sync): clock drift and heat (bench_layer measures its
@@ -69,6 +70,9 @@ def variants(layer, x, cf, floor):
         calls["no_dense"] = eager(True, dense=False)
     if plan is not None and plan.gathered_fc1:
         calls["no_gather"] = eager(True, gathered=False)
+        native_forward.set_gathered_enabled(False)
+        calls["graphed_no_gather"] = capture_no_grad(lambda: layer(x, capacity_factor=cf), warmup=3)[0].replay
+        native_forward.set_gathered_enabled(True)
         calls["triton_py"] = eager(True, triton_from_native=False)
         calls["gather_all"] = eager(True, gather_min=0)
     return calls

@@ -120,16 +120,20 @@ class _GatheredNative:
 
     def __init__(self, T, k, E):
         self.T, self.k, self.E = T, k, E
-        self.serve, self.native_calls, self.registered = True, [], []
+        self.serve, self.native_calls, self.registered, self.capacities = True, [], [], []
 
-    def moe_forward_nograd_gathered(self, x, wg, fp32, k, score_fn, normalize, w1, w2, b1, kernel_ids, loss):
+    def moe_forward_nograd_gathered(self, x, wg, fp32, k, score_fn, normalize, w1, w2, b1, kernel_ids, loss,
+                                    capacity):
         self.native_calls.append(list(kernel_ids))
+        self.capacities.append(capacity)
         if not self.serve:
             return []
         return [x.new_full((self.T, w2.shape[2]), 7.0)] + self._routing() + [torch.zeros(())]
 
-    def moe_route_nograd(self, x, wg, fp32, k, score_fn, normalize):
-        return self._routing() + [torch.arange(self.T * k, dtype=torch.int32)]
+    def moe_route_nograd(self, x, wg, fp32, k, score_fn, normalize, capacity):
+        self.capacities.append(capacity)
+        rows = self.T * k if capacity < 0 else self.E * capacity
+        return self._routing() + [torch.arange(rows, dtype=torch.int32) % (self.T * k)]
 
     def _routing(self):
         T, k, E = self.T, self.k, self.E
@@ -148,10 +152,12 @@ class _GatheredNative:
         return len(self.registered) - 1
 
 
-def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeypatch):
+@pytest.mark.parametrize("capacity", [None, 4], ids=["dropless", "capacity"])
+def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeypatch, capacity):
     """First call: Triton's launcher (Python path), whose compiled kernel gets registered; later
     calls: one native call with the registered ids; a call no variant serves falls back and
-    registers the variant Triton ran; turned off, the native side is never asked."""
+    registers the variant Triton ran; turned off, the native side is never asked. Capacity calls
+    gather E * capacity padded rows (every expert `capacity` of them) and pass the capacity on."""
     from types import SimpleNamespace
     from adaptmoe.ops import _triton_gemm, _triton_native
     T, k, E, D, H = 8, 2, 4, 16, 32
@@ -162,9 +168,10 @@ def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeyp
     functions = iter(range(100, 200))
     triton_launches = []
 
-    def gathered_fc1_relu(x, inv, top_k, counts, w1, b1):
+    def gathered_fc1_relu(x, inv, top_k, rows_E, w1, b1):
         triton_launches.append(top_k)
-        return torch.zeros(T * top_k, H), SimpleNamespace(function=next(functions))
+        assert inv.numel() == int(rows_E.sum()) == (T * k if capacity is None else E * capacity)
+        return torch.zeros(inv.numel(), H), SimpleNamespace(function=next(functions))
     monkeypatch.setattr(native_forward, "_gathered_kernels", {})
     monkeypatch.setattr(native_forward._native, "loaded", lambda: fake)
     monkeypatch.setattr(_triton_gemm, "gathered_fc1_relu", gathered_fc1_relu)
@@ -177,7 +184,7 @@ def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeyp
     def call():
         x = torch.randn(T, D)
         return native_forward._run_gathered(layer, x, layer.resolve_knobs(), plan, gate, wg,
-                                            layer.experts.stored_weights())
+                                            layer.experts.stored_weights(), capacity)
     assert call()[0].eq(3.0).all()                       # Triton's launcher, then the Python combine
     assert (fake.native_calls, len(triton_launches), len(fake.registered)) == ([], 1, 1)
     assert call()[0].eq(7.0).all()                       # one native call with the registered id
@@ -194,6 +201,9 @@ def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeyp
         assert len(fake.native_calls) == asked and len(fake.registered) == 2
     finally:
         native_forward.set_triton_from_native(True)
+    assert set(fake.capacities) == {-1 if capacity is None else capacity}
+    routing = call()[1]
+    assert (routing.capacity, routing.num_rows) == (capacity, T * k if capacity is None else E * capacity)
 
 
 def _repeat_setup(monkeypatch):

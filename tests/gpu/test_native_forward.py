@@ -230,6 +230,54 @@ def test_natively_launched_gathered_path_replays_from_a_cuda_graph(monkeypatch):
         assert torch.equal(out, y)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("cf,T", [(1.0, 300), (0.5, 300), (-1.5, 300), (1.0, 1), (2.0, 37)])
+def test_gathered_first_gemm_with_capacity(cf, T, bias, monkeypatch):
+    """Capacity calls of small relu experts gather their padded rows in the first GEMM (Triton;
+    every expert C rows, unfed ones computed and never read): launched through Triton's launcher
+    first, then from inside the native call, each against the Python path (dispatch and batched
+    GEMMs: the same routing, outputs within a rounding) and the float64 reference; cf 0.5 drops
+    choices (random routing), outputs poisoned first."""
+    monkeypatch.setattr(native_forward, "_GATHER_MIN_ELEMENTS", 0)   # small test shapes take it too
+    monkeypatch.setattr(native_forward, "_gathered_kernels", {})
+    torch.manual_seed(T)
+    experts = am.ExpertConfig(hidden_size=256, activation="relu", has_fc1_bias=bias, has_fc2_bias=False)
+    cfg = am.MoEConfig(model_dim=128, num_experts=16, gate=am.GateConfig(top_k=4, capacity_factor=cf, fp32=True),
+                       experts=experts)
+    layer = am.MoELayer(cfg).to(device=DEV, dtype=torch.bfloat16).eval()
+    x = torch.randn(T, 128, device=DEV, dtype=torch.bfloat16)
+    assert gathered_plan(layer, x)
+    for launch in ("triton", "native"):
+        poison(1 << 22)
+        (y, l_aux, routing), (y_py, l_aux_py, routing_py) = both_paths(layer, x)
+        assert native_forward._gathered_kernels, launch   # the first call registered its variant
+        assert routing.capacity == routing_py.capacity > 0
+        for name in ("indices_TK", "weights_TK", "locations_TK", "counts_E", "slots_TK"):
+            assert torch.equal(getattr(routing, name), getattr(routing_py, name)), name
+        if cf == 0.5 and T == 300:
+            assert int((routing.slots_TK < 0).sum()) > 0   # some choices dropped
+        torch.testing.assert_close(y, y_py, rtol=2e-2, atol=2e-2 * max(1.0, y_py.abs().max().item()))
+        assert_loss_close(l_aux, l_aux_py, torch.bfloat16)
+    want = reference_on_cpu(layer, x)
+    torch.testing.assert_close(y.double(), want, rtol=6e-2, atol=6e-2 * max(1.0, want.abs().max().item()))
+
+
+def test_gathered_capacity_path_replays_from_a_cuda_graph(monkeypatch):
+    monkeypatch.setattr(native_forward, "_GATHER_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(native_forward, "_gathered_kernels", {})
+    torch.manual_seed(0)
+    cfg = am.MoEConfig(model_dim=128, num_experts=16, gate=am.GateConfig(top_k=4, capacity_factor=1.0),
+                       experts=am.ExpertConfig(hidden_size=256, has_fc2_bias=False))
+    layer = am.MoELayer(cfg).to(device=DEV, dtype=torch.bfloat16).eval()
+    x = torch.randn(96, 128, device=DEV, dtype=torch.bfloat16)
+    assert gathered_plan(layer, x)
+    with torch.no_grad():
+        layer(x)   # registers the kernel: the replays launch it from inside the native call
+    assert native_forward._gathered_kernels
+    for out, y in replays_and_eager(lambda: layer(x), x):
+        assert torch.equal(out, y)
+
+
 def test_gathered_kernel_vs_per_expert_matmul():
     """ops._triton_gemm.gathered_fc1_relu on poisoned output memory against relu(x[tok] w^T + b)
     computed expert by expert in float32, with zero-token experts and uneven counts."""

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .experts import FFNExperts
 from .gates import LinearGate
-from .ops import _fused_gemm, _native, _triton_gemm, _triton_native
+from .ops import _fused_gemm, _native, _triton_gemm
 from .ops._decode_op import ACTIVATION_CODES, activation_code
 from .routing import Routing, capacity_for, fusable_gate
 
@@ -287,8 +287,8 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_
         y_RO = x_TD.new_zeros(0, w.w2_eHO.shape[2])
     else:
         rows_E = counts_E if capacity is None else torch.full_like(counts_E, capacity)
-        h_RH, kernel = _triton_gemm.gathered_fc1_relu(x_TD, inv_R, k, rows_E, w.w1_eHD, w.b1_eH)
-        _remember_gathered_kernel(variants_key, native, kernel)
+        h_RH, kernel_id = _triton_gemm.gathered_fc1_relu(x_TD, inv_R, k, rows_E, w.w1_eHD, w.b1_eH)
+        _remember_gathered_kernel(variants_key, kernel_id)
         if capacity is None:
             y_RO = torch._grouped_mm(h_RH, w.w2_eHO, offs=torch.cumsum(counts_E, 0, dtype=torch.int32))
         else:   # rows no choice feeds (computed from token 0) are never gathered
@@ -300,13 +300,12 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_
                      capacity, num_rows, plan)
 
 
-def _remember_gathered_kernel(key: tuple, native, kernel) -> None:
+def _remember_gathered_kernel(key: tuple, kernel_id: int | None) -> None:
+    """The variant of the gathered GEMM that just ran (its extension id) becomes one the native
+    call may launch for these weights."""
     variants = _gathered_kernels.setdefault(key, [])
-    if (kernel is None or not _triton_from_native or len(variants) >= _MAX_GATHERED_VARIANTS
-            or not hasattr(native, "register_triton_kernel")):
-        return
-    kernel_id = _triton_native.register(native, kernel)
-    if kernel_id is not None and kernel_id not in variants:
+    if (kernel_id is not None and _triton_from_native and kernel_id not in variants
+            and len(variants) < _MAX_GATHERED_VARIANTS):
         variants.append(kernel_id)
 
 

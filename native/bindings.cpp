@@ -360,6 +360,29 @@ Tensor decode_ffn(const Tensor& x_TD, const Tensor& e_TK, const std::optional<Te
   return y;
 }
 
+// Launches the first registered Triton kernel of `ids` that computes right for these named
+// arguments (runtime parameters and constexprs; pointers as integers) over `programs` programs on
+// device's current stream: its id, or -1 with nothing enqueued when none fits. Python's launches of
+// our Triton kernels go through here once a variant is registered (adaptmoe/ops/_triton_native.py):
+// Triton's own launcher costs tens of us of host time per launch.
+int64_t launch_registered_triton(const std::vector<int64_t>& ids, const std::vector<std::string>& names,
+                                 const std::vector<int64_t>& values, int64_t programs, int64_t device) {
+  TORCH_CHECK(names.size() == values.size(), "adaptmoe: one value per argument name");
+  TORCH_CHECK(programs >= 0 && programs <= INT32_MAX, "adaptmoe: programs must fit in int32");
+  adaptmoe::TritonArgs args;
+  args.reserve(names.size());
+  for (size_t i = 0; i < names.size(); ++i) args.emplace_back(names[i].c_str(), values[i]);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  for (int64_t id : ids) {
+    if (!adaptmoe::triton_kernel_matches(id, args)) continue;
+    check_launch(adaptmoe::launch_triton_kernel(id, args, static_cast<unsigned>(programs),
+                                                c10::cuda::getCurrentCUDAStream()),
+                 "Triton kernel");
+    return id;
+  }
+  return -1;
+}
+
 }  // namespace adaptmoe::torch_ops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -382,6 +405,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "no-grad forward of a single-process layer: gate, routing, dispatch, FFN, combine in one call");
   m.def("moe_forward_nograd_gathered", &adaptmoe::moe_forward_nograd_gathered,
         "moe_forward_nograd for relu experts, the first GEMM a registered Triton kernel gathering its rows");
+  m.def("launch_registered_triton", &launch_registered_triton,
+        "launches the first registered Triton kernel that fits these named arguments; its id or -1");
   m.def("register_triton_kernel", &adaptmoe::register_triton_kernel,
         "registers a compiled Triton kernel (function handle and specialization) for launches from C++; -1 if refused");
   m.attr("max_decode_pairs") = adaptmoe::kMaxDecodePairs;

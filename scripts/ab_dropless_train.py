@@ -4,7 +4,7 @@ on grouped_mm, and on the Triton FFN (``ops._triton_ffn``) with each choice of k
 cf=1 and slots with the relu outside the first GEMM (``ops._fused_gemm`` off).
 
     python3 scripts/ab_dropless_train.py [fine64 dsv3 mixtral ...] [--iters N] [--profile]
-        [--routing balanced|random] [--variants "cf=1,cf=1 unfused relu,..."]
+        [--routing balanced|random] [--variants "cf=1,cf=1 unfused relu,..."] [--min-gemm-work W]
 
 Each round runs every variant once in a rotating order (CUDA events around each step, a sync
 after it); medians over the rounds, and each variant's peak memory over one step. Issue #3 asks
@@ -19,23 +19,25 @@ import torch
 
 from adaptmoe.examples.bench_layer import CONFIGS, DTYPES, balance_routing, build_layer
 from adaptmoe.examples.timing import time_call
-from adaptmoe.ops import _fused_gemm, _triton_ffn, _triton_slotted
+from adaptmoe.ops import _fused_gemm, _triton_ffn, _triton_native, _triton_slotted
 from scripts.explore_triton_train import profile_steps
 
 # label -> (capacity factor, slot path on, Triton FFN kernels: None off, "auto" for kernels_for,
-# relu in the first GEMM's epilogue (ops._fused_gemm) on)
+# relu in the first GEMM's epilogue (ops._fused_gemm) on, Python's Triton launches through the
+# extension once registered (ops._triton_native.RegisteredLaunches) on)
 VARIANTS = {
-    "cf=1": (1.0, False, None, True),
-    "dropless slots (default)": (0.0, True, None, True),
-    "dropless grouped_mm": (0.0, False, None, True),
-    "dropless triton auto": (0.0, False, "auto", True),
-    "dropless triton, dW grouped_mm": (0.0, False, _triton_ffn.FFNKernels("triton", "grouped_mm"), True),
-    "cf=1 unfused relu": (1.0, False, None, False),
-    "dropless slots unfused relu": (0.0, True, None, False),
+    "cf=1": (1.0, False, None, True, True),
+    "dropless slots (default)": (0.0, True, None, True, True),
+    "dropless grouped_mm": (0.0, False, None, True, True),
+    "dropless triton auto": (0.0, False, "auto", True, True),
+    "dropless triton, dW grouped_mm": (0.0, False, _triton_ffn.FFNKernels("triton", "grouped_mm"), True, True),
+    "cf=1 unfused relu": (1.0, False, None, False, True),
+    "dropless slots unfused relu": (0.0, True, None, False, True),
+    "dropless slots via Triton's launcher": (0.0, True, None, True, False),
 }
 
 
-def _step_fn(layer, x, cf: float, slots: bool, kernels, fused_relu: bool = True):
+def _step_fn(layer, x, cf: float, slots: bool, kernels, fused_relu: bool = True, native_launches: bool = True):
     x_in = x.clone().requires_grad_(True)
     g = torch.randn_like(x)
     auto = _triton_ffn.kernels_for
@@ -44,6 +46,7 @@ def _step_fn(layer, x, cf: float, slots: bool, kernels, fused_relu: bool = True)
         _triton_ffn.set_enabled(kernels is not None)
         _triton_slotted.set_enabled(slots)
         _fused_gemm.set_enabled(fused_relu)
+        _triton_native.set_python_launches_native(native_launches)
         if kernels is not None and kernels != "auto":
             _triton_ffn.kernels_for = lambda *args: kernels
         try:
@@ -54,6 +57,7 @@ def _step_fn(layer, x, cf: float, slots: bool, kernels, fused_relu: bool = True)
             _triton_ffn.set_enabled(False)
             _triton_slotted.set_enabled(True)
             _fused_gemm.set_enabled(True)
+            _triton_native.set_python_launches_native(True)
         for p in layer.parameters():
             p.grad = None
         x_in.grad = None
@@ -100,13 +104,17 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel of cf=1 and the dropless paths")
     ap.add_argument("--routing", choices=["balanced", "random"], default="balanced")
+    ap.add_argument("--min-gemm-work", type=float, default=None,
+                    help="override ops._triton_slotted.MIN_GEMM_WORK (0: the slot path at any size)")
     ap.add_argument("--variants", default=",".join(list(VARIANTS)[:5]),
                     help=f"comma-separated labels, cf=1 first (of: {', '.join(VARIANTS)})")
     args = ap.parse_args()
     variants = args.variants.split(",")
     if variants[0] != "cf=1" or any(v not in VARIANTS for v in variants):
         ap.error(f"--variants: cf=1 first, then any of {list(VARIANTS)}")
-    print(torch.cuda.get_device_name(), flush=True)
+    if args.min_gemm_work is not None:
+        _triton_slotted.MIN_GEMM_WORK = args.min_gemm_work
+    print(f"{torch.cuda.get_device_name()} | MIN_GEMM_WORK {_triton_slotted.MIN_GEMM_WORK:g}", flush=True)
     for name in args.configs:
         run(name, args.iters, args.profile, args.routing, variants)
 

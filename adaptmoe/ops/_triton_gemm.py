@@ -34,6 +34,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._triton_native import RegisteredLaunches
+
 try:
     import triton
     import triton.language as tl
@@ -264,6 +266,11 @@ if triton is not None:
                            BP, BQ, BK)
 
 
+if triton is not None:   # Python's launches of the kernels above (see _triton_native.RegisteredLaunches)
+    _grouped_rows_launches = RegisteredLaunches(_grouped_rows_kernel)
+    _ragged_k_move_launches = RegisteredLaunches(_ragged_k_move_kernel)
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4   # Triton's interpreter (CPU checks): a few programs, each looping over several tiles
@@ -297,8 +304,9 @@ def grouped_rows_mm(a: Tensor, counts_E: Tensor, b_E: Tensor, transpose_b: bool,
 
 def _launch_grouped_rows(a: Tensor, counts_E: Tensor, b_E: Tensor, transpose_b: bool, bias_EN: Tensor | None,
                          gather_R: Tensor | None, top_k: int, epilogue: int, relu_out: Tensor | None,
-                         out: Tensor | None, tiles: Tiles) -> tuple[Tensor, object]:
-    """grouped_rows_mm's result and the compiled kernel Triton launched (None when nothing ran)."""
+                         out: Tensor | None, tiles: Tiles) -> tuple[Tensor, int | None]:
+    """grouped_rows_mm's result and the extension's id of the kernel variant that ran (None when
+    nothing ran or the extension cannot launch it: ``_triton_native.RegisteredLaunches``)."""
     E = b_E.shape[0]
     N, KD = (b_E.shape[1], b_E.shape[2]) if transpose_b else (b_E.shape[2], b_E.shape[1])
     R = a.shape[0] if gather_R is None else gather_R.numel()
@@ -310,13 +318,13 @@ def _launch_grouped_rows(a: Tensor, counts_E: Tensor, b_E: Tensor, transpose_b: 
     block_k = tiles.k if KD % tiles.k == 0 else 64
     programs = min(_sm_count(a.device), (triton.cdiv(R, tiles.m) + E) * (N // block_n))
     dummy = a   # pointer arguments a disabled feature never reads
-    kernel = _grouped_rows_kernel[(programs,)](
-        a.contiguous(), dummy if gather_R is None else gather_R, b_E, dummy if bias_EN is None else bias_EN,
+    kernel_id = _grouped_rows_launches(
+        programs, a.contiguous(), dummy if gather_R is None else gather_R, b_E, dummy if bias_EN is None else bias_EN,
         dummy if relu_out is None else relu_out, c_RN, counts_E, E, top_k, KD, N, KD * N, stride_bk, stride_bn,
         programs, N_TILES=N // block_n, GATHER=gather_R is not None, SCATTER=out is not None,
         HAS_BIAS=bias_EN is not None, EPILOGUE=epilogue, GROUP_M=ROWS_GROUP_M, EP=_experts_pow2(E),
         BM=tiles.m, BN=block_n, BK=block_k, num_warps=tiles.warps, num_stages=tiles.stages)
-    return c_RN, kernel
+    return c_RN, kernel_id
 
 
 def ragged_k_mm(a_RP: Tensor, b_RQ: Tensor, counts_E: Tensor, *, sum_a: bool = False, sum_b: bool = False,
@@ -350,9 +358,9 @@ def ragged_k_move(c_EPQ: Tensor, a_SP: Tensor, b_SQ: Tensor, rows_R: Tensor, rem
     block_p = tiles.m if P % tiles.m == 0 else 128
     block_q = tiles.n if Q % tiles.n == 0 else 128
     programs = min(_sm_count(a_SP.device), 2 * E * (P // block_p) * (Q // block_q))
-    _ragged_k_move_kernel[(programs,)](
-        a_SP, b_SQ, c_EPQ, remove_E, add_E, rows_R, E, P, Q, programs, EP=_experts_pow2(E), BP=block_p, BQ=block_q,
-        BK=tiles.k, num_warps=tiles.warps, num_stages=tiles.stages)
+    _ragged_k_move_launches(
+        programs, a_SP, b_SQ, c_EPQ, remove_E, add_E, rows_R, E, P, Q, programs, EP=_experts_pow2(E), BP=block_p,
+        BQ=block_q, BK=tiles.k, num_warps=tiles.warps, num_stages=tiles.stages)
     return c_EPQ
 
 
@@ -389,11 +397,11 @@ def kernel_blocker(x: Tensor, weights: tuple[Tensor | None, ...], reduced: tuple
 
 
 def gathered_fc1_relu(x_TD: Tensor, inv_R: Tensor, top_k: int, counts_E: Tensor, w1_EHD: Tensor,
-                      b1_EH: Tensor | None) -> tuple[Tensor, object]:
+                      b1_EH: Tensor | None) -> tuple[Tensor, int | None]:
     """h_RH[r] = relu(x_TD[inv_R[r] // top_k] @ w1_EHD[e(r)]^T + b1_EH[e(r)]) over the grouped rows
-    (expert e owns counts_E[e] consecutive rows), and the compiled kernel that ran (None when no
-    row was; the native forward can launch it itself, see ``_triton_native``). No autograd; check
-    the blocker first."""
+    (expert e owns counts_E[e] consecutive rows), and the extension's id of the kernel variant that
+    ran (None when no row was or it has none; the native forward can launch it itself, see
+    ``_triton_native``). No autograd; check the blocker first."""
     return _launch_grouped_rows(x_TD, counts_E, w1_EHD, True, b1_EH, inv_R, top_k, EPILOGUE_RELU, None, None,
                                 ROWS_TILES)
 

@@ -1,7 +1,8 @@
 """Hands compiled Triton kernels to the native extension, which then launches them itself
 (``native/triton_launch.h``): a native call can enqueue a Triton GEMM between its own kernels
 instead of returning to Python for Triton's launcher (the dropless forward's gathered first GEMM:
-~0.1-0.2 ms of host time per call on the H100 machines, time the GPU idled).
+~0.1-0.2 ms of host time per call on the H100 machines, time the GPU idled), and Python's own
+launches of our kernels skip Triton's launcher once a variant is registered (``RegisteredLaunches``).
 
 A registration records what Triton compiled the kernel for (its runtime parameters in order, their
 16-divisibility, the arguments folded into constants); the native side launches it only for
@@ -11,6 +12,8 @@ own launcher, which compiles or picks a variant for them and may register it too
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 try:
     import triton
@@ -71,3 +74,54 @@ def register(native: Any, kernel: Any) -> int | None:
             return None
         _ids_by_function[int(kernel.function)] = kernel_id
     return kernel_id
+
+
+_python_launches_native = True
+_MAX_VARIANTS = 8
+
+
+def set_python_launches_native(enabled: bool) -> None:
+    """Whether ``RegisteredLaunches`` may launch registered variants through the extension (else
+    always Triton's launcher), e.g. for A/B runs."""
+    global _python_launches_native
+    _python_launches_native = bool(enabled)
+
+
+class RegisteredLaunches:
+    """Python's launches of one Triton kernel: through the extension's launcher once Triton has
+    compiled and launched a variant that fits the arguments (registered then), else through
+    Triton's. Why: Triton's launcher (binder, specialization key, launch metadata) costs tens of
+    us of host time per launch, and a dropless training step in capacity slots makes seven
+    (``ops._triton_slotted``), host time the GPU waits for on small layers.
+
+    Variants are kept per device, launch shape and constexprs; the extension picks the first
+    whose specialization (16-divisibility, folded arguments) the arguments satisfy."""
+
+    def __init__(self, jit_fn: Any):
+        self._jit_fn = jit_fn
+        self._variants: dict[tuple, list[int]] = {}
+
+    def __call__(self, programs: int, *args: Any, num_warps: int, num_stages: int, **constexprs: Any) -> int | None:
+        """Launches ``jit_fn[(programs,)](*args, **constexprs)`` (``args``: the runtime parameters
+        in order, the first a CUDA tensor). Returns the extension's id of the variant that ran
+        (registered now when Triton's launcher ran it), or None when the extension cannot launch
+        it (no extension, or ``native_launch_blocker``)."""
+        from . import _native   # lazy: _native imports the extension machinery
+        device = args[0].device.index
+        key = (device, num_warps, num_stages, tuple(constexprs.items()))
+        ids = self._variants.setdefault(key, [])
+        native = _native.loaded()
+        if ids and _python_launches_native and native is not None:
+            names = self._jit_fn.arg_names[:len(args)] + list(constexprs)
+            values = [a.data_ptr() if isinstance(a, torch.Tensor) else int(a) for a in args]
+            values += [int(v) for v in constexprs.values()]
+            launched = native.launch_registered_triton(ids, names, values, programs, device)
+            if launched >= 0:
+                return launched
+        kernel = self._jit_fn[(programs,)](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        if native is None or not hasattr(native, "launch_registered_triton"):
+            return None
+        kernel_id = register(native, kernel)
+        if kernel_id is not None and kernel_id not in ids and len(ids) < _MAX_VARIANTS:
+            ids.append(kernel_id)
+        return kernel_id

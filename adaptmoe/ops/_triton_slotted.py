@@ -30,6 +30,7 @@ from torch import Tensor
 from ..routing import OverflowSlots, Routing
 from . import _fused_gemm
 from . import _triton_gemm as tg
+from ._triton_native import RegisteredLaunches
 
 try:
     import triton
@@ -93,6 +94,10 @@ if triton is not None:
             tl.store(touched_ptr, tl.sum((over > 0).to(tl.int64), 0) + tl.sum((hosted > 0).to(tl.int64), 0))
 
 
+if triton is not None:
+    _layout_launches = RegisteredLaunches(_layout_kernel)
+
+
 def layout_on_gpu(routing: Routing, capacity: int) -> tuple[OverflowSlots, Tensor]:
     """(``routing.overflow_slots(routing, capacity)``, how many experts it touches) in one Triton
     launch instead of ~15 torch ops (~0.3 ms of host time on the H100 machine). Needs
@@ -106,9 +111,10 @@ def layout_on_gpu(routing: Routing, capacity: int) -> tuple[OverflowSlots, Tenso
     rows = torch.empty(N, dtype=torch.int64, device=dev)
     per_expert = torch.empty(2 * E + 1, dtype=torch.int64, device=dev)
     block = 1024
-    _layout_kernel[(max(triton.cdiv(N, block), 1),)](
-        routing.indices_TK.reshape(-1), routing.locations_TK.reshape(-1), routing.counts_E, scratch, slots, rows,
-        per_expert, per_expert[E:], per_expert[2 * E:], N, E, capacity, EP=EP, SEARCH_STEPS=EP.bit_length(), BLOCK=block)
+    _layout_launches(
+        max(triton.cdiv(N, block), 1), routing.indices_TK.reshape(-1), routing.locations_TK.reshape(-1),
+        routing.counts_E, scratch, slots, rows, per_expert, per_expert[E:], per_expert[2 * E:], N, E, capacity,
+        EP=EP, SEARCH_STEPS=EP.bit_length(), BLOCK=block, num_warps=4, num_stages=3)
     layout = OverflowSlots(slots.view(T, K), rows, per_expert[:E], per_expert[E:2 * E], capacity)
     return layout, per_expert[2 * E]
 

@@ -40,11 +40,6 @@ _enabled = True
 _gathered_enabled = True
 _dense_enabled = True
 _triton_from_native = True
-# Compiled variants of the gathered first GEMM registered with the extension (native ids), per
-# (device index, w1 shape, bias): the native call launches the first whose specialization its
-# arguments satisfy (ops._triton_native).
-_gathered_kernels: dict[tuple, list[int]] = {}
-_MAX_GATHERED_VARIANTS = 8
 _RELU = ACTIVATION_CODES["relu"]
 # Calls of fewer R*(D+H) elements (dispatch + relu traffic the gathered GEMM saves) take the
 # padded/grouped path. Since the Triton GEMM is launched from inside the native call, the gathered
@@ -268,13 +263,14 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_
     the grouped rows then the grouped second GEMM (dropless, capacity None), or over the padded
     rows (every expert ``capacity`` of them) then the batched one; native combine. One native
     call when a registered variant of that GEMM fits this call's arguments; else the GEMM is
-    launched from Python (and the variant Triton ran is registered for the next calls)."""
+    launched from Python (where Triton's launcher registers the variant it ran for the next calls)."""
     T, k, E = x_TD.shape[0], knobs.top_k, layer.config.num_experts
     native = _native.loaded()
     num_rows = T * k if capacity is None else E * capacity
     native_capacity = -1 if capacity is None else capacity
-    variants_key = (x_TD.device.index, tuple(w.w1_eHD.shape), w.b1_eH is not None)
-    variants = _gathered_kernels.get(variants_key) if _triton_from_native else None
+    # Compiled variants of the gathered GEMM that Python's launches registered: the native call
+    # launches the first whose specialization its own arguments satisfy (ops._triton_native).
+    variants = _triton_gemm.gathered_fc1_variants(x_TD, w.w1_eHD, w.b1_eH) if _triton_from_native else None
     if variants:
         outputs = native.moe_forward_nograd_gathered(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize,
                                                      w.w1_eHD, w.w2_eHO, w.b1_eH, variants, plan.gshard_loss,
@@ -287,8 +283,7 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_
         y_RO = x_TD.new_zeros(0, w.w2_eHO.shape[2])
     else:
         rows_E = counts_E if capacity is None else torch.full_like(counts_E, capacity)
-        h_RH, kernel_id = _triton_gemm.gathered_fc1_relu(x_TD, inv_R, k, rows_E, w.w1_eHD, w.b1_eH)
-        _remember_gathered_kernel(variants_key, kernel_id)
+        h_RH = _triton_gemm.gathered_fc1_relu(x_TD, inv_R, k, rows_E, w.w1_eHD, w.b1_eH)
         if capacity is None:
             y_RO = torch._grouped_mm(h_RH, w.w2_eHO, offs=torch.cumsum(counts_E, 0, dtype=torch.int32))
         else:   # rows no choice feeds (computed from token 0) are never gathered
@@ -298,15 +293,6 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_
     loss = native.gshard_loss(scores_TE, indices_TK, plan.score_fn == 1) if plan.gshard_loss else None
     return _packaged([y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK, loss],
                      capacity, num_rows, plan)
-
-
-def _remember_gathered_kernel(key: tuple, kernel_id: int | None) -> None:
-    """The variant of the gathered GEMM that just ran (its extension id) becomes one the native
-    call may launch for these weights."""
-    variants = _gathered_kernels.setdefault(key, [])
-    if (kernel_id is not None and _triton_from_native and kernel_id not in variants
-            and len(variants) < _MAX_GATHERED_VARIANTS):
-        variants.append(kernel_id)
 
 
 def _losses_or_inputs(logits_TE: Tensor, scores_TE: Tensor, loss: Tensor | None,

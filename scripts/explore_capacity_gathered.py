@@ -62,7 +62,7 @@ def run(name: str, iters: int = 60) -> None:
             return native.bmm_nt_act(x_RD.view(E, C, D), w1, None, 1, False)
 
         def gathered():
-            return _triton_gemm.gathered_fc1_relu(x, inv_cap, K, full, w1, None)[0]
+            return _triton_gemm.gathered_fc1_relu(x, inv_cap, K, full, w1, None)
 
         fed = torch.zeros(E * C, device="cuda", dtype=torch.bool)
         fed[slots[slots >= 0]] = True

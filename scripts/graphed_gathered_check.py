@@ -16,7 +16,7 @@ from adaptmoe import native_forward
 from adaptmoe.examples import bench_layer
 from adaptmoe.examples.bench_layer import CONFIGS, balance_routing, build_layer
 from adaptmoe.examples.timing import capture_no_grad
-from adaptmoe.ops import _native
+from adaptmoe.ops import _native, _triton_gemm
 
 
 def replay_ms(graph) -> float:
@@ -48,7 +48,7 @@ def main() -> None:
             row = bench_layer._eager_row(name, "x", "layer", layer, x, cf, cfg["K"], 20, 5, 0, False)
             print(f"  eager cf={cf}: fwd {row.fwd_ms:.3f} ms, f+b {row.fwdbwd_ms:.3f} ms")
         print(f"  served during eager rows: {served.count(True)} of {len(served)}; variants "
-              f"{native_forward._gathered_kernels}")
+              f"{_triton_gemm._grouped_rows_launches._variants}")
         served.clear()
     graphs = {}
     for label, from_native in (("triton launcher", False), ("native launch", True), ("cf=1", True)):

@@ -156,8 +156,9 @@ class _GatheredNative:
 def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeypatch, capacity):
     """First call: Triton's launcher (Python path), whose compiled kernel gets registered; later
     calls: one native call with the registered ids; a call no variant serves falls back and
-    registers the variant Triton ran; turned off, the native side is never asked. Capacity calls
-    gather E * capacity padded rows (every expert `capacity` of them) and pass the capacity on."""
+    registers the variant Triton ran; turned off, the native side is never asked (turned on again,
+    it gets every variant registered meanwhile). Capacity calls gather E * capacity padded rows
+    (every expert `capacity` of them) and pass the capacity on."""
     from adaptmoe.ops import _triton_gemm
     T, k, E, D, H = 8, 2, 4, 16, 32
     cfg = am.MoEConfig(model_dim=D, num_experts=E, gate=am.GateConfig(top_k=k, capacity_factor=0.0),
@@ -165,15 +166,16 @@ def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeyp
     layer = am.MoELayer(cfg).eval()
     fake = _GatheredNative(T, k, E)
     functions = iter(range(100, 200))
-    triton_launches = []
+    triton_launches, variants = [], []   # the variants the launcher registered (gathered_fc1_variants)
 
     def gathered_fc1_relu(x, inv, top_k, rows_E, w1, b1):   # Triton ran a new variant, registered
         triton_launches.append(top_k)
         assert inv.numel() == int(rows_E.sum()) == (T * k if capacity is None else E * capacity)
-        return torch.zeros(inv.numel(), H), fake.register_triton_kernel(next(functions))
-    monkeypatch.setattr(native_forward, "_gathered_kernels", {})
+        variants.append(fake.register_triton_kernel(next(functions)))
+        return torch.zeros(inv.numel(), H)
     monkeypatch.setattr(native_forward._native, "loaded", lambda: fake)
     monkeypatch.setattr(_triton_gemm, "gathered_fc1_relu", gathered_fc1_relu)
+    monkeypatch.setattr(_triton_gemm, "gathered_fc1_variants", lambda x, w1, b1: variants)
     monkeypatch.setattr(torch, "_grouped_mm", lambda h, w2, offs: torch.zeros(h.shape[0], w2.shape[2]), raising=False)
     plan = native_forward.NativeForwardPlan(score_fn=0, normalize=True, activation=1, relu_epilogue=False,
                                             grouped=True, gathered_fc1=True, gshard_loss=True)
@@ -197,11 +199,11 @@ def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeyp
         asked = len(fake.native_calls)
         assert call()[0].eq(3.0).all()
         assert len(fake.native_calls) == asked
-        assert [len(v) for v in native_forward._gathered_kernels.values()] == [2]   # none added
     finally:
         native_forward.set_triton_from_native(True)
     assert set(fake.capacities) == {-1 if capacity is None else capacity}
     routing = call()[1]
+    assert fake.native_calls[-1] == [0, 1, 2]
     assert (routing.capacity, routing.num_rows) == (capacity, T * k if capacity is None else E * capacity)
 
 

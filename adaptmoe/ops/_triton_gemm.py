@@ -299,32 +299,42 @@ def grouped_rows_mm(a: Tensor, counts_E: Tensor, b_E: Tensor, transpose_b: bool,
     if out is not None and (gather_R is None or top_k != 1 or out.shape[1] != N or not out.is_contiguous()):
         raise ValueError("out= needs gather_R, top_k=1 and a contiguous output of N columns")
     return _launch_grouped_rows(a, counts_E, b_E, transpose_b, bias_EN, gather_R, top_k, epilogue, relu_out, out,
-                                tiles)[0]
+                                tiles)
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_launch_shape(E: int, N: int, KD: int, gather: bool, scatter: bool, bias: bool, epilogue: int,
+                       tiles: Tiles) -> tuple[tuple[str, object], ...]:
+    """The keyword arguments (constexprs, num_warps, num_stages) of a ``_grouped_rows_kernel``
+    launch, as items: what tells its compiled variants apart (``_triton_native.RegisteredLaunches``).
+    Memoised: the native forward looks its variants up per call."""
+    block_n = tiles.n if N % tiles.n == 0 else 128   # the blocker asks N % 128 == 0, KD % 64 == 0
+    block_k = tiles.k if KD % tiles.k == 0 else 64
+    return tuple(dict(N_TILES=N // block_n, GATHER=gather, SCATTER=scatter, HAS_BIAS=bias, EPILOGUE=epilogue,
+                      GROUP_M=ROWS_GROUP_M, EP=_experts_pow2(E), BM=tiles.m, BN=block_n, BK=block_k,
+                      num_warps=tiles.warps, num_stages=tiles.stages).items())
 
 
 def _launch_grouped_rows(a: Tensor, counts_E: Tensor, b_E: Tensor, transpose_b: bool, bias_EN: Tensor | None,
                          gather_R: Tensor | None, top_k: int, epilogue: int, relu_out: Tensor | None,
-                         out: Tensor | None, tiles: Tiles) -> tuple[Tensor, int | None]:
-    """grouped_rows_mm's result and the extension's id of the kernel variant that ran (None when
-    nothing ran or the extension cannot launch it: ``_triton_native.RegisteredLaunches``)."""
+                         out: Tensor | None, tiles: Tiles) -> Tensor:
+    """grouped_rows_mm without the check of ``out``."""
     E = b_E.shape[0]
     N, KD = (b_E.shape[1], b_E.shape[2]) if transpose_b else (b_E.shape[2], b_E.shape[1])
     R = a.shape[0] if gather_R is None else gather_R.numel()
     c_RN = torch.empty(R, N, device=a.device, dtype=a.dtype) if out is None else out
     if R == 0:
-        return c_RN, None
+        return c_RN
+    shape = _rows_launch_shape(E, N, KD, gather_R is not None, out is not None, bias_EN is not None, epilogue, tiles)
     stride_bk, stride_bn = (1, KD) if transpose_b else (N, 1)
-    block_n = tiles.n if N % tiles.n == 0 else 128   # the blocker asks N % 128 == 0, KD % 64 == 0
-    block_k = tiles.k if KD % tiles.k == 0 else 64
-    programs = min(_sm_count(a.device), (triton.cdiv(R, tiles.m) + E) * (N // block_n))
+    launch = dict(shape)
+    programs = min(_sm_count(a.device), (triton.cdiv(R, tiles.m) + E) * launch["N_TILES"])
     dummy = a   # pointer arguments a disabled feature never reads
-    kernel_id = _grouped_rows_launches(
+    _grouped_rows_launches(
         programs, a.contiguous(), dummy if gather_R is None else gather_R, b_E, dummy if bias_EN is None else bias_EN,
         dummy if relu_out is None else relu_out, c_RN, counts_E, E, top_k, KD, N, KD * N, stride_bk, stride_bn,
-        programs, N_TILES=N // block_n, GATHER=gather_R is not None, SCATTER=out is not None,
-        HAS_BIAS=bias_EN is not None, EPILOGUE=epilogue, GROUP_M=ROWS_GROUP_M, EP=_experts_pow2(E),
-        BM=tiles.m, BN=block_n, BK=block_k, num_warps=tiles.warps, num_stages=tiles.stages)
-    return c_RN, kernel_id
+        programs, **launch)
+    return c_RN
 
 
 def ragged_k_mm(a_RP: Tensor, b_RQ: Tensor, counts_E: Tensor, *, sum_a: bool = False, sum_b: bool = False,
@@ -397,13 +407,21 @@ def kernel_blocker(x: Tensor, weights: tuple[Tensor | None, ...], reduced: tuple
 
 
 def gathered_fc1_relu(x_TD: Tensor, inv_R: Tensor, top_k: int, counts_E: Tensor, w1_EHD: Tensor,
-                      b1_EH: Tensor | None) -> tuple[Tensor, int | None]:
+                      b1_EH: Tensor | None) -> Tensor:
     """h_RH[r] = relu(x_TD[inv_R[r] // top_k] @ w1_EHD[e(r)]^T + b1_EH[e(r)]) over the grouped rows
-    (expert e owns counts_E[e] consecutive rows), and the extension's id of the kernel variant that
-    ran (None when no row was or it has none; the native forward can launch it itself, see
-    ``_triton_native``). No autograd; check the blocker first."""
+    (expert e owns counts_E[e] consecutive rows). No autograd; check the blocker first. The variant
+    that ran is registered with the extension (``gathered_fc1_variants``)."""
     return _launch_grouped_rows(x_TD, counts_E, w1_EHD, True, b1_EH, inv_R, top_k, EPILOGUE_RELU, None, None,
                                 ROWS_TILES)
+
+
+def gathered_fc1_variants(x_TD: Tensor, w1_EHD: Tensor, b1_EH: Tensor | None) -> list[int]:
+    """The extension's ids of the compiled variants of ``gathered_fc1_relu`` for these weights on
+    x's device, registered by its launches so far: a native call launches the first that fits its
+    own arguments (``native/layer_forward.cpp``)."""
+    E, H, D = w1_EHD.shape
+    shape = _rows_launch_shape(E, H, D, True, False, b1_EH is not None, EPILOGUE_RELU, ROWS_TILES)
+    return _grouped_rows_launches.variants(x_TD.device.index, shape)
 
 
 def is_available() -> bool:
@@ -411,5 +429,5 @@ def is_available() -> bool:
 
 
 __all__ = ["EPILOGUE_NONE", "EPILOGUE_RELU", "EPILOGUE_RELU_GRAD", "MAX_EXPERT_WEIGHTS", "TOLERANCE", "Tiles",
-           "gathered_fc1_blocker", "gathered_fc1_relu", "grouped_rows_mm", "is_available", "kernel_blocker",
+           "gathered_fc1_blocker", "gathered_fc1_relu", "gathered_fc1_variants", "grouped_rows_mm", "is_available", "kernel_blocker",
            "ragged_k_mm", "ragged_k_move"]

@@ -78,6 +78,7 @@ def register(native: Any, kernel: Any) -> int | None:
 
 _python_launches_native = True
 _MAX_VARIANTS = 8
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")   # keyword arguments of a launch that are not constexprs
 
 
 def set_python_launches_native(enabled: bool) -> None:
@@ -101,24 +102,30 @@ class RegisteredLaunches:
         self._jit_fn = jit_fn
         self._variants: dict[tuple, list[int]] = {}
 
-    def __call__(self, programs: int, *args: Any, num_warps: int, num_stages: int, **constexprs: Any) -> int | None:
-        """Launches ``jit_fn[(programs,)](*args, **constexprs)`` (``args``: the runtime parameters
-        in order, the first a CUDA tensor). Returns the extension's id of the variant that ran
-        (registered now when Triton's launcher ran it), or None when the extension cannot launch
-        it (no extension, or ``native_launch_blocker``)."""
+    def variants(self, device: int | None, launch: tuple[tuple[str, Any], ...]) -> list[int]:
+        """The registered variants (extension ids) of launches on ``device`` with these keyword
+        arguments (constexprs, num_warps, num_stages: ``tuple(kwargs.items())`` in call order); the
+        list grows as launches register more."""
+        return self._variants.setdefault((device, launch), [])
+
+    def __call__(self, programs: int, *args: Any, **launch: Any) -> int | None:
+        """Launches ``jit_fn[(programs,)](*args, **launch)`` (``args``: the runtime parameters in
+        order, the first a CUDA tensor; ``launch``: constexprs, num_warps, num_stages). Returns the
+        extension's id of the variant that ran (registered now when Triton's launcher ran it), or
+        None when the extension cannot launch it (no extension, or ``native_launch_blocker``)."""
         from . import _native   # lazy: _native imports the extension machinery
         device = args[0].device.index
-        key = (device, num_warps, num_stages, tuple(constexprs.items()))
-        ids = self._variants.setdefault(key, [])
+        ids = self.variants(device, tuple(launch.items()))
         native = _native.loaded()
         if ids and _python_launches_native and native is not None:
+            constexprs = {name: v for name, v in launch.items() if name not in _LAUNCH_OPTIONS}
             names = self._jit_fn.arg_names[:len(args)] + list(constexprs)
             values = [a.data_ptr() if isinstance(a, torch.Tensor) else int(a) for a in args]
             values += [int(v) for v in constexprs.values()]
             launched = native.launch_registered_triton(ids, names, values, programs, device)
             if launched >= 0:
                 return launched
-        kernel = self._jit_fn[(programs,)](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        kernel = self._jit_fn[(programs,)](*args, **launch)
         if native is None or not hasattr(native, "launch_registered_triton"):
             return None
         kernel_id = register(native, kernel)

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 
 import adaptmoe as am  # noqa: E402
 from adaptmoe import native_forward, ops  # noqa: E402
+from adaptmoe.ops import _triton_gemm  # noqa: E402
 from gpu_poison import poison  # noqa: E402
 from graph_replay import replays_and_eager  # noqa: E402
 
@@ -61,6 +62,13 @@ def gathered_plan(layer, x, **knobs) -> bool:
     """Whether the call runs the first GEMM through the gathered Triton kernel."""
     plan = plan_of(layer, x, **knobs)
     return plan is not None and plan.gathered_fc1
+
+
+def registered_gathered_variants(layer, x) -> list[int]:
+    """The compiled variants of the gathered first GEMM for the layer's weights that its launches
+    registered with the extension (the native call picks from these)."""
+    w = layer.experts.stored_weights()
+    return _triton_gemm.gathered_fc1_variants(x, w.w1_eHD, w.b1_eH)
 
 
 def dense_call(layer, x, **knobs) -> bool:
@@ -187,7 +195,7 @@ def test_gathered_kernel_launched_from_the_native_call(monkeypatch):
     programs, a multiple of 16) cannot serve 300 (26); if it does not fold it, the first variant
     (19 programs, no divisibility assumed) serves every call."""
     monkeypatch.setattr(native_forward, "_GATHER_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(native_forward, "_gathered_kernels", {})
+    monkeypatch.setattr(_triton_gemm._grouped_rows_launches, "_variants", {})
     native = ops._native.loaded()
     served = []
     real = native.moe_forward_nograd_gathered
@@ -214,18 +222,17 @@ def test_gathered_kernel_launched_from_the_native_call(monkeypatch):
             assert torch.equal(getattr(routing, name), getattr(layer.last_routing, name)), name
     # the first call found nothing registered, so five calls went to the native side
     assert served in ([True, False, True, False, True], [True] * 5)
-    (variants,) = native_forward._gathered_kernels.values()
-    assert len(variants) == served.count(False) + 1
+    assert len(registered_gathered_variants(layer, x)) == served.count(False) + 1
 
 
 def test_natively_launched_gathered_path_replays_from_a_cuda_graph(monkeypatch):
     monkeypatch.setattr(native_forward, "_GATHER_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(native_forward, "_gathered_kernels", {})
+    monkeypatch.setattr(_triton_gemm._grouped_rows_launches, "_variants", {})
     layer = gathered_layer(bias=False)
     x = torch.randn(96, 128, device=DEV, dtype=torch.bfloat16)
     with torch.no_grad():
         layer(x)   # registers the kernel
-    assert native_forward._gathered_kernels
+    assert registered_gathered_variants(layer, x)
     for out, y in replays_and_eager(lambda: layer(x), x):
         assert torch.equal(out, y)
 
@@ -239,7 +246,7 @@ def test_gathered_first_gemm_with_capacity(cf, T, bias, monkeypatch):
     GEMMs: the same routing, outputs within a rounding) and the float64 reference; cf 0.5 drops
     choices (random routing), outputs poisoned first."""
     monkeypatch.setattr(native_forward, "_GATHER_MIN_ELEMENTS", 0)   # small test shapes take it too
-    monkeypatch.setattr(native_forward, "_gathered_kernels", {})
+    monkeypatch.setattr(_triton_gemm._grouped_rows_launches, "_variants", {})
     torch.manual_seed(T)
     experts = am.ExpertConfig(hidden_size=256, activation="relu", has_fc1_bias=bias, has_fc2_bias=False)
     cfg = am.MoEConfig(model_dim=128, num_experts=16, gate=am.GateConfig(top_k=4, capacity_factor=cf, fp32=True),
@@ -250,7 +257,7 @@ def test_gathered_first_gemm_with_capacity(cf, T, bias, monkeypatch):
     for launch in ("triton", "native"):
         poison(1 << 22)
         (y, l_aux, routing), (y_py, l_aux_py, routing_py) = both_paths(layer, x)
-        assert native_forward._gathered_kernels, launch   # the first call registered its variant
+        assert registered_gathered_variants(layer, x), launch   # the first call registered its variant
         assert routing.capacity == routing_py.capacity > 0
         for name in ("indices_TK", "weights_TK", "locations_TK", "counts_E", "slots_TK"):
             assert torch.equal(getattr(routing, name), getattr(routing_py, name)), name
@@ -264,7 +271,7 @@ def test_gathered_first_gemm_with_capacity(cf, T, bias, monkeypatch):
 
 def test_gathered_capacity_path_replays_from_a_cuda_graph(monkeypatch):
     monkeypatch.setattr(native_forward, "_GATHER_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(native_forward, "_gathered_kernels", {})
+    monkeypatch.setattr(_triton_gemm._grouped_rows_launches, "_variants", {})
     torch.manual_seed(0)
     cfg = am.MoEConfig(model_dim=128, num_experts=16, gate=am.GateConfig(top_k=4, capacity_factor=1.0),
                        experts=am.ExpertConfig(hidden_size=256, has_fc2_bias=False))
@@ -273,7 +280,7 @@ def test_gathered_capacity_path_replays_from_a_cuda_graph(monkeypatch):
     assert gathered_plan(layer, x)
     with torch.no_grad():
         layer(x)   # registers the kernel: the replays launch it from inside the native call
-    assert native_forward._gathered_kernels
+    assert registered_gathered_variants(layer, x)
     for out, y in replays_and_eager(lambda: layer(x), x):
         assert torch.equal(out, y)
 
@@ -281,7 +288,6 @@ def test_gathered_capacity_path_replays_from_a_cuda_graph(monkeypatch):
 def test_gathered_kernel_vs_per_expert_matmul():
     """ops._triton_gemm.gathered_fc1_relu on poisoned output memory against relu(x[tok] w^T + b)
     computed expert by expert in float32, with zero-token experts and uneven counts."""
-    from adaptmoe.ops import _triton_gemm
     torch.manual_seed(0)
     T, K, E, D, H = 200, 3, 8, 192, 384
     x = torch.randn(T, D, device=DEV, dtype=torch.bfloat16)
@@ -290,7 +296,7 @@ def test_gathered_kernel_vs_per_expert_matmul():
     counts = torch.tensor([0, 130, 1, 0, 200, 69, 200, 0], device=DEV)
     inv = torch.randperm(T * K, device=DEV).to(torch.int32)   # any choice may feed any row
     poison(T * K * H * 2)   # NaN into the cache
-    h, _ = _triton_gemm.gathered_fc1_relu(x, inv, K, counts, w1, b1)
+    h = _triton_gemm.gathered_fc1_relu(x, inv, K, counts, w1, b1)
     rows = x.float()[(inv // K).long()]
     want, start = torch.empty(T * K, H, device=DEV), 0
     for e, n in enumerate(counts.tolist()):

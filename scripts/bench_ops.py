@@ -14,6 +14,20 @@ import adaptmoe.ops as ops  # noqa: E402
 from adaptmoe.examples.timing import median_ms  # noqa: E402
 
 
+def kernel_events(fn, calls: int, warmup: int = 3):
+    """torch.profiler's per-kernel averages (CUDA activity) over ``calls`` calls of ``fn`` after
+    ``warmup`` untimed ones: device time without each call's host time."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages()
+
+
 def row_mover_cases():
     """(name, T, D, E, K, x_TD, idx_TK, w_TK, slots_TK, y_RD) per benchmark shape: bf16 rows,
     random routing, dropless slots (R = T*K)."""

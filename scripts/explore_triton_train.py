@@ -138,16 +138,9 @@ def whole_ffn(name: str, T: int, D: int, H: int, E: int, K: int, profile: bool =
 def profile_steps(steps: dict) -> None:
     """GPU time per kernel of each step (10 steps after 3 warmup), to find where a whole FFN spends
     more than the sum of its GEMMs."""
-    from torch.profiler import ProfilerActivity, profile
+    from scripts.bench_ops import kernel_events
     for label, fn in steps.items():
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                fn()
-            torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.device_time_total > 0]
+        events = [e for e in kernel_events(fn, 10) if e.device_time_total > 0]
         total = sum(e.device_time_total for e in events) / 10 / 1e3
         wall = pipelined_ms(fn, calls=5)
         host = []

@@ -6,27 +6,17 @@ kernel changes: bench_ops.py's event timing includes each op's host time before 
 import os
 import sys
 
-import torch
-from torch.profiler import ProfilerActivity, profile
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import adaptmoe.ops as ops  # noqa: E402
-from scripts.bench_ops import row_mover_cases  # noqa: E402
+from scripts.bench_ops import kernel_events, row_mover_cases  # noqa: E402
 
 
 def main():
     for name, T, D, E, K, x, _, w, slots, y in row_mover_cases():
         R = T * K
         for op, fn in (("combine", lambda: ops.combine(y, slots, w)), ("dispatch", lambda: ops.dispatch(x, slots, R))):
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(20):
-                    fn()
-                torch.cuda.synchronize()
-            for e in prof.key_averages():
+            for e in kernel_events(fn, 20):
                 t = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
                 if e.count >= 20 and t > 5:
                     moved = (T + R) * D * 2

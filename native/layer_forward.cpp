@@ -254,11 +254,17 @@ std::vector<Tensor> forward_outputs(const Tensor& y_TO, const Tensor& logits_TE,
   return out;
 }
 
-void check_inputs(const Tensor& x_TD, const Tensor& wg_ED, int64_t k, int64_t capacity, bool grouped, bool dense,
-                  bool postscore, const ExpertWeights& w, bool relu_epilogue) {
-  torch_ops::check_rows(x_TD, "x_TD");
+// Tokens (2-D, CUDA) and the gate's weight, what every native call of this file starts from.
+void check_gate_inputs(const Tensor& x_TD, const Tensor& wg_ED) {
+  TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");
   torch_ops::check_cuda(wg_ED, "wg_ED", x_TD);
   TORCH_CHECK(wg_ED.dim() == 2 && wg_ED.size(1) == x_TD.size(1), "adaptmoe: wg_ED must be (E, D) with x_TD's D");
+}
+
+void check_inputs(const Tensor& x_TD, const Tensor& wg_ED, int64_t k, int64_t capacity, bool grouped, bool dense,
+                  bool postscore, const ExpertWeights& w, bool relu_epilogue) {
+  check_gate_inputs(x_TD, wg_ED);
+  torch_ops::dtype_of(x_TD);   // a dtype the kernels take
   const int64_t E = wg_ED.size(0);
   TORCH_CHECK(w.w1.dim() == 3 && w.w2.dim() == 3 && w.w1.size(0) == E && w.w2.size(0) == E &&
                   w.w1.size(2) == x_TD.size(1) && w.w2.size(1) == w.w1.size(1),
@@ -340,9 +346,7 @@ void launch_gathered_inverse(const Routed& r, int64_t capacity, const Tensor& in
 
 std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
                                          int64_t score_fn, bool normalize, int64_t capacity) {
-  TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");
-  torch_ops::check_cuda(wg_ED, "wg_ED", x_TD);
-  TORCH_CHECK(wg_ED.dim() == 2 && wg_ED.size(1) == x_TD.size(1), "adaptmoe: wg_ED must be (E, D) with x_TD's D");
+  check_gate_inputs(x_TD, wg_ED);
   const c10::cuda::CUDAGuard guard(x_TD.device());
   const at::NoGradGuard no_grad;
   const Tensor logits_TE = gate_logits(x_TD, wg_ED, gate_fp32);

@@ -17,7 +17,11 @@ path). Op for op the same, except: large dropless calls of relu experts of up to
 ``ops._triton_gemm.MAX_EXPERT_WEIGHTS`` weights, and large capacity calls of relu experts of up
 to ``_CAPACITY_GATHER_MAX_WEIGHTS``, gather their rows inside a Triton first GEMM
 (``gathered_fc1_blocker``), which rounds its own way (launched from inside the native call once
-Triton has compiled and launched it once: ``ops._triton_native``); calls where every token goes to every
+Triton has compiled and launched it once: ``ops._triton_native``); such dropless calls run in
+cf=1's capacity slots (``NativeForwardPlan.slotted``: cuBLAS's batched second GEMM instead of
+torch's grouped one, and Triton row kernels recompute the rows that overflow into other experts'
+slots; H100, balanced, graphed: fine-grained 1.031 vs 1.081 ms, DeepSeek-V3 13.01 vs 13.46;
+random routing a tie: ``docs/results/2026-11-23/h100_ab_slotted_session12.log``); calls where every token goes to every
 expert (k == E, post-scored, nothing dropped) skip the dispatch, with one first GEMM over the
 tokens for all experts enqueued before the gate (the same products through GEMMs of other
 shapes); a gshard loss alone is computed inside the native call (fp32 sums in its own order).
@@ -39,6 +43,7 @@ from .routing import Routing, capacity_for, fusable_gate
 _enabled = True
 _gathered_enabled = True
 _dense_enabled = True
+_slotted_enabled = True
 _triton_from_native = True
 _RELU = ACTIVATION_CODES["relu"]
 # Calls of fewer R*(D+H) elements (dispatch + relu traffic the gathered GEMM saves) take the
@@ -79,6 +84,7 @@ class NativeForwardPlan:
     gathered_fc1: bool = False   # the first GEMM gathers its rows (Triton, no dispatch; with capacity: padded rows)
     gshard_loss: bool = False    # the gate's only loss is gshard: the native call computes it
     dense: bool = False          # k == E, post-scored: calls that drop nothing skip the dispatch
+    slotted: bool = False        # gathered dropless rows in cf=1's capacity slots, overflow fixed up
 
 
 def native_forward_blocker(layer, x_TD: Tensor, knobs) -> str | None:
@@ -112,7 +118,7 @@ def _plan_or_reason(layer, x_TD: Tensor, knobs) -> NativeForwardPlan | str:
         return f"native extension unavailable or older than this module: {_native.status()}"
     dropless = knobs.capacity_factor == 0
     key = (knobs.gate_index, knobs.top_k, dropless, layer.training, x_TD.dtype, x_TD.device, _fused_gemm._enabled,
-           _gathered_enabled, _dense_enabled)
+           _gathered_enabled, _dense_enabled, _slotted_enabled)
     cache = layer.__dict__.setdefault("_native_forward_plans", {})
     plan = cache.get(key)
     if plan is None:
@@ -158,8 +164,15 @@ def _signature_plan(layer, x_TD: Tensor, native, gate_index: int, top_k: int,
     return NativeForwardPlan(score_fn=1 if gate_cfg.kind in ("sigmoid", "sinkmoid") else 0,
                              normalize=gate_cfg.normalize_topk and top_k > 1, activation=act,
                              relu_epilogue=relu_epilogue, grouped=grouped, gathered_fc1=gathered,
+                             slotted=_slotted_enabled and gathered and grouped and _slot_fixups_fit(x_TD, w),
                              gshard_loss=tuple(kind for kind in gate_cfg.losses if kind != "none") == ("gshard",),
                              dense=_dense_enabled and top_k == E and layer.config.is_postscore)
+
+
+def _slot_fixups_fit(x_TD: Tensor, w) -> bool:
+    """Whether the row kernel takes the second matrix too (the slotted layout's second fix-up)."""
+    H, O = w.w2_eHO.shape[1:]
+    return _triton_gemm.kernel_blocker(x_TD, (w.w2_eHO,), reduced=(H,), produced=(O,)) is None
 
 
 def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Routing, tuple | None, dict | None]:
@@ -221,7 +234,8 @@ def repeat(layer, call: RepeatCall, x: Tensor) -> tuple | None:
 
 def _settings() -> tuple:
     """The switches a plan depends on (``_plan_or_reason``'s first checks and its cache key)."""
-    return _enabled, _native.loaded() is not None, _fused_gemm._enabled, _gathered_enabled, _dense_enabled
+    return (_enabled, _native.loaded() is not None, _fused_gemm._enabled, _gathered_enabled, _dense_enabled,
+            _slotted_enabled)
 
 
 def _launch(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Tensor, w) -> tuple:
@@ -231,7 +245,8 @@ def _launch(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Te
     capacity = capacity_for(knobs.capacity_factor, T, E, k)
     if (plan.gathered_fc1 and T * k * (w.w1_eHD.shape[1] + w.w1_eHD.shape[2]) >= _GATHER_MIN_ELEMENTS
             and capacity != 0):
-        return _run_gathered(layer, x_TD, knobs, plan, gate, wg_ED, w, capacity)
+        slot_capacity = capacity_for(1.0, T, E, k) if plan.slotted and capacity is None else None
+        return _run_gathered(layer, x_TD, knobs, plan, gate, wg_ED, w, capacity, slot_capacity)
     dense = plan.dense and T > 0 and (capacity is None or capacity >= T)   # then no choice drops
     outputs = _native.loaded().moe_forward_nograd(
         x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, -1 if capacity is None else capacity,
@@ -257,30 +272,62 @@ def _gate_of(layer, gate_index: int) -> tuple:
 
 
 def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Tensor, w,
-                  capacity: int | None) -> tuple:
+                  capacity: int | None, slot_capacity: int | None) -> tuple:
     """Relu experts whose first GEMM gathers its rows from the tokens, relu in its epilogue
     (``ops._triton_gemm``; ``gathered_fc1_blocker`` says which): native routing, that GEMM over
     the grouped rows then the grouped second GEMM (dropless, capacity None), or over the padded
-    rows (every expert ``capacity`` of them) then the batched one; native combine. One native
-    call when a registered variant of that GEMM fits this call's arguments; else the GEMM is
-    launched from Python (where Triton's launcher registers the variant it ran for the next calls)."""
-    T, k, E = x_TD.shape[0], knobs.top_k, layer.config.num_experts
+    rows (every expert ``capacity`` of them) then the batched one, or, dropless in
+    ``slot_capacity`` slots per expert, both GEMMs over the slots and the rows that overflowed
+    into other experts' slots recomputed (``_triton_gemm.slot_fixups``); native combine. One
+    native call when registered variants of the Triton kernels fit this call's arguments; else
+    they are launched from Python (where Triton's launcher registers the variants it ran for the
+    next calls)."""
+    T, k = x_TD.shape[0], knobs.top_k
     native = _native.loaded()
-    num_rows = T * k if capacity is None else E * capacity
     native_capacity = -1 if capacity is None else capacity
-    # Compiled variants of the gathered GEMM that Python's launches registered: the native call
+    native_slots = -1 if slot_capacity is None else slot_capacity
+    # Compiled variants of the Triton kernels that Python's launches registered: the native call
     # launches the first whose specialization its own arguments satisfy (ops._triton_native).
-    variants = _triton_gemm.gathered_fc1_variants(x_TD, w.w1_eHD, w.b1_eH) if _triton_from_native else None
-    if variants:
-        outputs = native.moe_forward_nograd_gathered(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize,
-                                                     w.w1_eHD, w.w2_eHO, w.b1_eH, variants, plan.gshard_loss,
-                                                     native_capacity)
-        if outputs:
-            return _packaged(outputs, capacity, num_rows, plan)
-    (logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK,
-     inv_R) = native.moe_route_nograd(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, native_capacity)
+    if _triton_from_native:
+        variants = _triton_gemm.gathered_fc1_variants(x_TD, w.w1_eHD, w.b1_eH)
+        fixups = (_triton_gemm.slot_fixup_variants(x_TD, w.w1_eHD, w.b1_eH, w.w2_eHO) if slot_capacity is not None
+                  else ([], []))
+        if variants and (slot_capacity is None or all(fixups)):
+            outputs = native.moe_forward_nograd_gathered(
+                x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, w.w1_eHD, w.w2_eHO, w.b1_eH, variants,
+                plan.gshard_loss, native_capacity, native_slots, *fixups)
+            if outputs:
+                return _packaged(outputs, capacity, _routed_rows(T, k, layer.config.num_experts, capacity), plan)
+    routed = native.moe_route_nograd(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, native_capacity,
+                                     native_slots)
+    logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK, inv_R = routed[:8]
+    y_TO = _gathered_experts(x_TD, w, k, capacity, slot_capacity, weights_TK, counts_E, slots_TK, inv_R, routed[8:])
+    # Last, like inside the one-call path: nothing in front of the expert GEMMs waits for it.
+    loss = native.gshard_loss(scores_TE, indices_TK, plan.score_fn == 1) if plan.gshard_loss else None
+    return _packaged([y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK, loss],
+                     capacity, _routed_rows(T, k, layer.config.num_experts, capacity), plan)
+
+
+def _routed_rows(T: int, k: int, E: int, capacity: int | None) -> int:
+    """The Routing's num_rows: T*k grouped rows (dropless), else E * capacity."""
+    return T * k if capacity is None else E * capacity
+
+
+def _gathered_experts(x_TD: Tensor, w, k: int, capacity: int | None, slot_capacity: int | None, weights_TK: Tensor,
+                      counts_E: Tensor, slots_TK: Tensor, inv_R: Tensor, layout: list) -> Tensor:
+    """``_run_gathered``'s expert GEMMs and combine launched from Python, after
+    ``moe_route_nograd`` (``layout``: its slot layout's outputs past inv_R, when slotted)."""
+    native, E = _native.loaded(), w.w1_eHD.shape[0]
+    num_rows = inv_R.numel()
     if num_rows == 0:
-        y_RO = x_TD.new_zeros(0, w.w2_eHO.shape[2])
+        return x_TD.new_zeros(x_TD.shape[0], w.w2_eHO.shape[2])
+    if slot_capacity is not None:
+        slots_TK, rows_O, choice_O, over_E, capacity_E = layout
+        h_SH = _triton_gemm.gathered_fc1_relu(x_TD, inv_R, k, capacity_E, w.w1_eHD, w.b1_eH)
+        fixup_args = (w.w1_eHD, w.b1_eH, w.w2_eHO, k, over_E, rows_O, choice_O)
+        _triton_gemm.slot_fixups(x_TD, h_SH, None, *fixup_args, second=False)
+        y_RO = torch.bmm(h_SH.view(E, slot_capacity, -1), w.w2_eHO).view(num_rows, -1)
+        _triton_gemm.slot_fixups(x_TD, h_SH, y_RO, *fixup_args, second=True)
     else:
         rows_E = counts_E if capacity is None else torch.full_like(counts_E, capacity)
         h_RH = _triton_gemm.gathered_fc1_relu(x_TD, inv_R, k, rows_E, w.w1_eHD, w.b1_eH)
@@ -288,11 +335,7 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_
             y_RO = torch._grouped_mm(h_RH, w.w2_eHO, offs=torch.cumsum(counts_E, 0, dtype=torch.int32))
         else:   # rows no choice feeds (computed from token 0) are never gathered
             y_RO = torch.bmm(h_RH.view(E, capacity, -1), w.w2_eHO).view(num_rows, -1)
-    y_TO = native.gather_rows(y_RO, slots_TK, weights_TK, None)[0]
-    # Last, like inside the one-call path: nothing in front of the expert GEMMs waits for it.
-    loss = native.gshard_loss(scores_TE, indices_TK, plan.score_fn == 1) if plan.gshard_loss else None
-    return _packaged([y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK, loss],
-                     capacity, num_rows, plan)
+    return native.gather_rows(y_RO, slots_TK, weights_TK, None)[0]
 
 
 def _losses_or_inputs(logits_TE: Tensor, scores_TE: Tensor, loss: Tensor | None,
@@ -313,6 +356,13 @@ def set_dense_enabled(enabled: bool) -> None:
     _dense_enabled = bool(enabled)
 
 
+def set_slotted_enabled(enabled: bool) -> None:
+    """Turns the slotted layout of gathered dropless calls off (their rows are grouped and the
+    second GEMM is torch's grouped one) or back on, e.g. for A/B runs."""
+    global _slotted_enabled
+    _slotted_enabled = bool(enabled)
+
+
 def set_gathered_enabled(enabled: bool) -> None:
     """Turns the gathered Triton first GEMM off (dropless rows are dispatched, then grouped_mm and
     a relu pass run) or back on, e.g. for A/B runs."""
@@ -321,4 +371,4 @@ def set_gathered_enabled(enabled: bool) -> None:
 
 
 __all__ = ["NativeForwardPlan", "RepeatCall", "native_forward_blocker", "plan_for", "repeat", "run",
-           "set_dense_enabled", "set_enabled", "set_gathered_enabled"]
+           "set_dense_enabled", "set_enabled", "set_gathered_enabled", "set_slotted_enabled"]

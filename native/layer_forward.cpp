@@ -14,35 +14,14 @@
 #include <climits>
 
 #include "blaslt.h"
+#include "forward_parts.h"
 #include "moe_kernels.h"
 #include "torch_ops.h"
-#include "triton_launch.h"
 
 namespace adaptmoe {
-namespace {
+namespace forward_parts {
 
-using at::Tensor;
 using torch_ops::text;
-
-struct ExpertWeights {
-  Tensor w1, w2, w3, b1, b2;   // w3, b1, b2 undefined when absent
-};
-
-Tensor value_or_undefined(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
-
-Tensor apply_activation(const Tensor& h, int64_t act) {
-  switch (act) {
-    case kActIdentity: return h;
-    case kActRelu: return at::relu(h);
-    case kActGelu: return at::gelu(h);
-    case kActGeluTanh: return at::gelu(h, "tanh");
-    case kActSilu: return at::silu(h);
-    case kActTanh: return at::tanh(h);
-    case kActSigmoid: return at::sigmoid(h);
-    default: TORCH_CHECK(false, text("adaptmoe: unknown activation code ", act));
-  }
-  return h;
-}
 
 // F.linear of a 2-D input without bias is exactly mm(x, w^T); calling mm skips two dispatcher hops.
 Tensor gate_logits(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32) {
@@ -54,8 +33,6 @@ Tensor gate_logits(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32) {
   return at::mm(x_TD.scalar_type() == wg_ED.scalar_type() ? x_TD : x_TD.to(wg_ED.scalar_type()), wg_DE);
 }
 
-using torch_ops::alias;
-
 // t.view(sizes) for a contiguous t, without the dispatcher (see torch_ops::alias).
 Tensor viewed(const Tensor& t, at::IntArrayRef sizes) {
   if (!t.is_contiguous()) return t.reshape(sizes);
@@ -63,37 +40,6 @@ Tensor viewed(const Tensor& t, at::IntArrayRef sizes) {
   TORCH_INTERNAL_ASSERT(v.numel() == t.numel(), "adaptmoe: a view of another element count");
   return v;
 }
-
-// Routing results and the slot assignment's workspace live in one byte buffer (one allocation
-// in front of the dispatch instead of three: each cost ~3.5 us of host time on the H100 machine,
-// ~3x that at the start of a call on an idle GPU): int64 indices, locations, slots and counts,
-// then scores and weights in the logits' dtype, then the int32 workspace. The launches take raw
-// pointers; typed tensor views are made only when needed, mostly after the FFN is enqueued
-// (each view costs dispatcher calls and no kernel needs them).
-struct Routed {
-  int64_t T = 0, k = 0, E = 0;
-  Tensor buf, x_RD;
-  at::ScalarType vals_type = at::kFloat;
-  int64_t ints_bytes() const { return (3 * T * k + E) * 8; }
-  int64_t vals_bytes() const { return (T * E + T * k) * static_cast<int64_t>(c10::elementSize(vals_type)); }
-  int64_t workspace_offset() const { return ints_bytes() + (vals_bytes() + 7) / 8 * 8; }
-  int64_t* indices() const { return reinterpret_cast<int64_t*>(buf.data_ptr()); }
-  int64_t* locations() const { return indices() + T * k; }
-  int64_t* slots() const { return indices() + 2 * T * k; }
-  int64_t* counts() const { return indices() + 3 * T * k; }
-  void* scores() const { return static_cast<char*>(buf.data_ptr()) + ints_bytes(); }
-  void* weights() const { return static_cast<char*>(scores()) + T * E * c10::elementSize(vals_type); }
-  int* workspace() const { return reinterpret_cast<int*>(static_cast<char*>(buf.data_ptr()) + workspace_offset()); }
-  DType vals_dtype() const { return vals_type == at::kFloat ? kFloat32 : vals_type == at::kHalf ? kFloat16 : kBFloat16; }
-  Tensor counts_E() const { return alias(buf, at::kLong, 3 * T * k * 8, {E}); }
-  // (indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK)
-  std::vector<Tensor> views() const {
-    const int64_t n = T * k, ints = ints_bytes(), val = static_cast<int64_t>(c10::elementSize(vals_type));
-    return {alias(buf, at::kLong, 0, {T, k}), alias(buf, vals_type, ints + T * E * val, {T, k}),
-            alias(buf, vals_type, ints, {T, E}), alias(buf, at::kLong, n * 8, {T, k}), counts_E(),
-            alias(buf, at::kLong, 2 * n * 8, {T, k})};
-  }
-};
 
 // The routing buffer of T tokens over E experts, logits (and so scores, weights) in vals_type.
 Routed alloc_routed(int64_t T, int64_t E, int64_t k, at::ScalarType vals_type, const at::TensorOptions& options) {
@@ -130,6 +76,81 @@ Routed route(const Tensor& logits_TE, int64_t k, int64_t score_fn, bool normaliz
   return r;
 }
 
+// y_TO[t] = sum_k w[t,k] * y_RO[slots[t,k]] (w absent: 1), without torch_ops::gather_rows's
+// placeholder for the dot products nobody asked for. slots: r.slots() unless given.
+Tensor combine(const Tensor& y_RO, const Routed& r, bool postscore, const int64_t* slots) {
+  const int64_t O = y_RO.size(1);
+  Tensor y_TO = at::empty({r.T, O}, y_RO.options());
+  const Tensor y = y_RO.contiguous();
+  torch_ops::check_launch(launch_gather_rows(y.data_ptr(), torch_ops::dtype_of(y), slots ? slots : r.slots(),
+                                             postscore ? r.weights() : nullptr, r.vals_dtype(), nullptr,
+                                             r.T, static_cast<int>(r.k), O, y.size(0), y_TO.data_ptr(), nullptr,
+                                             kFloat32, c10::cuda::getCurrentCUDAStream()),
+                          "gather");
+  return y_TO;
+}
+
+// A forward's outputs (layer_forward.h), the gshard loss enqueued last: its two small kernels run
+// after the combine (~5 us of GPU time) instead of delaying the dispatch, and replace the five ATen
+// ops of the Python losses (~45 us of host time per call on the H100 machine).
+std::vector<Tensor> forward_outputs(const Tensor& y_TO, const Tensor& logits_TE, const Routed& r, bool want_gshard_loss,
+                                    int64_t score_fn) {
+  std::vector<Tensor> out{y_TO, logits_TE};
+  for (Tensor& t : r.views()) out.push_back(std::move(t));
+  out.push_back(want_gshard_loss ? torch_ops::gshard_loss(out[4], out[2], score_fn == 1) : Tensor());
+  return out;
+}
+
+void check_gate_inputs(const Tensor& x_TD, const Tensor& wg_ED) {
+  TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");
+  torch_ops::check_cuda(wg_ED, "wg_ED", x_TD);
+  TORCH_CHECK(wg_ED.dim() == 2 && wg_ED.size(1) == x_TD.size(1), "adaptmoe: wg_ED must be (E, D) with x_TD's D");
+}
+
+void check_inputs(const Tensor& x_TD, const Tensor& wg_ED, int64_t k, int64_t capacity, bool grouped, bool dense,
+                  bool postscore, const ExpertWeights& w, bool relu_epilogue) {
+  check_gate_inputs(x_TD, wg_ED);
+  torch_ops::dtype_of(x_TD);   // a dtype the kernels take
+  const int64_t E = wg_ED.size(0);
+  TORCH_CHECK(w.w1.dim() == 3 && w.w2.dim() == 3 && w.w1.size(0) == E && w.w2.size(0) == E &&
+                  w.w1.size(2) == x_TD.size(1) && w.w2.size(1) == w.w1.size(1),
+              "adaptmoe: w1 must be (E, H, D) and w2 (E, H, O) over the gate's E experts");
+  for (const Tensor* t : {&w.w1, &w.w2, &w.w3, &w.b1, &w.b2}) {
+    if (!t->defined()) continue;
+    torch_ops::check_cuda(*t, "expert weight", x_TD);
+    TORCH_CHECK(t->scalar_type() == x_TD.scalar_type(), text("adaptmoe: expert weights must have x's dtype ",
+                x_TD.scalar_type(), ", got ", t->scalar_type()));
+  }
+  TORCH_CHECK(!grouped || (capacity < 0 && x_TD.scalar_type() == at::kBFloat16),
+              "adaptmoe: the grouped layout takes dropless bf16 rows");
+  TORCH_CHECK(!relu_epilogue || (!grouped && !w.w3.defined() && x_TD.size(1) > 0 && w.w1.is_contiguous() &&
+                                  (!w.b1.defined() || w.b1.is_contiguous())),
+              "adaptmoe: the relu epilogue takes the padded layout, no w3, D > 0, contiguous w1 and b1");
+  TORCH_CHECK(!dense || (!grouped && k == E && postscore && x_TD.size(0) > 0 && (capacity < 0 || capacity >= x_TD.size(0))),
+              "adaptmoe: the dense layout takes k == E, post-scored, no dropped choice, T > 0");
+}
+
+}  // namespace forward_parts
+
+namespace {
+
+using namespace forward_parts;
+using torch_ops::text;
+
+Tensor apply_activation(const Tensor& h, int64_t act) {
+  switch (act) {
+    case kActIdentity: return h;
+    case kActRelu: return at::relu(h);
+    case kActGelu: return at::gelu(h);
+    case kActGeluTanh: return at::gelu(h, "tanh");
+    case kActSilu: return at::silu(h);
+    case kActTanh: return at::tanh(h);
+    case kActSigmoid: return at::sigmoid(h);
+    default: TORCH_CHECK(false, text("adaptmoe: unknown activation code ", act));
+  }
+  return h;
+}
+
 // The dispatch into r.x_RD, 3 launches fewer than torch_ops::scatter_rows: no inverse map, and the
 // padded rows no choice feeds are left unwritten (their FFN outputs are never gathered: the
 // combine reads kept slots only), which saved a 7 us zeroing kernel (fine-grained cf=1, H100).
@@ -142,20 +163,6 @@ void dispatch(Routed& r, const Tensor& x_TD, int64_t capacity, bool postscore) {
                                                       /*zero_unfed=*/false, r.x_RD.data_ptr(),
                                                       c10::cuda::getCurrentCUDAStream()),
                           "scatter");
-}
-
-// y_TO[t] = sum_k w[t,k] * y_RO[slots[t,k]] (w absent: 1), without torch_ops::gather_rows's
-// placeholder for the dot products nobody asked for. slots: r.slots() unless given.
-Tensor combine(const Tensor& y_RO, const Routed& r, bool postscore, const int64_t* slots = nullptr) {
-  const int64_t O = y_RO.size(1);
-  Tensor y_TO = at::empty({r.T, O}, y_RO.options());
-  const Tensor y = y_RO.contiguous();
-  torch_ops::check_launch(launch_gather_rows(y.data_ptr(), torch_ops::dtype_of(y), slots ? slots : r.slots(),
-                                             postscore ? r.weights() : nullptr, r.vals_dtype(), nullptr,
-                                             r.T, static_cast<int>(r.k), O, y.size(0), y_TO.data_ptr(), nullptr,
-                                             kFloat32, c10::cuda::getCurrentCUDAStream()),
-                          "gather");
-  return y_TO;
 }
 
 // Mirrors adaptmoe.expert_compute.ffn_padded (and the fused relu GEMM of ops._fused_gemm).
@@ -243,47 +250,6 @@ Tensor ffn_grouped(const Tensor& x_RD, const Tensor& counts_E, const ExpertWeigh
   return y_RO;
 }
 
-// A forward's outputs (layer_forward.h), the gshard loss enqueued last: its two small kernels run
-// after the combine (~5 us of GPU time) instead of delaying the dispatch, and replace the five ATen
-// ops of the Python losses (~45 us of host time per call on the H100 machine).
-std::vector<Tensor> forward_outputs(const Tensor& y_TO, const Tensor& logits_TE, const Routed& r, bool want_gshard_loss,
-                                    int64_t score_fn) {
-  std::vector<Tensor> out{y_TO, logits_TE};
-  for (Tensor& t : r.views()) out.push_back(std::move(t));
-  out.push_back(want_gshard_loss ? torch_ops::gshard_loss(out[4], out[2], score_fn == 1) : Tensor());
-  return out;
-}
-
-// Tokens (2-D, CUDA) and the gate's weight, what every native call of this file starts from.
-void check_gate_inputs(const Tensor& x_TD, const Tensor& wg_ED) {
-  TORCH_CHECK(x_TD.is_cuda() && x_TD.dim() == 2, "adaptmoe: x_TD must be a 2-D CUDA tensor");
-  torch_ops::check_cuda(wg_ED, "wg_ED", x_TD);
-  TORCH_CHECK(wg_ED.dim() == 2 && wg_ED.size(1) == x_TD.size(1), "adaptmoe: wg_ED must be (E, D) with x_TD's D");
-}
-
-void check_inputs(const Tensor& x_TD, const Tensor& wg_ED, int64_t k, int64_t capacity, bool grouped, bool dense,
-                  bool postscore, const ExpertWeights& w, bool relu_epilogue) {
-  check_gate_inputs(x_TD, wg_ED);
-  torch_ops::dtype_of(x_TD);   // a dtype the kernels take
-  const int64_t E = wg_ED.size(0);
-  TORCH_CHECK(w.w1.dim() == 3 && w.w2.dim() == 3 && w.w1.size(0) == E && w.w2.size(0) == E &&
-                  w.w1.size(2) == x_TD.size(1) && w.w2.size(1) == w.w1.size(1),
-              "adaptmoe: w1 must be (E, H, D) and w2 (E, H, O) over the gate's E experts");
-  for (const Tensor* t : {&w.w1, &w.w2, &w.w3, &w.b1, &w.b2}) {
-    if (!t->defined()) continue;
-    torch_ops::check_cuda(*t, "expert weight", x_TD);
-    TORCH_CHECK(t->scalar_type() == x_TD.scalar_type(), text("adaptmoe: expert weights must have x's dtype ",
-                x_TD.scalar_type(), ", got ", t->scalar_type()));
-  }
-  TORCH_CHECK(!grouped || (capacity < 0 && x_TD.scalar_type() == at::kBFloat16),
-              "adaptmoe: the grouped layout takes dropless bf16 rows");
-  TORCH_CHECK(!relu_epilogue || (!grouped && !w.w3.defined() && x_TD.size(1) > 0 && w.w1.is_contiguous() &&
-                                  (!w.b1.defined() || w.b1.is_contiguous())),
-              "adaptmoe: the relu epilogue takes the padded layout, no w3, D > 0, contiguous w1 and b1");
-  TORCH_CHECK(!dense || (!grouped && k == E && postscore && x_TD.size(0) > 0 && (capacity < 0 || capacity >= x_TD.size(0))),
-              "adaptmoe: the dense layout takes k == E, post-scored, no dropped choice, T > 0");
-}
-
 }  // namespace
 
 std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
@@ -323,117 +289,6 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
     y_TO = combine(y_RO, r, postscore);
   }
   return forward_outputs(y_TO, logits_TE, r, want_gshard_loss, score_fn);
-}
-
-namespace {
-
-// Rows of a gathering first GEMM: T*k (dropless) or E * capacity.
-int64_t gathered_rows(int64_t T, int64_t E, int64_t k, int64_t capacity) { return capacity < 0 ? T * k : E * capacity; }
-
-// inv_R[r] = the choice feeding row r (launch_inverse_slots); the padded layout's unfed rows read
-// choice 0 (their outputs are never gathered; an unset index would read out of bounds).
-void launch_gathered_inverse(const Routed& r, int64_t capacity, const Tensor& inv_R) {
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t rows = inv_R.numel();
-  if (capacity >= 0 && rows > 0) {
-    torch_ops::check_launch(cudaMemsetAsync(inv_R.data_ptr<int>(), 0, sizeof(int) * rows, stream), "inverse slots");
-  }
-  torch_ops::check_launch(launch_inverse_slots(r.slots(), r.T * r.k, rows, inv_R.data_ptr<int>(), stream),
-                          "inverse slots");
-}
-
-}  // namespace
-
-std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
-                                         int64_t score_fn, bool normalize, int64_t capacity) {
-  check_gate_inputs(x_TD, wg_ED);
-  const c10::cuda::CUDAGuard guard(x_TD.device());
-  const at::NoGradGuard no_grad;
-  const Tensor logits_TE = gate_logits(x_TD, wg_ED, gate_fp32);
-  const Routed r = route(logits_TE, k, score_fn, normalize, capacity);
-  Tensor inv_R = at::empty({gathered_rows(r.T, r.E, r.k, capacity)}, x_TD.options().dtype(at::kInt));
-  launch_gathered_inverse(r, capacity, inv_R);
-  std::vector<Tensor> out{logits_TE};
-  for (Tensor& t : r.views()) out.push_back(std::move(t));
-  out.push_back(inv_R);
-  return out;
-}
-
-namespace {
-
-// Programs of the persistent _grouped_rows_kernel over R rows, as grouped_rows_mm computes them.
-int64_t gathered_fc1_programs(int64_t kernel_id, int64_t R, int64_t E) {
-  const int64_t bm = triton_kernel_constant(kernel_id, "BM", 128),
-                n_tiles = triton_kernel_constant(kernel_id, "N_TILES", 1);
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return std::min(sms, ((R + bm - 1) / bm + E) * n_tiles);
-}
-
-// The arguments of ops/_triton_gemm.py's _grouped_rows_kernel for the gathered first GEMM
-// (gathered_fc1_relu: rows gathered from the tokens, relu and bias in the epilogue), as Python
-// passes them.
-TritonArgs gathered_fc1_args(int64_t programs, const Tensor& x, const Tensor& inv_R, const Tensor& w1,
-                             const Tensor& b1, const Tensor& h, const int64_t* counts, int64_t k) {
-  const int64_t E = w1.size(0), H = w1.size(1), D = w1.size(2);
-  auto ptr = [](const void* p) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p)); };
-  return {{"a_ptr", ptr(x.data_ptr())}, {"gather_ptr", ptr(inv_R.data_ptr())}, {"b_ptr", ptr(w1.data_ptr())},
-          {"bias_ptr", ptr(b1.defined() ? b1.data_ptr() : x.data_ptr())}, {"mask_ptr", ptr(x.data_ptr())},
-          {"c_ptr", ptr(h.data_ptr())}, {"counts_ptr", ptr(counts)}, {"E", E}, {"TOP_K", k}, {"KD", D}, {"N", H},
-          {"stride_be", D * H}, {"stride_bk", 1}, {"stride_bn", D},
-          {"PROGRAMS", programs},
-          {"GATHER", 1}, {"SCATTER", 0}, {"HAS_BIAS", b1.defined() ? 1 : 0}};
-}
-
-}  // namespace
-
-std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32,
-                                                    int64_t k, int64_t score_fn, bool normalize,
-                                                    const at::Tensor& w1_EHD, const at::Tensor& w2_EHO,
-                                                    const std::optional<at::Tensor>& b1_EH,
-                                                    const std::vector<int64_t>& kernel_ids, bool want_gshard_loss,
-                                                    int64_t capacity) {
-  const ExpertWeights w{w1_EHD, w2_EHO, Tensor(), value_or_undefined(b1_EH), Tensor()};
-  check_inputs(x_TD, wg_ED, k, capacity, /*grouped=*/capacity < 0, /*dense=*/false, /*postscore=*/true, w, false);
-  TORCH_CHECK(x_TD.scalar_type() == at::kBFloat16, "adaptmoe: the gathered first GEMM takes bfloat16 tokens");
-  const c10::cuda::CUDAGuard guard(x_TD.device());
-  const at::NoGradGuard no_grad;
-  const Tensor x = x_TD.contiguous();
-  const int64_t T = x.size(0), E = wg_ED.size(0), H = w1_EHD.size(1), R = gathered_rows(T, E, k, capacity);
-  if (T * k == 0 || R == 0) return {};
-  // Every buffer first, then the kernel whose specialization fits their addresses; none fits:
-  // nothing was enqueued, the caller launches through Triton.
-  Routed r = alloc_routed(T, E, k, gate_fp32 ? at::kFloat : wg_ED.scalar_type(), x.options());
-  const Tensor inv_R = at::empty({R}, x.options().dtype(at::kInt));
-  // The kernel's rows per expert: the counts (dropless), or capacity for every expert (padded).
-  const Tensor rows_E = capacity < 0 ? Tensor() : at::empty({E}, x.options().dtype(at::kLong));
-  const int64_t* rows_per_expert = capacity < 0 ? r.counts() : rows_E.data_ptr<int64_t>();
-  Tensor h_RH = at::empty({R, H}, x.options());
-  int64_t kernel_id = -1, programs = 0;
-  TritonArgs args;
-  for (int64_t id : kernel_ids) {
-    programs = gathered_fc1_programs(id, R, E);
-    args = gathered_fc1_args(programs, x, inv_R, w.w1, w.b1, h_RH, rows_per_expert, k);
-    if (triton_kernel_matches(id, args)) {
-      kernel_id = id;
-      break;
-    }
-  }
-  if (kernel_id < 0) return {};
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const Tensor logits_TE = gate_logits(x, wg_ED, gate_fp32);
-  launch_routing(r, logits_TE, score_fn, normalize, capacity);
-  launch_gathered_inverse(r, capacity, inv_R);
-  if (rows_E.defined()) rows_E.fill_(capacity);
-  torch_ops::check_launch(launch_triton_kernel(kernel_id, args, static_cast<unsigned>(programs), stream),
-                          "gathered first GEMM (Triton)");
-  Tensor y_RO;
-  if (capacity < 0) {
-    y_RO = at::_grouped_mm(h_RH, w.w2, at::cumsum(r.counts_E(), 0, at::kInt));
-  } else {   // [E, capacity, H] @ [E, H, O]; rows no choice feeds are computed and never read
-    y_RO = viewed(at::bmm(viewed(h_RH, {E, capacity, H}), w.w2), {R, w.w2.size(2)});
-  }
-  h_RH.reset();   // dead once the second GEMM is enqueued (stream-ordered reuse)
-  return forward_outputs(combine(y_RO, r, /*postscore=*/true), logits_TE, r, want_gshard_loss, score_fn);
 }
 
 }  // namespace adaptmoe

@@ -29,26 +29,38 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
                                            const std::optional<at::Tensor>& b2_EO, int64_t act, bool relu_epilogue,
                                            bool allow_tf32, bool want_gshard_loss, bool dense);
 
-// The routing part of the above: logits_TE, then (indices_TK, weights_TK, scores_TE, locations_TK,
-// counts_E, slots_TK) and inv_R (int32: the choice t*K + k that feeds each row), for an expert
-// GEMM that gathers its rows itself. capacity < 0 (dropless): the T*K grouped rows; else the
-// E * capacity rows of the padded layout, rows no choice feeds reading choice 0.
+// The routing part of the above (gathered_forward.cpp): logits_TE, then (indices_TK, weights_TK,
+// scores_TE, locations_TK, counts_E, slots_TK) and inv_R (int32: the choice t*K + k that feeds each
+// row), for an expert GEMM that gathers its rows itself. capacity < 0 (dropless): the T*K grouped
+// rows; else the E * capacity rows of the padded layout, rows no choice feeds reading choice 0.
+// slot_capacity >= 0 (dropless only): the routing laid out in that many slots per expert
+// (launch_overflow_layout; E * slot_capacity >= T*K), inv_R then over the slots, followed by the
+// layout's slots_TK, rows_O, choice_O, over_E and capacity_E (int64).
 std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32, int64_t k,
-                                         int64_t score_fn, bool normalize, int64_t capacity);
+                                         int64_t score_fn, bool normalize, int64_t capacity, int64_t slot_capacity);
 
 // A bf16 call of relu experts without w3 or b2, post-scored, as moe_forward_nograd returns it, with
 // the first GEMM gathering its rows from x_TD (the Triton kernel of ops/_triton_gemm.py's
 // gathered_fc1_relu, launched from here: the first of the registered `kernel_ids` whose
-// specialization this call's arguments satisfy, see triton_launch.h). Dropless (capacity < 0): the
-// T*K grouped rows, the second GEMM through torch's grouped GEMM; else the E * capacity rows of the
-// padded layout (every expert `capacity` rows, the unfed ones computed from token 0 and never
-// read), the second GEMM a batched one. Empty, with nothing enqueued, when no kernel fits (or
-// there are no rows).
+// specialization this call's arguments satisfy, see triton_launch.h). Three layouts:
+// - dropless (capacity < 0, slot_capacity < 0): the T*K grouped rows, the second GEMM through
+//   torch's grouped GEMM;
+// - capacity >= 0: the E * capacity rows of the padded layout (every expert `capacity` rows, the
+//   unfed ones computed from token 0 and never read), the second GEMM a batched one;
+// - dropless in slots (capacity < 0, slot_capacity >= 0; see moe_route_nograd): both GEMMs over
+//   the E * slot_capacity slots as in the padded layout, then the rows that overflowed into other
+//   experts' slots recomputed with their own expert's weights by the row kernel (fc1_fixup_ids:
+//   rows gathered from the tokens, scattered to their slots; fc2_fixup_ids: gathered from and
+//   scattered to their slots), which finds no rows on balanced routing. The routing returned is
+//   the dropless one (its slots the grouped rows'), as moe_route_nograd's.
+// Empty, with nothing enqueued, when a kernel is missing (or there are no rows).
 std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32,
                                                     int64_t k, int64_t score_fn, bool normalize,
                                                     const at::Tensor& w1_EHD, const at::Tensor& w2_EHO,
                                                     const std::optional<at::Tensor>& b1_EH,
                                                     const std::vector<int64_t>& kernel_ids, bool want_gshard_loss,
-                                                    int64_t capacity);
+                                                    int64_t capacity, int64_t slot_capacity,
+                                                    const std::vector<int64_t>& fc1_fixup_ids,
+                                                    const std::vector<int64_t>& fc2_fixup_ids);
 
 }  // namespace adaptmoe

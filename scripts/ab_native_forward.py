@@ -3,8 +3,10 @@ path vs a CUDA-graph replay, per bench_layer config and capacity mode; where the
 native call without the short way of repeat calls (no_repeat: every call through the knob checks,
 flattening and plan lookup), without the dense layout of k == E calls (no_dense), without the
 gathered first GEMM (no_gather, and graphed_no_gather its graph), with that GEMM launched from
-Python between two native calls instead of from inside the one native call (triton_py), and with
-the gathered GEMM at any size (gather_all: native_forward._GATHER_MIN_ELEMENTS = 0).
+Python between two native calls instead of from inside the one native call (triton_py), with
+the gathered GEMM at any size (gather_all: native_forward._GATHER_MIN_ELEMENTS = 0), and dropless
+calls in grouped rows instead of cf=1's capacity slots (no_slots, graphed_no_slots: torch's
+grouped second GEMM).
 
     python scripts/ab_native_forward.py [config ...] [--iters N] [--routing random|balanced] [--tokens T]
                                         [--modes cf=1,dropless]
@@ -49,11 +51,12 @@ def timed(fn) -> tuple[float, float]:
 
 def variants(layer, x, cf, floor):
     def eager(native: bool, dense: bool = True, gathered: bool = True, triton_from_native: bool = True,
-              gather_min: int = GATHER_MIN):
+              gather_min: int = GATHER_MIN, slotted: bool = True):
         def call():
             native_forward.set_enabled(native)
             native_forward.set_dense_enabled(dense)
             native_forward.set_gathered_enabled(gathered)
+            native_forward.set_slotted_enabled(slotted)
             native_forward.set_triton_from_native(triton_from_native)
             native_forward._GATHER_MIN_ELEMENTS = gather_min
             with torch.no_grad():
@@ -75,6 +78,11 @@ def variants(layer, x, cf, floor):
         native_forward.set_gathered_enabled(True)
         calls["triton_py"] = eager(True, triton_from_native=False)
         calls["gather_all"] = eager(True, gather_min=0)
+    if plan is not None and plan.slotted:
+        calls["no_slots"] = eager(True, slotted=False)
+        native_forward.set_slotted_enabled(False)
+        calls["graphed_no_slots"] = capture_no_grad(lambda: layer(x, capacity_factor=cf), warmup=3)[0].replay
+        native_forward.set_slotted_enabled(True)
     return calls
 
 
@@ -115,6 +123,7 @@ def run_config(name: str, iters: int, routing: str, tokens: int | None = None,
         native_forward.set_enabled(True)
         native_forward.set_dense_enabled(True)
         native_forward.set_gathered_enabled(True)
+        native_forward.set_slotted_enabled(True)
         native_forward.set_triton_from_native(True)
         native_forward._GATHER_MIN_ELEMENTS = GATHER_MIN
         med = {n: statistics.median(gpu[n]) for n in names}

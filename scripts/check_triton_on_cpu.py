@@ -76,6 +76,14 @@ def interpret() -> None:
                          - gathered)
         print(f"order group_m={group_m} (one program per tile, persistent) vs shipped: max |diff| "
               f"{max(d.abs().max().item() for d in diffs):.3g}")
+    out = torch.full((2 * R, H), 7.0)   # indexed scatter: gathered rows into other rows of out
+    scatter = torch.randperm(2 * R)[:R]
+    tg.grouped_rows_mm(tokens, counts, w, True, gather_R=inv, top_k=2, epilogue=tg.EPILOGUE_RELU, out=out,
+                       scatter_R=scatter, tiles=t)
+    untouched = torch.ones(2 * R, dtype=torch.bool)
+    untouched[scatter] = False
+    print(f"indexed scatter vs gathered rows: max |diff| {(out[scatter] - gathered).abs().max().item():.3g}, "
+          f"other rows kept: {bool((out[untouched] == 7.0).all())}")
 
 
 def slotted() -> None:
@@ -158,7 +166,7 @@ def compile_for_sm90() -> None:
                 "N_TILES", "GATHER", "RELU", "FLATTEN", "GROUP_M", "NUM_PROGRAMS", "EP", "BM", "BN", "BK")}}
     ragged = {**ptrs, "counts_ptr": "*i64", "E": "i32", "P": "i32", "Q": "i32",
               **{k: "constexpr" for k in ("FLATTEN", "NUM_PROGRAMS", "EP", "BP", "BQ", "BK")}}
-    shipped = {"a_ptr": "*bf16", "gather_ptr": "*i32", "b_ptr": "*bf16", "bias_ptr": "*bf16", "mask_ptr": "*bf16",
+    shipped = {"a_ptr": "*bf16", "gather_ptr": "*i32", "scatter_ptr": "*i64", "b_ptr": "*bf16", "bias_ptr": "*bf16", "mask_ptr": "*bf16",
                "c_ptr": "*bf16", "counts_ptr": "*i64", "E": "i32", "TOP_K": "i32", "KD": "i32", "N": "i32",
                "stride_be": "i32", "stride_bk": "constexpr", "stride_bn": "i32", "PROGRAMS": "i32", **{k: "constexpr" for k in (
                    "N_TILES", "GATHER", "SCATTER", "HAS_BIAS", "EPILOGUE", "GROUP_M", "EP", "BM", "BN", "BK")}}

@@ -49,7 +49,7 @@ def _rows_persistent_kernel(a_ptr, gather_ptr, b_ptr, c_ptr, counts_ptr, E, TOP_
     for tile in tl.range(tl.program_id(0), m_tiles * N_TILES, NUM_PROGRAMS, flatten=FLATTEN):
         pid_m, pid_n = _tile_of(tile, m_tiles, N_TILES, GROUP_M)
         e, row_stop, first_row = tg._expert_of_tile(counts_ptr, E, pid_m, EP, BM)
-        tg._grouped_rows_tile(a_ptr, gather_ptr, b_ptr, a_ptr, a_ptr, c_ptr, e, row_stop, first_row, pid_n,
+        tg._grouped_rows_tile(a_ptr, gather_ptr, gather_ptr, b_ptr, a_ptr, a_ptr, c_ptr, e, row_stop, first_row, pid_n,
                               TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER, False, False, 1 if RELU else 0,
                               BM, BN, BK)
 
@@ -72,7 +72,7 @@ def _rows_order_kernel(a_ptr, gather_ptr, b_ptr, c_ptr, counts_ptr, E, TOP_K, KD
     e, row_stop, first_row = tg._expert_of_tile(counts_ptr, E, pid_m, EP, BM)
     if e >= E:
         return
-    tg._grouped_rows_tile(a_ptr, gather_ptr, b_ptr, a_ptr, a_ptr, c_ptr, e, row_stop, first_row, pid_n,
+    tg._grouped_rows_tile(a_ptr, gather_ptr, gather_ptr, b_ptr, a_ptr, a_ptr, c_ptr, e, row_stop, first_row, pid_n,
                           TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER, False, False, 1 if RELU else 0,
                           BM, BN, BK)
 

@@ -19,13 +19,13 @@ def main() -> None:
         layer = build_layer(cfg, "cuda")
         x = torch.randn(T, cfg["D"], device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
-            out = _native.load().moe_route_nograd(x, layer.gates[0].wg.weight, False, cfg["K"], 0, True)
+            out = _native.load().moe_route_nograd(x, layer.gates[0].wg.weight, False, cfg["K"], 0, True, -1, -1)
             counts, inv = out[5], out[7]
             w1 = layer.experts.batched_fc1_w
             rows = {
                 "triton gathered fc1 launch": lambda: _triton_gemm.gathered_fc1_relu(x, inv, cfg["K"], counts, w1, None),
                 "native.moe_route_nograd": lambda: _native.loaded().moe_route_nograd(
-                    x, layer.gates[0].wg.weight, False, cfg["K"], 0, True),
+                    x, layer.gates[0].wg.weight, False, cfg["K"], 0, True, -1, -1),
                 "layer(x, cf=0) gathered": lambda: layer(x, capacity_factor=0.0),
             }
             for label, fn in rows.items():

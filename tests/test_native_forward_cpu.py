@@ -120,20 +120,28 @@ class _GatheredNative:
 
     def __init__(self, T, k, E):
         self.T, self.k, self.E = T, k, E
-        self.serve, self.native_calls, self.registered, self.capacities = True, [], [], []
+        self.serve, self.native_calls, self.registered, self.capacities, self.fixup_calls = True, [], [], [], []
 
     def moe_forward_nograd_gathered(self, x, wg, fp32, k, score_fn, normalize, w1, w2, b1, kernel_ids, loss,
-                                    capacity):
+                                    capacity, slot_capacity, fc1_fixup_ids, fc2_fixup_ids):
         self.native_calls.append(list(kernel_ids))
-        self.capacities.append(capacity)
+        self.fixup_calls.append((list(fc1_fixup_ids), list(fc2_fixup_ids)))
+        self.capacities.append((capacity, slot_capacity))
         if not self.serve:
             return []
         return [x.new_full((self.T, w2.shape[2]), 7.0)] + self._routing() + [torch.zeros(())]
 
-    def moe_route_nograd(self, x, wg, fp32, k, score_fn, normalize, capacity):
-        self.capacities.append(capacity)
-        rows = self.T * k if capacity < 0 else self.E * capacity
-        return self._routing() + [torch.arange(rows, dtype=torch.int32) % (self.T * k)]
+    def moe_route_nograd(self, x, wg, fp32, k, score_fn, normalize, capacity, slot_capacity):
+        self.capacities.append((capacity, slot_capacity))
+        padded = slot_capacity if slot_capacity >= 0 else capacity
+        rows = self.T * k if padded < 0 else self.E * padded
+        routed = self._routing() + [torch.arange(rows, dtype=torch.int32) % (self.T * k)]
+        if slot_capacity < 0:
+            return routed
+        n = self.T * k   # slots_TK, rows_O, choice_O, over_E, capacity_E
+        return routed + [torch.arange(n).view(self.T, k), torch.zeros(n, dtype=torch.long),
+                         torch.zeros(n, dtype=torch.long), torch.zeros(self.E, dtype=torch.long),
+                         torch.full((self.E,), slot_capacity)]
 
     def _routing(self):
         T, k, E = self.T, self.k, self.E
@@ -152,13 +160,16 @@ class _GatheredNative:
         return len(self.registered) - 1
 
 
-@pytest.mark.parametrize("capacity", [None, 4], ids=["dropless", "capacity"])
-def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeypatch, capacity):
+@pytest.mark.parametrize("capacity, slot_capacity", [(None, None), (4, None), (None, 4)],
+                         ids=["dropless", "capacity", "slotted"])
+def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeypatch, capacity, slot_capacity):
     """First call: Triton's launcher (Python path), whose compiled kernel gets registered; later
     calls: one native call with the registered ids; a call no variant serves falls back and
     registers the variant Triton ran; turned off, the native side is never asked (turned on again,
     it gets every variant registered meanwhile). Capacity calls gather E * capacity padded rows
-    (every expert `capacity` of them) and pass the capacity on."""
+    (every expert `capacity` of them) and pass the capacity on; slotted dropless calls gather
+    E * slot_capacity rows, run both fix-ups (whose variants the native call also needs) and
+    report the dropless routing."""
     from adaptmoe.ops import _triton_gemm
     T, k, E, D, H = 8, 2, 4, 16, 32
     cfg = am.MoEConfig(model_dim=D, num_experts=E, gate=am.GateConfig(top_k=k, capacity_factor=0.0),
@@ -166,34 +177,44 @@ def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeyp
     layer = am.MoELayer(cfg).eval()
     fake = _GatheredNative(T, k, E)
     functions = iter(range(100, 200))
-    triton_launches, variants = [], []   # the variants the launcher registered (gathered_fc1_variants)
+    triton_launches, variants, fixups = [], [], ([], [])   # what the launcher registered
+    padded = capacity if slot_capacity is None else slot_capacity
 
     def gathered_fc1_relu(x, inv, top_k, rows_E, w1, b1):   # Triton ran a new variant, registered
         triton_launches.append(top_k)
-        assert inv.numel() == int(rows_E.sum()) == (T * k if capacity is None else E * capacity)
+        assert inv.numel() == int(rows_E.sum()) == (T * k if padded is None else E * padded)
         variants.append(fake.register_triton_kernel(next(functions)))
         return torch.zeros(inv.numel(), H)
+
+    def slot_fixups(x, h, y, w1, b1, w2, top_k, over_E, rows_O, choice_O, *, second):
+        assert (y is not None) == second and top_k == k and h.shape[0] == E * slot_capacity
+        fixups[second].append(fake.register_triton_kernel(next(functions)))
     monkeypatch.setattr(native_forward._native, "loaded", lambda: fake)
     monkeypatch.setattr(_triton_gemm, "gathered_fc1_relu", gathered_fc1_relu)
     monkeypatch.setattr(_triton_gemm, "gathered_fc1_variants", lambda x, w1, b1: variants)
+    monkeypatch.setattr(_triton_gemm, "slot_fixups", slot_fixups)
+    monkeypatch.setattr(_triton_gemm, "slot_fixup_variants", lambda x, w1, b1, w2: fixups)
     monkeypatch.setattr(torch, "_grouped_mm", lambda h, w2, offs: torch.zeros(h.shape[0], w2.shape[2]), raising=False)
     plan = native_forward.NativeForwardPlan(score_fn=0, normalize=True, activation=1, relu_epilogue=False,
-                                            grouped=True, gathered_fc1=True, gshard_loss=True)
+                                            grouped=True, gathered_fc1=True, gshard_loss=True,
+                                            slotted=slot_capacity is not None)
     gate, wg = native_forward._gate_of(layer, 0)
 
     def call():
         x = torch.randn(T, D)
         return native_forward._run_gathered(layer, x, layer.resolve_knobs(), plan, gate, wg,
-                                            layer.experts.stored_weights(), capacity)
+                                            layer.experts.stored_weights(), capacity, slot_capacity)
     assert call()[0].eq(3.0).all()                       # Triton's launcher, then the Python combine
-    assert (fake.native_calls, len(triton_launches), len(fake.registered)) == ([], 1, 1)
-    assert call()[0].eq(7.0).all()                       # one native call with the registered id
+    assert (fake.native_calls, len(triton_launches)) == ([], 1)
+    assert len(fake.registered) == (1 if slot_capacity is None else 3)
+    assert call()[0].eq(7.0).all()                       # one native call with the registered ids
     assert fake.native_calls == [[0]] and len(triton_launches) == 1
+    assert fake.fixup_calls == [([], []) if slot_capacity is None else ([1], [2])]
     fake.serve = False
     assert call()[0].eq(3.0).all()                       # no variant fits: fallback, new variant
-    assert fake.native_calls[-1] == [0] and len(triton_launches) == 2 and len(fake.registered) == 2
+    assert fake.native_calls[-1] == [0] and len(triton_launches) == 2
     fake.serve = True
-    assert call()[0].eq(7.0).all() and fake.native_calls[-1] == [0, 1]
+    assert call()[0].eq(7.0).all() and len(fake.native_calls[-1]) == 2
     native_forward.set_triton_from_native(False)
     try:
         asked = len(fake.native_calls)
@@ -201,9 +222,9 @@ def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeyp
         assert len(fake.native_calls) == asked
     finally:
         native_forward.set_triton_from_native(True)
-    assert set(fake.capacities) == {-1 if capacity is None else capacity}
+    assert set(fake.capacities) == {(-1 if capacity is None else capacity, -1 if slot_capacity is None else slot_capacity)}
     routing = call()[1]
-    assert fake.native_calls[-1] == [0, 1, 2]
+    assert len(fake.native_calls[-1]) == 3
     assert (routing.capacity, routing.num_rows) == (capacity, T * k if capacity is None else E * capacity)
 
 

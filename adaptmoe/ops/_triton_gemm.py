@@ -104,7 +104,7 @@ if triton is not None:
         return first_m + in_group % group_rows, in_group // group_rows
 
     @triton.jit
-    def _grouped_rows_kernel(a_ptr, gather_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, counts_ptr,
+    def _grouped_rows_kernel(a_ptr, gather_ptr, scatter_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, counts_ptr,
                              E, TOP_K, KD, N, stride_be, stride_bk, stride_bn, PROGRAMS,
                              N_TILES: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
                              HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, GROUP_M: tl.constexpr,
@@ -123,18 +123,19 @@ if triton is not None:
         for tile in tl.range(tl.program_id(0), m_tiles * N_TILES, PROGRAMS):
             pid_m, pid_n = _tile_of(tile, m_tiles, N_TILES, GROUP_M)
             e, row_stop, first_row = _expert_of_tile(counts_ptr, E, pid_m, EP, BM)
-            _grouped_rows_tile(a_ptr, gather_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, e, row_stop, first_row, pid_n,
-                               TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER, SCATTER, HAS_BIAS, EPILOGUE,
-                               BM, BN, BK)
+            _grouped_rows_tile(a_ptr, gather_ptr, scatter_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, e, row_stop,
+                               first_row, pid_n, TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER, SCATTER,
+                               HAS_BIAS, EPILOGUE, BM, BN, BK)
 
     @triton.jit
-    def _grouped_rows_tile(a_ptr, gather_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, e, row_stop, first_row, pid_n,
-                           TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER: tl.constexpr,
+    def _grouped_rows_tile(a_ptr, gather_ptr, scatter_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, e, row_stop, first_row,
+                           pid_n, TOP_K, KD, N, stride_be, stride_bk, stride_bn, GATHER: tl.constexpr,
                            SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """One BM x BN output tile of ``_grouped_rows_kernel``: rows [first_row, first_row + BM) of
         expert e (those at or past row_stop belong to the next expert: read as 0, not stored).
-        SCATTER (with GATHER, TOP_K 1): the output row, and the relu mask's, is the gathered row."""
+        SCATTER 1 (with GATHER, TOP_K 1): the output row, and the relu mask's, is the gathered row;
+        SCATTER 2: output row r is scatter[r] (the relu mask's too)."""
         rows = first_row + tl.arange(0, BM)
         in_rows = rows < row_stop
         if GATHER:   # row r is choice gather[r] of token gather[r] // TOP_K: read the token itself
@@ -154,7 +155,10 @@ if triton is not None:
             b_ptrs += BK * stride_bk
         if HAS_BIAS:
             acc += tl.load(bias_ptr + e.to(tl.int64) * N + cols).to(tl.float32)[None, :]
-        if SCATTER:
+        if SCATTER == 2:
+            c_rows = tl.load(scatter_ptr + rows, mask=in_rows, other=0).to(tl.int64)
+            c_offsets = c_rows[:, None] * N + cols[None, :]
+        elif SCATTER == 1:
             c_offsets = a_rows[:, None] * N + cols[None, :]
         else:
             c_offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
@@ -288,22 +292,32 @@ def _experts_pow2(E: int) -> int:
 
 def grouped_rows_mm(a: Tensor, counts_E: Tensor, b_E: Tensor, transpose_b: bool, *, bias_EN: Tensor | None = None,
                     gather_R: Tensor | None = None, top_k: int = 1, epilogue: int = EPILOGUE_NONE,
-                    relu_out: Tensor | None = None, out: Tensor | None = None, tiles: Tiles = ROWS_TILES) -> Tensor:
+                    relu_out: Tensor | None = None, out: Tensor | None = None, scatter_R: Tensor | None = None,
+                    tiles: Tiles = ROWS_TILES) -> Tensor:
     """c_RN[r] = epilogue(a[r'] @ B_e + bias_EN[e]) for the expert e owning grouped row r, where
     B_e = b_E[e]^T if ``transpose_b`` else b_E[e] (so [E, N, KD] or [E, KD, N]) and r' = r, or
     gather_R[r] // top_k when ``gather_R`` is given (a holds tokens). ``relu_out`` (R x N, the
-    saved relu output) is the mask of EPILOGUE_RELU_GRAD. With ``out`` (and ``gather_R``, top_k 1)
-    the rows go to out[r'] instead, the relu mask is read at r' too, and only the first
-    sum(counts_E) entries of gather_R are used (it may be longer). No autograd; check a blocker first."""
+    saved relu output) is the mask of EPILOGUE_RELU_GRAD. With ``out`` the rows go into it: to
+    out[scatter_R[r]] when ``scatter_R`` is given, else (gather_R given, top_k 1) to out[r']; the
+    relu mask is read at the same row, and only the first sum(counts_E) entries of gather_R (and
+    scatter_R) are used (they may be longer). No autograd; check a blocker first."""
     N = b_E.shape[1] if transpose_b else b_E.shape[2]
-    if out is not None and (gather_R is None or top_k != 1 or out.shape[1] != N or not out.is_contiguous()):
-        raise ValueError("out= needs gather_R, top_k=1 and a contiguous output of N columns")
+    if out is not None and (out.shape[1] != N or not out.is_contiguous()):
+        raise ValueError("out= needs a contiguous output of N columns")
+    if out is not None and scatter_R is None and (gather_R is None or top_k != 1):
+        raise ValueError("out= without scatter_R needs gather_R and top_k=1 (rows go back where they came from)")
+    if scatter_R is not None and (out is None or gather_R is None or scatter_R.numel() < gather_R.numel()):
+        raise ValueError("scatter_R needs out=, gather_R and at least as many entries as gather_R")
     return _launch_grouped_rows(a, counts_E, b_E, transpose_b, bias_EN, gather_R, top_k, epilogue, relu_out, out,
-                                tiles)
+                                tiles, scatter_R)
+
+
+# _grouped_rows_kernel's SCATTER modes: rows in place, back to their gathered row, to scatter_R's row.
+SCATTER_NONE, SCATTER_GATHERED, SCATTER_INDEXED = 0, 1, 2
 
 
 @functools.lru_cache(maxsize=None)
-def _rows_launch_shape(E: int, N: int, KD: int, gather: bool, scatter: bool, bias: bool, epilogue: int,
+def _rows_launch_shape(E: int, N: int, KD: int, gather: bool, scatter: int, bias: bool, epilogue: int,
                        tiles: Tiles) -> tuple[tuple[str, object], ...]:
     """The keyword arguments (constexprs, num_warps, num_stages) of a ``_grouped_rows_kernel``
     launch, as items: what tells its compiled variants apart (``_triton_native.RegisteredLaunches``).
@@ -317,23 +331,24 @@ def _rows_launch_shape(E: int, N: int, KD: int, gather: bool, scatter: bool, bia
 
 def _launch_grouped_rows(a: Tensor, counts_E: Tensor, b_E: Tensor, transpose_b: bool, bias_EN: Tensor | None,
                          gather_R: Tensor | None, top_k: int, epilogue: int, relu_out: Tensor | None,
-                         out: Tensor | None, tiles: Tiles) -> Tensor:
-    """grouped_rows_mm without the check of ``out``."""
+                         out: Tensor | None, tiles: Tiles, scatter_R: Tensor | None = None) -> Tensor:
+    """grouped_rows_mm without the checks of ``out`` and ``scatter_R``."""
     E = b_E.shape[0]
     N, KD = (b_E.shape[1], b_E.shape[2]) if transpose_b else (b_E.shape[2], b_E.shape[1])
     R = a.shape[0] if gather_R is None else gather_R.numel()
     c_RN = torch.empty(R, N, device=a.device, dtype=a.dtype) if out is None else out
     if R == 0:
         return c_RN
-    shape = _rows_launch_shape(E, N, KD, gather_R is not None, out is not None, bias_EN is not None, epilogue, tiles)
+    scatter = SCATTER_NONE if out is None else SCATTER_GATHERED if scatter_R is None else SCATTER_INDEXED
+    shape = _rows_launch_shape(E, N, KD, gather_R is not None, scatter, bias_EN is not None, epilogue, tiles)
     stride_bk, stride_bn = (1, KD) if transpose_b else (N, 1)
     launch = dict(shape)
     programs = min(_sm_count(a.device), (triton.cdiv(R, tiles.m) + E) * launch["N_TILES"])
     dummy = a   # pointer arguments a disabled feature never reads
     _grouped_rows_launches(
-        programs, a.contiguous(), dummy if gather_R is None else gather_R, b_E, dummy if bias_EN is None else bias_EN,
-        dummy if relu_out is None else relu_out, c_RN, counts_E, E, top_k, KD, N, KD * N, stride_bk, stride_bn,
-        programs, **launch)
+        programs, a.contiguous(), dummy if gather_R is None else gather_R, dummy if scatter_R is None else scatter_R,
+        b_E, dummy if bias_EN is None else bias_EN, dummy if relu_out is None else relu_out, c_RN, counts_E, E, top_k,
+        KD, N, KD * N, stride_bk, stride_bn, programs, **launch)
     return c_RN
 
 
@@ -420,8 +435,32 @@ def gathered_fc1_variants(x_TD: Tensor, w1_EHD: Tensor, b1_EH: Tensor | None) ->
     x's device, registered by its launches so far: a native call launches the first that fits its
     own arguments (``native/layer_forward.cpp``)."""
     E, H, D = w1_EHD.shape
-    shape = _rows_launch_shape(E, H, D, True, False, b1_EH is not None, EPILOGUE_RELU, ROWS_TILES)
+    shape = _rows_launch_shape(E, H, D, True, SCATTER_NONE, b1_EH is not None, EPILOGUE_RELU, ROWS_TILES)
     return _grouped_rows_launches.variants(x_TD.device.index, shape)
+
+
+def slot_fixups(x_TD: Tensor, h_SH: Tensor, y_SO: Tensor, w1_EHD: Tensor, b1_EH: Tensor | None, w2_EHO: Tensor,
+                top_k: int, over_E: Tensor, rows_O: Tensor, choice_O: Tensor, *, second: bool) -> None:
+    """The rows of a dropless no-grad forward in capacity slots that overflowed into other experts'
+    slots, recomputed with their own expert's weights, in place (``native/layer_forward.h``,
+    slotted layout; the cuBLAS GEMMs computed them with the slot owner's): ``second`` False:
+    h_SH[rows_O[g]] = relu(x_TD[choice_O[g] // top_k] @ w1^T + b1) of their expert; True:
+    y_SO[rows_O[g]] = h_SH[rows_O[g]] @ w2 of their expert (after the batched second GEMM)."""
+    if second:
+        grouped_rows_mm(h_SH, over_E, w2_EHO, False, gather_R=rows_O, top_k=1, out=y_SO)
+    else:
+        grouped_rows_mm(x_TD, over_E, w1_EHD, True, bias_EN=b1_EH, gather_R=choice_O, top_k=top_k,
+                        epilogue=EPILOGUE_RELU, out=h_SH, scatter_R=rows_O)
+
+
+def slot_fixup_variants(x_TD: Tensor, w1_EHD: Tensor, b1_EH: Tensor | None, w2_EHO: Tensor) -> tuple[list[int], list[int]]:
+    """The registered variants (extension ids) of ``slot_fixups``' two launches on x's device,
+    as ``gathered_fc1_variants``."""
+    E, H, D = w1_EHD.shape
+    first = _rows_launch_shape(E, H, D, True, SCATTER_INDEXED, b1_EH is not None, EPILOGUE_RELU, ROWS_TILES)
+    second = _rows_launch_shape(E, w2_EHO.shape[2], H, True, SCATTER_GATHERED, False, EPILOGUE_NONE, ROWS_TILES)
+    device = x_TD.device.index
+    return _grouped_rows_launches.variants(device, first), _grouped_rows_launches.variants(device, second)
 
 
 def is_available() -> bool:
@@ -430,4 +469,4 @@ def is_available() -> bool:
 
 __all__ = ["EPILOGUE_NONE", "EPILOGUE_RELU", "EPILOGUE_RELU_GRAD", "MAX_EXPERT_WEIGHTS", "TOLERANCE", "Tiles",
            "gathered_fc1_blocker", "gathered_fc1_relu", "gathered_fc1_variants", "grouped_rows_mm", "is_available", "kernel_blocker",
-           "ragged_k_mm", "ragged_k_move"]
+           "ragged_k_mm", "ragged_k_move", "slot_fixup_variants", "slot_fixups"]

@@ -15,6 +15,7 @@ from adaptmoe import native_forward, ops  # noqa: E402
 from adaptmoe.ops import _triton_gemm  # noqa: E402
 from gpu_poison import poison  # noqa: E402
 from graph_replay import replays_and_eager  # noqa: E402
+from native_calls import served_natively  # noqa: E402
 
 from reference import reference_forward  # noqa: E402
 
@@ -137,12 +138,14 @@ def test_native_forward_tiny_batches(T, cf):
     torch.testing.assert_close(y, y_py, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("slotted", [False, True], ids=["grouped", "slotted"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("T", [1, 37, 300])
-def test_gathered_first_gemm_dropless(T, bias, monkeypatch):
+def test_gathered_first_gemm_dropless(T, bias, slotted, monkeypatch):
     """Dropless fine-grained experts: the first GEMM gathers its rows (Triton) with relu and bias
-    in its epilogue; against the Python path and the float64 reference, experts without tokens
-    included, and the A/B switch turns it off."""
+    in its epilogue, over the grouped rows or cf=1's slots; against the Python path and the
+    float64 reference, experts without tokens included, and the A/B switch turns it off."""
+    monkeypatch.setattr(native_forward, "_slotted_enabled", slotted)
     torch.manual_seed(T)
     experts = am.ExpertConfig(hidden_size=256, activation="relu", has_fc1_bias=bias, has_fc2_bias=False)
     # fp32 gate: the float64 reference then picks the same experts (a bf16 gate can break near-ties
@@ -156,6 +159,7 @@ def test_gathered_first_gemm_dropless(T, bias, monkeypatch):
         layer.gates[0].wg.weight[12:, 0] = -10.0
     assert gathered_plan(layer, x)
     monkeypatch.setattr(native_forward, "_GATHER_MIN_ELEMENTS", 0)   # small test shapes take it too
+    assert plan_of(layer, x).slotted == slotted
     (y, _, routing), (y_py, _, _) = both_paths(layer, x)
     if T >= 37:
         assert int(routing.counts_E[12:].sum()) == 0
@@ -193,18 +197,12 @@ def test_gathered_kernel_launched_from_the_native_call(monkeypatch):
     Triton's launcher once and registers the variant it ran. If Triton folds top_k 1 into a
     constant, the first variant cannot serve top_k 4, and the one compiled for 500 tokens (32
     programs, a multiple of 16) cannot serve 300 (26); if it does not fold it, the first variant
-    (19 programs, no divisibility assumed) serves every call."""
+    (19 programs, no divisibility assumed) serves every call. (Grouped rows: the slotted layout's
+    fix-up kernels are tests/gpu/test_native_slotted_forward.py's.)"""
     monkeypatch.setattr(native_forward, "_GATHER_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(native_forward, "_slotted_enabled", False)
     monkeypatch.setattr(_triton_gemm._grouped_rows_launches, "_variants", {})
-    native = ops._native.loaded()
-    served = []
-    real = native.moe_forward_nograd_gathered
-
-    def spy(*args):
-        out = real(*args)
-        served.append(bool(out))
-        return out
-    monkeypatch.setattr(native, "moe_forward_nograd_gathered", spy)
+    served = served_natively(monkeypatch)
     layer = gathered_layer()
     for T, k in ((300, 1), (300, 1), (500, 4), (500, 4), (300, 4), (300, 4)):
         x = torch.randn(T, 128, device=DEV, dtype=torch.bfloat16)
@@ -225,8 +223,10 @@ def test_gathered_kernel_launched_from_the_native_call(monkeypatch):
     assert len(registered_gathered_variants(layer, x)) == served.count(False) + 1
 
 
-def test_natively_launched_gathered_path_replays_from_a_cuda_graph(monkeypatch):
+@pytest.mark.parametrize("slotted", [False, True], ids=["grouped", "slotted"])
+def test_natively_launched_gathered_path_replays_from_a_cuda_graph(slotted, monkeypatch):
     monkeypatch.setattr(native_forward, "_GATHER_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(native_forward, "_slotted_enabled", slotted)
     monkeypatch.setattr(_triton_gemm._grouped_rows_launches, "_variants", {})
     layer = gathered_layer(bias=False)
     x = torch.randn(96, 128, device=DEV, dtype=torch.bfloat16)

@@ -1,0 +1,97 @@
+// adaptmoe native kernels: a dropless routing laid out in capacity slots (launch_overflow_layout).
+// Plain CUDA translation unit (no torch headers): `nvcc -arch=sm_90 -c slot_layout.cu` checks it.
+//
+// Legend: T tokens, E experts, K top-k, N = T*K choices, C slots per expert, S = E*C slot rows,
+// O overflow rows (choices at or past their expert's C-th).
+#include "moe_kernels.h"
+
+#include <cub/block/block_scan.cuh>
+
+#include <cstdint>
+
+namespace adaptmoe {
+namespace {
+
+constexpr int kLayoutThreads = 256;
+
+// Every block derives the same per-expert prefix sums from the counts (E is small next to N, and
+// a second launch for them would cost more than the redundant scans), then places one choice per
+// thread. Shared: counts, first overflow index of each expert, end of each expert's free slots.
+__global__ void overflow_layout_kernel(const int64_t* __restrict__ indices, const int64_t* __restrict__ locations,
+                                       const int64_t* __restrict__ counts, int64_t n, int E, int64_t C,
+                                       int64_t* __restrict__ slots, int64_t* __restrict__ rows_O,
+                                       int64_t* __restrict__ choice_O, int64_t* __restrict__ over_E,
+                                       int64_t* __restrict__ capacity_E, int* __restrict__ inv_S) {
+  extern __shared__ int s_layout[];
+  int* s_count = s_layout;            // E
+  int* s_over_start = s_count + E;    // E: overflow index of expert e's first overflow row
+  int* s_free_end = s_over_start + E; // E: free slots of experts 0..e (inclusive)
+  using Scan = cub::BlockScan<int, kLayoutThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  int over_carry = 0, free_carry = 0;
+  for (int b = 0; b < E; b += kLayoutThreads) {
+    const int e = b + threadIdx.x;
+    const int count = e < E ? static_cast<int>(counts[e]) : 0;
+    const int over = e < E ? max(count - static_cast<int>(C), 0) : 0;
+    const int free_slots = e < E ? max(static_cast<int>(C) - count, 0) : 0;
+    int over_excl, over_total, free_incl, free_total;
+    Scan(tmp).ExclusiveSum(over, over_excl, over_total);
+    __syncthreads();
+    Scan(tmp).InclusiveSum(free_slots, free_incl, free_total);
+    if (e < E) {
+      s_count[e] = count;
+      s_over_start[e] = over_carry + over_excl;
+      s_free_end[e] = free_carry + free_incl;
+      if (blockIdx.x == 0) {
+        over_E[e] = over;
+        capacity_E[e] = C;
+      }
+    }
+    over_carry += over_total;
+    free_carry += free_total;
+    __syncthreads();
+  }
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int e = static_cast<int>(indices[i]);
+  const int64_t loc = locations[i];
+  int64_t slot;
+  if (loc < C) {
+    slot = static_cast<int64_t>(e) * C + loc;
+  } else {
+    // overflow row g takes the g-th free slot in slot order: its host is the first expert whose
+    // free slots end past g (binary search over the non-decreasing ends)
+    const int g = s_over_start[e] + static_cast<int>(loc - C);
+    int lo = 0, hi = E;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (s_free_end[mid] <= g) lo = mid + 1; else hi = mid;
+    }
+    const int host = min(lo, E - 1);
+    const int host_free = max(static_cast<int>(C) - s_count[host], 0);
+    slot = static_cast<int64_t>(host) * C + s_count[host] + (g - (s_free_end[host] - host_free));
+    rows_O[g] = slot;
+    choice_O[g] = i;
+  }
+  slots[i] = slot;
+  inv_S[slot] = static_cast<int>(i);
+}
+
+}  // namespace
+
+cudaError_t launch_overflow_layout(const int64_t* indices_TK, const int64_t* locations_TK, const int64_t* counts_E,
+                                   int64_t T, int E, int K, int64_t capacity, int64_t* slots_TK, int64_t* rows_O,
+                                   int64_t* choice_O, int64_t* over_E, int64_t* capacity_E, int* inv_S,
+                                   cudaStream_t stream) {
+  const int64_t n = T * K;
+  if (E < 1 || E > kMaxLocateExperts || K < 1 || capacity < 0 || static_cast<int64_t>(E) * capacity < n ||
+      static_cast<int64_t>(E) * capacity >= INT32_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  const unsigned blocks = static_cast<unsigned>(n > 0 ? (n + kLayoutThreads - 1) / kLayoutThreads : 1);
+  overflow_layout_kernel<<<blocks, kLayoutThreads, 3 * sizeof(int) * E, stream>>>(
+      indices_TK, locations_TK, counts_E, n, E, capacity, slots_TK, rows_O, choice_O, over_E, capacity_E, inv_S);
+  return cudaGetLastError();
+}
+
+}  // namespace adaptmoe

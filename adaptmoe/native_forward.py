@@ -21,7 +21,10 @@ Triton has compiled and launched it once: ``ops._triton_native``); such dropless
 cf=1's capacity slots (``NativeForwardPlan.slotted``: cuBLAS's batched second GEMM instead of
 torch's grouped one, and Triton row kernels recompute the rows that overflow into other experts'
 slots; H100, balanced, graphed: fine-grained 1.031 vs 1.081 ms, DeepSeek-V3 13.01 vs 13.46;
-random routing a tie: ``docs/results/2026-11-23/h100_ab_slotted_session12.log``); calls where every token goes to every
+random routing a tie: ``docs/results/2026-11-23/h100_ab_slotted_session12.log``), and so do dropless
+calls of larger relu experts, dispatched into the slots for cuBLAS's batched GEMMs (Mixtral,
+balanced: 5.97 vs 6.10 ms eager, 5.76 vs 5.97 graphed; random 6.41 vs 6.60,
+``h100_ab_slotted_mixtral_session12.log``); calls where every token goes to every
 expert (k == E, post-scored, nothing dropped) skip the dispatch, with one first GEMM over the
 tokens for all experts enqueued before the gate (the same products through GEMMs of other
 shapes); a gshard loss alone is computed inside the native call (fp32 sums in its own order).
@@ -158,21 +161,24 @@ def _signature_plan(layer, x_TD: Tensor, native, gate_index: int, top_k: int,
     gathered = (_gathered_enabled and w.w3_eHD is None and w.b2_eO is None and layer.config.is_postscore
                 and w.w1_eHD.shape[1] * w.w1_eHD.shape[2] <= max_gathered
                 and _triton_gemm.gathered_fc1_blocker(x_TD, w.w1_eHD, w.b1_eH, act == _RELU) is None)
-    relu_epilogue = (not grouped and w.w3_eHD is None
-                     and _fused_gemm.fused_ffn_blocker(x_TD.unsqueeze(0), w.w1_eHD, w.b1_eH, w.w2_eHO,
-                                                       experts.activation) is None)
+    fusable_relu = (w.w3_eHD is None and _fused_gemm.fused_ffn_blocker(x_TD.unsqueeze(0), w.w1_eHD, w.b1_eH, w.w2_eHO,
+                                                                       experts.activation) is None)
+    slotted = (_slotted_enabled and grouped and fusable_relu and w.b2_eO is None and layer.config.is_postscore
+               and _slot_fixups_fit(x_TD, w))
     return NativeForwardPlan(score_fn=1 if gate_cfg.kind in ("sigmoid", "sinkmoid") else 0,
                              normalize=gate_cfg.normalize_topk and top_k > 1, activation=act,
-                             relu_epilogue=relu_epilogue, grouped=grouped, gathered_fc1=gathered,
-                             slotted=_slotted_enabled and gathered and grouped and _slot_fixups_fit(x_TD, w),
+                             relu_epilogue=not grouped and fusable_relu, grouped=grouped, gathered_fc1=gathered,
+                             slotted=slotted,
                              gshard_loss=tuple(kind for kind in gate_cfg.losses if kind != "none") == ("gshard",),
                              dense=_dense_enabled and top_k == E and layer.config.is_postscore)
 
 
 def _slot_fixups_fit(x_TD: Tensor, w) -> bool:
-    """Whether the row kernel takes the second matrix too (the slotted layout's second fix-up)."""
-    H, O = w.w2_eHO.shape[1:]
-    return _triton_gemm.kernel_blocker(x_TD, (w.w2_eHO,), reduced=(H,), produced=(O,)) is None
+    """Whether the row kernel takes both expert matrices (the slotted layouts' fix-ups)."""
+    _, H, D = w.w1_eHD.shape
+    O = w.w2_eHO.shape[2]
+    return (_triton_gemm.kernel_blocker(x_TD, (w.w1_eHD, w.b1_eH), reduced=(D,), produced=(H,)) is None
+            and _triton_gemm.kernel_blocker(x_TD, (w.w2_eHO,), reduced=(H,), produced=(O,)) is None)
 
 
 def run(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan) -> tuple[Tensor, Routing, tuple | None, dict | None]:
@@ -247,6 +253,8 @@ def _launch(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Te
             and capacity != 0):
         slot_capacity = capacity_for(1.0, T, E, k) if plan.slotted and capacity is None else None
         return _run_gathered(layer, x_TD, knobs, plan, gate, wg_ED, w, capacity, slot_capacity)
+    if plan.slotted and capacity is None and T > 0:
+        return _run_slotted(layer, x_TD, knobs, plan, gate, wg_ED, w, capacity_for(1.0, T, E, k))
     dense = plan.dense and T > 0 and (capacity is None or capacity >= T)   # then no choice drops
     outputs = _native.loaded().moe_forward_nograd(
         x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, -1 if capacity is None else capacity,
@@ -306,6 +314,39 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_
     loss = native.gshard_loss(scores_TE, indices_TK, plan.score_fn == 1) if plan.gshard_loss else None
     return _packaged([y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK, loss],
                      capacity, _routed_rows(T, k, layer.config.num_experts, capacity), plan)
+
+
+def _run_slotted(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Tensor, w,
+                 slot_capacity: int) -> tuple:
+    """Dropless relu experts (any size) in cf=1's capacity slots: native routing and slot layout,
+    the tokens dispatched into the slots, cuBLAS's batched GEMMs over them (relu in the first's
+    epilogue), the overflow rows recomputed (``_triton_gemm.slot_fixups``), native combine. One
+    native call (``moe_forward_nograd_slotted``) when registered variants of the two fix-up
+    kernels fit; else the same steps from Python, whose Triton launches register them."""
+    T, k = x_TD.shape[0], knobs.top_k
+    native = _native.loaded()
+    fixups = (_triton_gemm.slot_fixup_variants(x_TD, w.w1_eHD, w.b1_eH, w.w2_eHO, gathered=False)
+              if _triton_from_native else ([], []))
+    if all(fixups):
+        outputs = native.moe_forward_nograd_slotted(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, True,
+                                                    w.w1_eHD, w.w2_eHO, w.b1_eH, slot_capacity, plan.gshard_loss,
+                                                    *fixups)
+        if outputs:
+            return _packaged(outputs, None, T * k, plan)
+    routed = native.moe_route_nograd(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, -1, slot_capacity)
+    logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK = routed[:7]
+    slots_S, rows_O, _, over_E, _ = routed[8:]
+    (E, H, D), C = w.w1_eHD.shape, slot_capacity
+    x_SD = native.scatter_rows(x_TD, slots_S, E * C, None, None)[0]
+    h_SH = _fused_gemm.fc1_relu(x_SD.view(E, C, D), w.w1_eHD, w.b1_eH).view(E * C, H)
+    fixup_args = (w.w1_eHD, w.b1_eH, w.w2_eHO, 1, over_E, rows_O, None)
+    _triton_gemm.slot_fixups(x_SD, h_SH, None, *fixup_args, second=False)
+    y_SO = torch.bmm(h_SH.view(E, C, H), w.w2_eHO).view(E * C, -1)
+    _triton_gemm.slot_fixups(x_SD, h_SH, y_SO, *fixup_args, second=True)
+    y_TO = native.gather_rows(y_SO, slots_S, weights_TK, None)[0]
+    loss = native.gshard_loss(scores_TE, indices_TK, plan.score_fn == 1) if plan.gshard_loss else None
+    return _packaged([y_TO, logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK, loss],
+                     None, T * k, plan)
 
 
 def _routed_rows(T: int, k: int, E: int, capacity: int | None) -> int:

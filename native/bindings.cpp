@@ -405,6 +405,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "no-grad forward of a single-process layer: gate, routing, dispatch, FFN, combine in one call");
   m.def("moe_forward_nograd_gathered", &adaptmoe::moe_forward_nograd_gathered,
         "moe_forward_nograd for relu experts, the first GEMM a registered Triton kernel gathering its rows");
+  m.def("moe_forward_nograd_slotted", &adaptmoe::moe_forward_nograd_slotted,
+        "dropless moe_forward_nograd for relu experts in cf=1's capacity slots, overflow rows fixed up by Triton");
   m.def("launch_registered_triton", &launch_registered_triton,
         "launches the first registered Triton kernel that fits these named arguments; its id or -1");
   m.def("register_triton_kernel", &adaptmoe::register_triton_kernel,

@@ -1,6 +1,7 @@
-// The no-grad forwards whose first expert GEMM gathers its rows from the tokens (the Triton row
-// kernel of adaptmoe/ops/_triton_gemm.py, launched from here through triton_launch.h), and the
-// routing call that Python's fallback of them starts from (layer_forward.h).
+// The no-grad forwards that launch the Triton row kernel of adaptmoe/ops/_triton_gemm.py from C++
+// (through triton_launch.h): first GEMMs that gather their rows from the tokens, and dropless
+// calls in cf=1's capacity slots, whose overflow rows the row kernel recomputes; and the routing
+// call that Python's fallback of them starts from (layer_forward.h).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -8,6 +9,7 @@
 #include <algorithm>
 #include <climits>
 
+#include "blaslt.h"
 #include "forward_parts.h"
 #include "layer_forward.h"
 #include "moe_kernels.h"
@@ -237,6 +239,55 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
   }
   h_RH.reset();   // dead once the second GEMM is enqueued (stream-ordered reuse)
   const Tensor y_TO = combine(y_RO, r, /*postscore=*/true, slotted ? l.slots() : nullptr);
+  return forward_outputs(y_TO, logits_TE, r, want_gshard_loss, score_fn);
+}
+
+std::vector<at::Tensor> moe_forward_nograd_slotted(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32,
+                                                   int64_t k, int64_t score_fn, bool normalize, bool postscore,
+                                                   const at::Tensor& w1_EHD, const at::Tensor& w2_EHO,
+                                                   const std::optional<at::Tensor>& b1_EH, int64_t slot_capacity,
+                                                   bool want_gshard_loss, const std::vector<int64_t>& fc1_fixup_ids,
+                                                   const std::vector<int64_t>& fc2_fixup_ids) {
+  const ExpertWeights w{w1_EHD, w2_EHO, Tensor(), value_or_undefined(b1_EH), Tensor()};
+  check_inputs(x_TD, wg_ED, k, -1, /*grouped=*/false, /*dense=*/false, postscore, w, /*relu_epilogue=*/true);
+  TORCH_CHECK(x_TD.scalar_type() == at::kBFloat16, "adaptmoe: the slot layout's fix-ups take bfloat16 tokens");
+  const c10::cuda::CUDAGuard guard(x_TD.device());
+  const at::NoGradGuard no_grad;
+  const Tensor x = x_TD.contiguous();
+  const int64_t T = x.size(0), E = wg_ED.size(0), D = x.size(1), H = w1_EHD.size(1), O = w2_EHO.size(2);
+  const int64_t C = slot_capacity, S = E * slot_capacity;
+  if (T * k == 0) return {};
+  Routed r = alloc_routed(T, E, k, gate_fp32 ? at::kFloat : wg_ED.scalar_type(), x.options());
+  const SlotLayout l = alloc_slot_layout(r, C, x.options());
+  // Every buffer first, then the fix-up kernels whose specializations fit their addresses; one
+  // missing: nothing was enqueued, the caller runs the same steps from Python.
+  const Tensor x_SD = at::empty({S, D}, x.options());
+  const Tensor h_SH = at::empty({S, H}, x.options());
+  Tensor y_ECO = at::empty({E, C, O}, x.options());
+  const void* b1 = w.b1.defined() ? w.b1.data_ptr() : nullptr;
+  const RowsLaunch fc1_fixup = first_fitting(fc1_fixup_ids, {x_SD.data_ptr(), l.rows_O(), nullptr, w.w1.data_ptr(), b1,
+                                                             h_SH.data_ptr(), l.over_E(), E, 1, D, H, T * k, true,
+                                                             kScatterGathered, kEpilogueRelu});
+  const RowsLaunch fc2_fixup = first_fitting(fc2_fixup_ids, {h_SH.data_ptr(), l.rows_O(), nullptr, w.w2.data_ptr(),
+                                                             nullptr, y_ECO.data_ptr(), l.over_E(), E, 1, H, O, T * k,
+                                                             false, kScatterGathered, kEpilogueNone});
+  if (fc1_fixup.id < 0 || fc2_fixup.id < 0) return {};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Tensor logits_TE = gate_logits(x, wg_ED, gate_fp32);
+  launch_routing(r, logits_TE, score_fn, normalize, /*capacity=*/-1);
+  launch_slot_layout(r, l);
+  // Slots no choice feeds stay unwritten: their outputs are never read (the combine reads fed slots).
+  torch_ops::check_launch(launch_scatter_located_rows(x.data_ptr(), torch_ops::dtype_of(x), l.slots(),
+                                                      postscore ? nullptr : r.weights(), r.vals_dtype(), T,
+                                                      static_cast<int>(k), D, C, r.counts(), E, /*zero_unfed=*/false,
+                                                      x_SD.data_ptr(), stream),
+                          "scatter");
+  bmm_nt_act_into(x.scalar_type(), x.get_device(), x_SD.data_ptr(), w.w1.data_ptr(), b1, h_SH.data_ptr(), E, C, D, H,
+                  kActRelu, /*allow_tf32=*/false);
+  fc1_fixup.enqueue("first GEMM of the overflow rows (Triton)");
+  at::bmm_out(y_ECO, viewed(h_SH, {E, C, H}), w.w2);
+  fc2_fixup.enqueue("second GEMM of the overflow rows (Triton)");
+  const Tensor y_TO = combine(viewed(y_ECO, {S, O}), r, postscore, l.slots());
   return forward_outputs(y_TO, logits_TE, r, want_gshard_loss, score_fn);
 }
 

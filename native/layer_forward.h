@@ -63,4 +63,19 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
                                                     const std::vector<int64_t>& fc1_fixup_ids,
                                                     const std::vector<int64_t>& fc2_fixup_ids);
 
+// A dropless bf16 call of relu experts without w3 or b2 in cf=1's capacity slots, as
+// moe_forward_nograd returns it: the tokens dispatched into E * slot_capacity slots (the layout of
+// moe_route_nograd; pre-scaled unless postscore), both GEMMs over every expert's slots as cuBLAS
+// batched GEMMs (relu and b1 in the first one's epilogue), then the rows that overflowed into other
+// experts' slots recomputed with their own expert's weights by the row kernel (fc1_fixup_ids,
+// fc2_fixup_ids: both gathered from and scattered to their slots), combine from the slots. The
+// routing returned is the dropless one (its slots the grouped rows'). Empty, with nothing enqueued,
+// when a fix-up kernel is missing (or there are no rows).
+std::vector<at::Tensor> moe_forward_nograd_slotted(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32,
+                                                   int64_t k, int64_t score_fn, bool normalize, bool postscore,
+                                                   const at::Tensor& w1_EHD, const at::Tensor& w2_EHO,
+                                                   const std::optional<at::Tensor>& b1_EH, int64_t slot_capacity,
+                                                   bool want_gshard_loss, const std::vector<int64_t>& fc1_fixup_ids,
+                                                   const std::vector<int64_t>& fc2_fixup_ids);
+
 }  // namespace adaptmoe

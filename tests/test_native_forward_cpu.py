@@ -149,6 +149,18 @@ class _GatheredNative:
         return [torch.zeros(T, E), idx, torch.full((T, k), 1.0 / k), torch.full((T, E), 1.0 / E),
                 torch.zeros(T, k, dtype=torch.long), torch.full((E,), T * k // E), torch.arange(T * k).view(T, k)]
 
+    def moe_forward_nograd_slotted(self, x, wg, fp32, k, score_fn, normalize, postscore, w1, w2, b1, slot_capacity,
+                                   loss, fc1_fixup_ids, fc2_fixup_ids):
+        self.fixup_calls.append((list(fc1_fixup_ids), list(fc2_fixup_ids)))
+        self.capacities.append((-1, slot_capacity))
+        if not self.serve:
+            return []
+        return [x.new_full((self.T, w2.shape[2]), 7.0)] + self._routing() + [torch.zeros(())]
+
+    def scatter_rows(self, x, slots, num_rows, scale, dot):
+        assert scale is None and slots.shape == (self.T, self.k)
+        return [x.new_zeros(num_rows, x.shape[1])]
+
     def gather_rows(self, y_RO, slots, weights, dot):
         return [y_RO[:self.T] * 0 + 3.0]
 
@@ -226,6 +238,47 @@ def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeyp
     routing = call()[1]
     assert len(fake.native_calls[-1]) == 3
     assert (routing.capacity, routing.num_rows) == (capacity, T * k if capacity is None else E * capacity)
+
+
+def test_slotted_dispatched_forward_is_one_native_call_once_its_fixups_are_registered(monkeypatch):
+    """Dropless relu experts too large for the gathered GEMM run in cf=1's slots: the first call
+    from Python (dispatch into the slots, cuBLAS's fused relu GEMM, the fix-ups whose Triton launches
+    register their variants), later calls as one native call given both fix-ups' ids; a call they
+    do not fit falls back; the routing reported is the dropless one."""
+    from adaptmoe.ops import _fused_gemm, _triton_gemm
+    T, k, E, D, H, C = 8, 2, 4, 16, 32, 4
+    cfg = am.MoEConfig(model_dim=D, num_experts=E, gate=am.GateConfig(top_k=k, capacity_factor=0.0),
+                       experts=am.ExpertConfig(hidden_size=H))
+    layer = am.MoELayer(cfg).eval()
+    fake = _GatheredNative(T, k, E)
+    functions, fixups, python_steps = iter(range(100, 200)), ([], []), []
+
+    def slot_fixups(x, h, y, w1, b1, w2, top_k, over_E, rows_O, choice_O, *, second):
+        assert choice_O is None and top_k == 1 and x.shape == (E * C, D) and h.shape == (E * C, H)
+        python_steps.append("fixup2" if second else "fixup1")
+        fixups[second].append(fake.register_triton_kernel(next(functions)))
+
+    def fc1_relu(x_eCD, w1, b1):
+        python_steps.append("fc1")
+        return torch.zeros(E, C, H)
+    monkeypatch.setattr(native_forward._native, "loaded", lambda: fake)
+    monkeypatch.setattr(_triton_gemm, "slot_fixups", slot_fixups)
+    monkeypatch.setattr(_triton_gemm, "slot_fixup_variants", lambda x, w1, b1, w2, gathered: fixups)
+    monkeypatch.setattr(_fused_gemm, "fc1_relu", fc1_relu)
+    plan = native_forward.NativeForwardPlan(score_fn=0, normalize=True, activation=1, relu_epilogue=False,
+                                            grouped=True, gshard_loss=True, slotted=True)
+    gate, wg = native_forward._gate_of(layer, 0)
+
+    def call():
+        return native_forward._run_slotted(layer, torch.randn(T, D), layer.resolve_knobs(), plan, gate, wg,
+                                           layer.experts.stored_weights(), C)
+    y, routing = call()[:2]
+    assert y.eq(3.0).all() and python_steps == ["fc1", "fixup1", "fixup2"] and fake.fixup_calls == []
+    assert (routing.capacity, routing.num_rows) == (None, T * k)
+    assert call()[0].eq(7.0).all() and fake.fixup_calls == [([0], [1])] and len(python_steps) == 3
+    fake.serve = False
+    assert call()[0].eq(3.0).all() and len(python_steps) == 6
+    assert set(fake.capacities) == {(-1, C)}
 
 
 def _repeat_setup(monkeypatch):

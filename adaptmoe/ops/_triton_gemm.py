@@ -439,25 +439,32 @@ def gathered_fc1_variants(x_TD: Tensor, w1_EHD: Tensor, b1_EH: Tensor | None) ->
     return _grouped_rows_launches.variants(x_TD.device.index, shape)
 
 
-def slot_fixups(x_TD: Tensor, h_SH: Tensor, y_SO: Tensor, w1_EHD: Tensor, b1_EH: Tensor | None, w2_EHO: Tensor,
-                top_k: int, over_E: Tensor, rows_O: Tensor, choice_O: Tensor, *, second: bool) -> None:
+def slot_fixups(x: Tensor, h_SH: Tensor, y_SO: Tensor | None, w1_EHD: Tensor, b1_EH: Tensor | None, w2_EHO: Tensor,
+                top_k: int, over_E: Tensor, rows_O: Tensor, choice_O: Tensor | None, *, second: bool) -> None:
     """The rows of a dropless no-grad forward in capacity slots that overflowed into other experts'
     slots, recomputed with their own expert's weights, in place (``native/layer_forward.h``,
-    slotted layout; the cuBLAS GEMMs computed them with the slot owner's): ``second`` False:
-    h_SH[rows_O[g]] = relu(x_TD[choice_O[g] // top_k] @ w1^T + b1) of their expert; True:
-    y_SO[rows_O[g]] = h_SH[rows_O[g]] @ w2 of their expert (after the batched second GEMM)."""
+    slotted layouts; the cuBLAS GEMMs computed them with the slot owner's). ``second`` False:
+    h_SH[rows_O[g]] = relu(x[row] @ w1^T + b1) of their expert, the row x_TD[choice_O[g] // top_k]
+    when ``choice_O`` is given (x holds the tokens: gathered first GEMM), else x_SD[rows_O[g]] (x
+    holds the dispatched slots, top_k 1); True: y_SO[rows_O[g]] = h_SH[rows_O[g]] @ w2 of their
+    expert (after the batched second GEMM)."""
     if second:
         grouped_rows_mm(h_SH, over_E, w2_EHO, False, gather_R=rows_O, top_k=1, out=y_SO)
+    elif choice_O is None:
+        grouped_rows_mm(x, over_E, w1_EHD, True, bias_EN=b1_EH, gather_R=rows_O, top_k=1, epilogue=EPILOGUE_RELU,
+                        out=h_SH)
     else:
-        grouped_rows_mm(x_TD, over_E, w1_EHD, True, bias_EN=b1_EH, gather_R=choice_O, top_k=top_k,
+        grouped_rows_mm(x, over_E, w1_EHD, True, bias_EN=b1_EH, gather_R=choice_O, top_k=top_k,
                         epilogue=EPILOGUE_RELU, out=h_SH, scatter_R=rows_O)
 
 
-def slot_fixup_variants(x_TD: Tensor, w1_EHD: Tensor, b1_EH: Tensor | None, w2_EHO: Tensor) -> tuple[list[int], list[int]]:
-    """The registered variants (extension ids) of ``slot_fixups``' two launches on x's device,
-    as ``gathered_fc1_variants``."""
+def slot_fixup_variants(x_TD: Tensor, w1_EHD: Tensor, b1_EH: Tensor | None, w2_EHO: Tensor,
+                        gathered: bool = True) -> tuple[list[int], list[int]]:
+    """The registered variants (extension ids) of ``slot_fixups``' two launches on x's device
+    (``gathered``: the first one reads the tokens through choice_O), as ``gathered_fc1_variants``."""
     E, H, D = w1_EHD.shape
-    first = _rows_launch_shape(E, H, D, True, SCATTER_INDEXED, b1_EH is not None, EPILOGUE_RELU, ROWS_TILES)
+    first = _rows_launch_shape(E, H, D, True, SCATTER_INDEXED if gathered else SCATTER_GATHERED, b1_EH is not None,
+                               EPILOGUE_RELU, ROWS_TILES)
     second = _rows_launch_shape(E, w2_EHO.shape[2], H, True, SCATTER_GATHERED, False, EPILOGUE_NONE, ROWS_TILES)
     device = x_TD.device.index
     return _grouped_rows_launches.variants(device, first), _grouped_rows_launches.variants(device, second)

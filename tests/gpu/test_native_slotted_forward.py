@@ -1,8 +1,9 @@
 """Dropless no-grad forwards in cf=1's capacity slots (``native_forward``, slotted plan): the native
-slot layout against ``routing.overflow_slots``, the row kernel's indexed scatter, and whole layers on
-balanced, random and one-sided routing (overflow rows in other experts' slots) against the Python
-path, the float64 per-token reference and the grouped layout, launched through Triton's launcher
-first and from inside the native call after; CUDA-graph replay."""
+slot layout against ``routing.overflow_slots``, the row kernel's indexed scatter, and whole layers
+(first GEMM gathering its rows, or over dispatched slots) on balanced, random and one-sided routing
+(overflow rows in other experts' slots) against the Python path, the float64 per-token reference
+and the grouped layout, launched through Triton's launcher first and from inside the native call
+after; CUDA-graph replay."""
 import copy
 
 import pytest
@@ -148,17 +149,24 @@ def test_row_kernel_scatters_to_indexed_rows():
         _triton_gemm.grouped_rows_mm(x, counts, w1, True, gather_R=choice, top_k=K, scatter_R=scatter)
 
 
+FIRST_GEMMS = {"gathered": "moe_forward_nograd_gathered", "dispatched": "moe_forward_nograd_slotted"}
+
+
+@pytest.mark.parametrize("first_gemm", list(FIRST_GEMMS))
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("routing,T", [("balanced", 512), ("random", 300), ("one_sided", 300), ("random", 1),
                                        ("one_sided", 37)])
-def test_slotted_forward_matches_python_path_reference_and_grouped(routing, T, bias, monkeypatch):
-    """Launched through Triton's launcher first (variants registered), from inside the native call
-    after: the dropless routing of the Python path, outputs within a rounding of it, of the grouped
-    layout and of the float64 reference; output memory poisoned before each call."""
+def test_slotted_forward_matches_python_path_reference_and_grouped(routing, T, bias, first_gemm, monkeypatch):
+    """The first GEMM gathering the slots' tokens (Triton) or over dispatched slots (cuBLAS, as
+    experts too large for the gathered GEMM run). Launched through Triton's launcher first
+    (variants registered), from inside the native call after: the dropless routing of the Python
+    path, outputs within a rounding of it, of the grouped layout and of the float64 reference;
+    output memory poisoned before each call."""
+    monkeypatch.setattr(native_forward, "_gathered_enabled", first_gemm == "gathered")
     layer = slotted_layer(bias, routing)
     x = tokens(T, routing)
     assert is_slotted(layer, x)
-    served = served_natively(monkeypatch)
+    served = served_natively(monkeypatch, FIRST_GEMMS[first_gemm])
     y_py, routing_py = call(layer, x, native=False)
     y_grouped, _ = call(layer, x, slotted=False)
     if routing == "one_sided" and T > K * -(-T // E):
@@ -177,9 +185,11 @@ def test_slotted_forward_matches_python_path_reference_and_grouped(routing, T, b
     torch.testing.assert_close(y.double(), want, rtol=6e-2, atol=6e-2 * max(1.0, want.abs().max().item()))
 
 
-def test_slotted_forward_replays_from_a_cuda_graph():
+@pytest.mark.parametrize("first_gemm", list(FIRST_GEMMS))
+def test_slotted_forward_replays_from_a_cuda_graph(first_gemm, monkeypatch):
     """The slotted path reads its counts on the device only: captured (its Triton kernels launched
     from inside the native call), replayed on new tokens, equal to eager calls."""
+    monkeypatch.setattr(native_forward, "_gathered_enabled", first_gemm == "gathered")
     layer = slotted_layer(True, "random")
     x = tokens(300, "random")
     assert is_slotted(layer, x)

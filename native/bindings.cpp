@@ -13,6 +13,7 @@
 
 #include "blaslt.h"
 #include "layer_forward.h"
+#include "slotted_gemm.h"
 #include "moe_kernels.h"
 #include "torch_ops.h"
 #include "triton_launch.h"
@@ -162,6 +163,34 @@ std::vector<Tensor> assign_slots(const Tensor& indices_TK, int64_t num_experts, 
                                        slots.data_ptr<int64_t>(), stream),
                "slot assignment");
   return {locations, counts, slots};
+}
+
+// A dropless routing laid out in `capacity` slots per expert (launch_overflow_layout) for the
+// training path of adaptmoe/ops/_triton_slotted.py: (slots_TK, rows_O [T*K], over_E, hosted_E,
+// touched (0-dim)), int64 views of one buffer: one allocation and one launch.
+std::vector<Tensor> overflow_layout(const Tensor& indices_TK, const Tensor& locations_TK, const Tensor& counts_E,
+                                    int64_t capacity) {
+  const Tensor idx = checked_indices(indices_TK, indices_TK);
+  const Tensor loc = checked_indices(locations_TK, indices_TK, idx.size(0));
+  check_cuda(counts_E, "counts_E", indices_TK);
+  TORCH_CHECK(counts_E.dim() == 1 && counts_E.scalar_type() == at::kLong && loc.size(1) == idx.size(1),
+              "adaptmoe: counts_E must be int64 (E,), locations_TK shaped as indices_TK");
+  const int64_t T = idx.size(0), K = idx.size(1), E = counts_E.size(0), n = T * K;
+  check_experts(E, adaptmoe::kMaxLocateExperts, "the slot layout");
+  TORCH_CHECK(capacity >= 0 && E * capacity >= n && E * capacity < INT32_MAX,
+              text("adaptmoe: capacity must give E * capacity >= T*k slots (fewer than 2^31), got ", capacity));
+  const c10::cuda::CUDAGuard guard(indices_TK.device());
+  const Tensor counts = counts_E.contiguous();
+  const Tensor buf = at::empty({2 * n + 2 * E + 1}, idx.options());
+  int64_t* p = buf.data_ptr<int64_t>();
+  check_launch(adaptmoe::launch_overflow_layout(idx.data_ptr<int64_t>(), loc.data_ptr<int64_t>(),
+                                                counts.data_ptr<int64_t>(), T, static_cast<int>(E),
+                                                static_cast<int>(K), capacity, p, p + n, nullptr, p + 2 * n,
+                                                p + 2 * n + E, p + 2 * n + 2 * E, nullptr, nullptr,
+                                                c10::cuda::getCurrentCUDAStream()),
+               "slot layout");
+  return {alias(buf, at::kLong, 0, {T, K}), alias(buf, at::kLong, n * 8, {n}), alias(buf, at::kLong, 2 * n * 8, {E}),
+          alias(buf, at::kLong, (2 * n + E) * 8, {E}), alias(buf, at::kLong, (2 * n + 2 * E) * 8, {})};
 }
 
 // Returns (out_RD, dot_TK (empty unless dot_RD)).
@@ -393,6 +422,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gshard_loss_backward", &gshard_loss_backward, "d gshard_loss / d scores (rows not normalised)");
   m.def("gshard_loss", &gshard_loss, "GShard balance loss of scores and first choices (no autograd)");
   m.def("assign_slots", &assign_slots, "slot locations in GShard priority order");
+  m.def("overflow_layout", &overflow_layout, "dropless routing in capacity slots, overflow rows in free slots");
   m.def("scatter_rows", &scatter_rows, "token rows -> expert-major rows (optional scale, optional dots)");
   m.def("scatter_located_rows", &scatter_located_rows, "dispatch of slot-assignment slots, rows to zero from counts");
   m.def("gather_rows", &gather_rows, "expert-major rows -> weighted sum per token (optional dots)");
@@ -407,6 +437,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "moe_forward_nograd for relu experts, the first GEMM a registered Triton kernel gathering its rows");
   m.def("moe_forward_nograd_slotted", &adaptmoe::moe_forward_nograd_slotted,
         "dropless moe_forward_nograd for relu experts in cf=1's capacity slots, overflow rows fixed up by Triton");
+  m.def("slotted_bmm_forward", &adaptmoe::slotted_bmm_forward,
+        "one GEMM of dropless training in capacity slots: batched GEMM + Triton fix-up of the overflow rows");
+  m.def("slotted_bmm_backward", &adaptmoe::slotted_bmm_backward,
+        "its backward: input gradient with its fix-up, weight gradient with the overflow rows' move");
   m.def("launch_registered_triton", &launch_registered_triton,
         "launches the first registered Triton kernel that fits these named arguments; its id or -1");
   m.def("register_triton_kernel", &adaptmoe::register_triton_kernel,

@@ -15,6 +15,7 @@
 #include "moe_kernels.h"
 #include "torch_ops.h"
 #include "triton_launch.h"
+#include "triton_rows.h"
 
 namespace adaptmoe {
 namespace {
@@ -82,7 +83,7 @@ void launch_slot_layout(const Routed& r, const SlotLayout& l) {
   }
   torch_ops::check_launch(launch_overflow_layout(r.indices(), r.locations(), r.counts(), r.T, static_cast<int>(r.E),
                                                  static_cast<int>(r.k), l.C, l.slots(), l.rows_O(), l.choice_O(),
-                                                 l.over_E(), l.capacity_E(), l.inv_S(), stream),
+                                                 l.over_E(), nullptr, nullptr, l.capacity_E(), l.inv_S(), stream),
                           "slot layout");
 }
 
@@ -111,57 +112,6 @@ std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tenso
 }
 
 namespace {
-
-enum RowsScatter : int64_t { kScatterNone = 0, kScatterGathered = 1, kScatterIndexed = 2 };
-enum RowsEpilogue : int64_t { kEpilogueNone = 0, kEpilogueRelu = 1 };
-
-// One launch of ops/_triton_gemm.py's _grouped_rows_kernel, with the arguments
-// _launch_grouped_rows passes (its unused pointers: a). gather_len: the gather index's length
-// there (the program count derives from it).
-struct RowsGemm {
-  const void *a, *gather, *scatter, *b, *bias, *c;
-  const int64_t* counts;
-  int64_t E, top_k, KD, N, gather_len;
-  bool transpose_b;
-  int64_t scatter_mode, epilogue;
-};
-
-int64_t rows_programs(int64_t kernel_id, const RowsGemm& g) {
-  const int64_t bm = triton_kernel_constant(kernel_id, "BM", 128),
-                n_tiles = triton_kernel_constant(kernel_id, "N_TILES", 1);
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return std::min(sms, ((g.gather_len + bm - 1) / bm + g.E) * n_tiles);
-}
-
-TritonArgs rows_args(const RowsGemm& g, int64_t programs) {
-  auto ptr = [&g](const void* p) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p ? p : g.a)); };
-  return {{"a_ptr", ptr(g.a)}, {"gather_ptr", ptr(g.gather)}, {"scatter_ptr", ptr(g.scatter)},
-          {"b_ptr", ptr(g.b)}, {"bias_ptr", ptr(g.bias)}, {"mask_ptr", ptr(nullptr)}, {"c_ptr", ptr(g.c)},
-          {"counts_ptr", ptr(g.counts)}, {"E", g.E}, {"TOP_K", g.top_k}, {"KD", g.KD}, {"N", g.N},
-          {"stride_be", g.KD * g.N}, {"stride_bk", g.transpose_b ? 1 : g.N}, {"stride_bn", g.transpose_b ? g.KD : 1},
-          {"PROGRAMS", programs}, {"GATHER", g.gather ? 1 : 0}, {"SCATTER", g.scatter_mode},
-          {"HAS_BIAS", g.bias ? 1 : 0}, {"EPILOGUE", g.epilogue}};
-}
-
-struct RowsLaunch {
-  int64_t id = -1, programs = 0;
-  TritonArgs args;
-  void enqueue(const char* what) const {
-    torch_ops::check_launch(launch_triton_kernel(id, args, static_cast<unsigned>(programs),
-                                                 c10::cuda::getCurrentCUDAStream()),
-                            what);
-  }
-};
-
-// The first registered variant whose specialization this launch's arguments satisfy (id -1: none).
-RowsLaunch first_fitting(const std::vector<int64_t>& ids, const RowsGemm& g) {
-  for (int64_t id : ids) {
-    RowsLaunch launch{id, rows_programs(id, g), {}};
-    launch.args = rows_args(g, launch.programs);
-    if (triton_kernel_matches(id, launch.args)) return launch;
-  }
-  return {};
-}
 
 // The Triton launches of one gathered forward: the first GEMM, and with a slot layout the two
 // overflow fix-ups (each GEMM recomputed for the rows that sit in other experts' slots).

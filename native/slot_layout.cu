@@ -14,6 +14,26 @@ namespace {
 
 constexpr int kLayoutThreads = 256;
 
+// hosted_E[e] = overflow rows placed in expert e's free slots (they fill the free slots in slot
+// order), touched = experts with overflow rows plus experts hosting some: what the training path's
+// fix-ups cost grows with (adaptmoe/ops/_triton_slotted.py). One block; total_over: all overflow rows.
+__device__ void write_hosted(const int* s_count, const int* s_free_end, int E, int64_t C, int total_over,
+                             int64_t* __restrict__ hosted_E, int64_t* __restrict__ touched) {
+  __shared__ int s_touched;
+  if (threadIdx.x == 0) s_touched = 0;
+  __syncthreads();
+  int mine = 0;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    const int free_slots = max(static_cast<int>(C) - s_count[e], 0);
+    const int hosted = min(max(total_over - (s_free_end[e] - free_slots), 0), free_slots);
+    hosted_E[e] = hosted;
+    mine += (hosted > 0) + (s_count[e] > C);
+  }
+  atomicAdd(&s_touched, mine);
+  __syncthreads();
+  if (threadIdx.x == 0) *touched = s_touched;
+}
+
 // Every block derives the same per-expert prefix sums from the counts (E is small next to N, and
 // a second launch for them would cost more than the redundant scans), then places one choice per
 // thread. Shared: counts, first overflow index of each expert, end of each expert's free slots.
@@ -21,6 +41,7 @@ __global__ void overflow_layout_kernel(const int64_t* __restrict__ indices, cons
                                        const int64_t* __restrict__ counts, int64_t n, int E, int64_t C,
                                        int64_t* __restrict__ slots, int64_t* __restrict__ rows_O,
                                        int64_t* __restrict__ choice_O, int64_t* __restrict__ over_E,
+                                       int64_t* __restrict__ hosted_E, int64_t* __restrict__ touched,
                                        int64_t* __restrict__ capacity_E, int* __restrict__ inv_S) {
   extern __shared__ int s_layout[];
   int* s_count = s_layout;            // E
@@ -44,13 +65,14 @@ __global__ void overflow_layout_kernel(const int64_t* __restrict__ indices, cons
       s_free_end[e] = free_carry + free_incl;
       if (blockIdx.x == 0) {
         over_E[e] = over;
-        capacity_E[e] = C;
+        if (capacity_E != nullptr) capacity_E[e] = C;
       }
     }
     over_carry += over_total;
     free_carry += free_total;
     __syncthreads();
   }
+  if (blockIdx.x == 0 && hosted_E != nullptr) write_hosted(s_count, s_free_end, E, C, over_carry, hosted_E, touched);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const int e = static_cast<int>(indices[i]);
@@ -71,26 +93,27 @@ __global__ void overflow_layout_kernel(const int64_t* __restrict__ indices, cons
     const int host_free = max(static_cast<int>(C) - s_count[host], 0);
     slot = static_cast<int64_t>(host) * C + s_count[host] + (g - (s_free_end[host] - host_free));
     rows_O[g] = slot;
-    choice_O[g] = i;
+    if (choice_O != nullptr) choice_O[g] = i;
   }
   slots[i] = slot;
-  inv_S[slot] = static_cast<int>(i);
+  if (inv_S != nullptr) inv_S[slot] = static_cast<int>(i);
 }
 
 }  // namespace
 
 cudaError_t launch_overflow_layout(const int64_t* indices_TK, const int64_t* locations_TK, const int64_t* counts_E,
                                    int64_t T, int E, int K, int64_t capacity, int64_t* slots_TK, int64_t* rows_O,
-                                   int64_t* choice_O, int64_t* over_E, int64_t* capacity_E, int* inv_S,
-                                   cudaStream_t stream) {
+                                   int64_t* choice_O, int64_t* over_E, int64_t* hosted_E, int64_t* touched,
+                                   int64_t* capacity_E, int* inv_S, cudaStream_t stream) {
   const int64_t n = T * K;
   if (E < 1 || E > kMaxLocateExperts || K < 1 || capacity < 0 || static_cast<int64_t>(E) * capacity < n ||
-      static_cast<int64_t>(E) * capacity >= INT32_MAX) {
+      static_cast<int64_t>(E) * capacity >= INT32_MAX || (hosted_E == nullptr) != (touched == nullptr)) {
     return cudaErrorInvalidValue;
   }
   const unsigned blocks = static_cast<unsigned>(n > 0 ? (n + kLayoutThreads - 1) / kLayoutThreads : 1);
   overflow_layout_kernel<<<blocks, kLayoutThreads, 3 * sizeof(int) * E, stream>>>(
-      indices_TK, locations_TK, counts_E, n, E, capacity, slots_TK, rows_O, choice_O, over_E, capacity_E, inv_S);
+      indices_TK, locations_TK, counts_E, n, E, capacity, slots_TK, rows_O, choice_O, over_E, hosted_E, touched,
+      capacity_E, inv_S);
   return cudaGetLastError();
 }
 

@@ -121,27 +121,6 @@ def slotted() -> None:
               f"max |diff| output {diffs[0]:.3g}, grads {max(diffs[1:]):.3g}")
 
 
-def layout() -> None:
-    """The slot layout kernel (``_triton_slotted.layout_on_gpu``) against routing.overflow_slots."""
-    from adaptmoe.ops._triton_slotted import layout_on_gpu, touched_experts
-    from adaptmoe.routing import build_routing, capacity_for, overflow_slots
-    g = torch.Generator().manual_seed(0)
-    worst = 0
-    for trial in range(30):
-        T, E = int(torch.randint(1, 300, (), generator=g)), int(torch.randint(1, 40, (), generator=g))
-        K = int(torch.randint(1, min(E, 8) + 1, (), generator=g))
-        tilt = torch.linspace(0, float(torch.rand((), generator=g)) * 6, E)
-        routing = build_routing((torch.randn(T, E, generator=g) + tilt).topk(K, dim=1).indices, torch.ones(T, K), E, 0.0)
-        C = capacity_for(1.0, T, E, K)
-        want, (got, touched) = overflow_slots(routing, C), layout_on_gpu(routing, C)
-        n = int(want.over_E.sum())
-        same = (torch.equal(got.slots_TK, want.slots_TK) and torch.equal(got.rows_O[:n], want.rows_O[:n])
-                and torch.equal(got.over_E, want.over_E) and torch.equal(got.hosted_E, want.hosted_E)
-                and int(touched) == int(touched_experts(routing.counts_E, C)))
-        worst += not same
-    print(f"layout kernel vs overflow_slots: {30 - worst} of 30 routings identical")
-
-
 def compile_for_sm90() -> None:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -176,11 +155,6 @@ def compile_for_sm90() -> None:
     move = {**ptrs, "remove_ptr": "*i64", "add_ptr": "*i64", "gather_ptr": "*i64", "E": "i32", "P": "i32",
             "Q": "i32", "PROGRAMS": "i32", **{k: "constexpr" for k in ("EP", "BP", "BQ", "BK")}}
     build(tg._ragged_k_move_kernel, move, {"BP": 128, "BQ": 256, **tiles}, 4)
-    from adaptmoe.ops import _triton_slotted
-    layout = {**{n: "*i64" for n in ("idx_ptr", "loc_ptr", "counts_ptr", "scratch_ptr", "slots_ptr", "rows_ptr",
-                                     "over_ptr", "hosted_ptr", "touched_ptr")},
-              "N": "i32", "E": "i32", "C": "i32", "EP": "constexpr", "SEARCH_STEPS": "constexpr", "BLOCK": "constexpr"}
-    build(_triton_slotted._layout_kernel, layout, {"EP": 256, "SEARCH_STEPS": 9, "BLOCK": 1024}, 1)
     for flatten in (False, True):
         build(persistent._rows_persistent_kernel, rows, {"stride_bk": 1, "N_TILES": 4, "GATHER": False, "RELU": True,
                                                          "FLATTEN": flatten, "GROUP_M": 8,
@@ -190,4 +164,4 @@ def compile_for_sm90() -> None:
 
 
 if __name__ == "__main__":
-    {"interpret": interpret, "slotted": slotted, "layout": layout, "compile": compile_for_sm90}[sys.argv[1] if len(sys.argv) > 1 else "interpret"]()
+    {"interpret": interpret, "slotted": slotted, "compile": compile_for_sm90}[sys.argv[1] if len(sys.argv) > 1 else "interpret"]()

@@ -14,14 +14,10 @@ from adaptmoe.examples.bench_layer import CONFIGS, balance_routing, build_layer
 from adaptmoe.examples.timing import median_ms
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("config", nargs="?", default="readme_bf16")
-    ap.add_argument("--cf", type=float, default=1.0)
-    ap.add_argument("--rows", type=int, default=40)
-    ap.add_argument("--shapes", action="store_true", help="group the table by input shapes")
-    args = ap.parse_args()
-    cfg = CONFIGS[args.config]
+def training_step(config: str, cf: float, sync: bool = False):
+    """One forward + backward of the config's layer on balanced tokens (gradients dropped after),
+    ``sync``: waiting for the GPU at its end."""
+    cfg = CONFIGS[config]
     torch.manual_seed(0)
     layer = build_layer(cfg, "cuda")
     x = torch.randn(cfg["T"], cfg["D"], device="cuda", dtype=layer.experts.batched_fc1_w.dtype)
@@ -30,11 +26,24 @@ def main() -> None:
     g = torch.randn_like(x)
 
     def step():
-        y = layer(x, capacity_factor=args.cf)
+        y = layer(x, capacity_factor=cf)
         torch.autograd.backward([y, y.l_aux], [g, torch.ones_like(y.l_aux)])
+        if sync:
+            torch.cuda.synchronize()
         for p in layer.parameters():
             p.grad = None
         x.grad = None
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config", nargs="?", default="readme_bf16")
+    ap.add_argument("--cf", type=float, default=1.0)
+    ap.add_argument("--rows", type=int, default=40)
+    ap.add_argument("--shapes", action="store_true", help="group the table by input shapes")
+    args = ap.parse_args()
+    step = training_step(args.config, args.cf)
 
     ms = median_ms(step, "cuda", 20, 5)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=args.shapes) as prof:

@@ -369,11 +369,20 @@ def eager_autograd(t: Tensor) -> bool:
 
 
 def _eager_function(name: str, impl, setup_context, backward_with, backward_impl) -> type:
-    """An autograd Function running ``impl`` forward and ``backward_with(backward_impl, ...)`` back."""
+    """An autograd Function running ``impl`` forward and ``backward_with(backward_impl, ...)`` back.
+    Its forward takes ctx (no setup_context staticmethod): ``Function.apply`` binds the arguments
+    of a setup_context Function through ``inspect.signature`` on every call, a quarter of a cf=1
+    training forward's Python time (fine-grained layer, cProfile on the H100 machine,
+    ``docs/results/2026-11-23/h100_profile_train_python_session12.log``). Functorch transforms,
+    which need setup_context, take the registered ops instead (``eager_autograd``)."""
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
     def backward(ctx, *grads):
         return backward_with(backward_impl, ctx, *grads)
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(impl), "backward": staticmethod(backward),
-                                                   "setup_context": staticmethod(setup_context)})
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 DispatchFunction = _eager_function("DispatchFunction", dispatch_impl, _dispatch_setup, _dispatch_backward_with,
@@ -390,14 +399,10 @@ class _GshardLossFunction(torch.autograd.Function):
     instead of ~5 ops each way."""
 
     @staticmethod
-    def forward(scores_TE: Tensor, indices_TK: Tensor) -> Tensor:
-        return _native.loaded().gshard_loss(scores_TE, indices_TK, False)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        scores_TE, indices_TK = inputs
+    def forward(ctx, scores_TE: Tensor, indices_TK: Tensor) -> Tensor:   # ctx first: see _eager_function
         ctx.num_experts, ctx.dtype = scores_TE.shape[1], scores_TE.dtype
         ctx.save_for_backward(indices_TK)
+        return _native.loaded().gshard_loss(scores_TE, indices_TK, False)
 
     @staticmethod
     def backward(ctx, grad):

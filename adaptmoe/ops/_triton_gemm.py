@@ -370,6 +370,21 @@ def ragged_k_mm(a_RP: Tensor, b_RQ: Tensor, counts_E: Tensor, *, sum_a: bool = F
     return c_EPQ, sum_a_EP, sum_b_EQ
 
 
+@functools.lru_cache(maxsize=None)
+def _move_launch_shape(E: int, P: int, Q: int, tiles: Tiles) -> tuple[tuple[str, object], ...]:
+    """The keyword arguments of a ``_ragged_k_move_kernel`` launch, as items (see _rows_launch_shape)."""
+    block_p = tiles.m if P % tiles.m == 0 else 128
+    block_q = tiles.n if Q % tiles.n == 0 else 128
+    return tuple(dict(EP=_experts_pow2(E), BP=block_p, BQ=block_q, BK=tiles.k, num_warps=tiles.warps,
+                      num_stages=tiles.stages).items())
+
+
+def ragged_k_move_variants(device: int | None, E: int, P: int, Q: int) -> list[int]:
+    """The registered variants (extension ids) of ``ragged_k_move`` on ``device`` for [E, P, Q]
+    weight gradients."""
+    return _ragged_k_move_launches.variants(device, _move_launch_shape(E, P, Q, RAGGED_TILES))
+
+
 def ragged_k_move(c_EPQ: Tensor, a_SP: Tensor, b_SQ: Tensor, rows_R: Tensor, remove_E: Tensor, add_E: Tensor,
                   tiles: Tiles = RAGGED_TILES) -> Tensor:
     """Moves rows' contributions between experts' weight gradients, in place:
@@ -380,12 +395,9 @@ def ragged_k_move(c_EPQ: Tensor, a_SP: Tensor, b_SQ: Tensor, rows_R: Tensor, rem
     E, P, Q = remove_E.numel(), a_SP.shape[1], b_SQ.shape[1]
     if P % 128 or Q % 128:
         raise ValueError(f"a and b need multiples of 128 columns (unmasked tiles), got {P} and {Q}")
-    block_p = tiles.m if P % tiles.m == 0 else 128
-    block_q = tiles.n if Q % tiles.n == 0 else 128
-    programs = min(_sm_count(a_SP.device), 2 * E * (P // block_p) * (Q // block_q))
-    _ragged_k_move_launches(
-        programs, a_SP, b_SQ, c_EPQ, remove_E, add_E, rows_R, E, P, Q, programs, EP=_experts_pow2(E), BP=block_p,
-        BQ=block_q, BK=tiles.k, num_warps=tiles.warps, num_stages=tiles.stages)
+    launch = dict(_move_launch_shape(E, P, Q, tiles))
+    programs = min(_sm_count(a_SP.device), 2 * E * (P // launch["BP"]) * (Q // launch["BQ"]))
+    _ragged_k_move_launches(programs, a_SP, b_SQ, c_EPQ, remove_E, add_E, rows_R, E, P, Q, programs, **launch)
     return c_EPQ
 
 
@@ -476,4 +488,4 @@ def is_available() -> bool:
 
 __all__ = ["EPILOGUE_NONE", "EPILOGUE_RELU", "EPILOGUE_RELU_GRAD", "MAX_EXPERT_WEIGHTS", "TOLERANCE", "Tiles",
            "gathered_fc1_blocker", "gathered_fc1_relu", "gathered_fc1_variants", "grouped_rows_mm", "is_available", "kernel_blocker",
-           "ragged_k_mm", "ragged_k_move", "slot_fixup_variants", "slot_fixups"]
+           "ragged_k_mm", "ragged_k_move", "ragged_k_move_variants", "slot_fixup_variants", "slot_fixups"]

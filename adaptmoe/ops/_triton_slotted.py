@@ -28,15 +28,8 @@ import torch
 from torch import Tensor
 
 from ..routing import OverflowSlots, Routing
-from . import _fused_gemm
+from . import _fused_gemm, _native
 from . import _triton_gemm as tg
-from ._triton_native import RegisteredLaunches
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:   # the blocker keeps this path off
-    triton = None
 
 
 def blocker(x_SD: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...]) -> str | None:
@@ -45,78 +38,20 @@ def blocker(x_SD: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor | No
         return "expert biases are not wired (their rows would need the owner's and the true expert's bias)"
     if torch.compiler.is_compiling():
         return "under torch.compile the traceable grouped_mm path serves"
+    native = _native.for_tensor(x_SD)
+    if native is None or not hasattr(native, "overflow_layout"):
+        return f"native extension (its slot layout kernel) unavailable: {_native.status()}"
     dims = {d for w in weights for d in w.shape[1:]}
     return tg.kernel_blocker(x_SD, weights, reduced=tuple(dims), produced=tuple(dims))
 
 
-if triton is not None:
-    @triton.jit
-    def _layout_kernel(idx_ptr, loc_ptr, counts_ptr, scratch_ptr, slots_ptr, rows_ptr, over_ptr, hosted_ptr,
-                       touched_ptr, N, E, C, EP: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr):
-        # routing.overflow_slots in one launch. Every program derives the same per-expert prefix
-        # sums from the counts and stores them to the same scratch (so the values read back are
-        # right whichever program's store lands), then places its BLOCK choices.
-        experts = tl.arange(0, EP)
-        valid = experts < E
-        n = tl.load(counts_ptr + experts, mask=valid, other=0)
-        over = tl.where(valid, tl.maximum(n - C, 0), 0)
-        free = tl.where(valid, tl.maximum(C - n, 0), 0)
-        free_end = tl.cumsum(free, 0)
-        total_over = tl.sum(over, 0)
-        tl.store(scratch_ptr + experts, tl.cumsum(over, 0) - over)
-        tl.store(scratch_ptr + EP + experts, free_end)
-        tl.debug_barrier()
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < N
-        e = tl.load(idx_ptr + offs, mask=inside, other=0)
-        loc = tl.load(loc_ptr + offs, mask=inside, other=0)
-        overflowing = inside & (loc >= C)
-        g = tl.load(scratch_ptr + e, mask=inside, other=0) + loc - C
-        lo = tl.zeros((BLOCK,), dtype=tl.int64)   # host = number of experts whose free slots end at or before g
-        hi = tl.zeros((BLOCK,), dtype=tl.int64) + E
-        for _ in tl.static_range(SEARCH_STEPS):    # binary search over the non-decreasing free_end
-            searching = lo < hi
-            mid = (lo + hi) // 2
-            ends = tl.load(scratch_ptr + EP + mid, mask=inside & searching, other=0)
-            lo = tl.where(searching & (ends <= g), mid + 1, lo)
-            hi = tl.where(searching & (ends > g), mid, hi)
-        host = tl.minimum(lo, E - 1)
-        host_free = tl.maximum(C - tl.load(counts_ptr + host, mask=overflowing, other=0), 0)
-        host_start = tl.load(scratch_ptr + EP + host, mask=overflowing, other=0) - host_free
-        host_n = tl.load(counts_ptr + host, mask=overflowing, other=0)
-        slot = tl.where(overflowing, host * C + host_n + g - host_start, e * C + loc)
-        tl.store(slots_ptr + offs, slot, mask=inside)
-        tl.store(rows_ptr + g, slot, mask=overflowing)
-        if tl.program_id(0) == 0:
-            hosted = tl.minimum(tl.maximum(total_over - (free_end - free), 0), free)
-            tl.store(over_ptr + experts, over, mask=valid)
-            tl.store(hosted_ptr + experts, hosted, mask=valid)
-            tl.store(touched_ptr, tl.sum((over > 0).to(tl.int64), 0) + tl.sum((hosted > 0).to(tl.int64), 0))
-
-
-if triton is not None:
-    _layout_launches = RegisteredLaunches(_layout_kernel)
-
-
 def layout_on_gpu(routing: Routing, capacity: int) -> tuple[OverflowSlots, Tensor]:
-    """(``routing.overflow_slots(routing, capacity)``, how many experts it touches) in one Triton
-    launch instead of ~15 torch ops (~0.3 ms of host time on the H100 machine). Needs
-    E * capacity >= T * K (the caller's capacity is cf=1's, which always holds)."""
-    T, K = routing.indices_TK.shape
-    E, N = routing.counts_E.numel(), T * K
-    dev = routing.counts_E.device
-    EP = max(16, triton.next_power_of_2(E))
-    scratch = torch.empty(2 * EP, dtype=torch.int64, device=dev)
-    slots = torch.empty(N, dtype=torch.int64, device=dev)
-    rows = torch.empty(N, dtype=torch.int64, device=dev)
-    per_expert = torch.empty(2 * E + 1, dtype=torch.int64, device=dev)
-    block = 1024
-    _layout_launches(
-        max(triton.cdiv(N, block), 1), routing.indices_TK.reshape(-1), routing.locations_TK.reshape(-1),
-        routing.counts_E, scratch, slots, rows, per_expert, per_expert[E:], per_expert[2 * E:], N, E, capacity,
-        EP=EP, SEARCH_STEPS=EP.bit_length(), BLOCK=block, num_warps=4, num_stages=3)
-    layout = OverflowSlots(slots.view(T, K), rows, per_expert[:E], per_expert[E:2 * E], capacity)
-    return layout, per_expert[2 * E]
+    """(``routing.overflow_slots(routing, capacity)``, how many experts it touches) in one native
+    launch (``launch_overflow_layout``) instead of ~15 torch ops (~0.3 ms of host time on the H100
+    machine). Needs E * capacity >= T * K (the caller's capacity is cf=1's, which always holds)."""
+    slots_TK, rows_O, over_E, hosted_E, touched = _native.loaded().overflow_layout(
+        routing.indices_TK, routing.locations_TK, routing.counts_E, capacity)
+    return OverflowSlots(slots_TK, rows_O, over_E, hosted_E, capacity), touched
 
 
 def slotted_bmm(a_SK: Tensor, w_E: Tensor, transpose_w: bool, layout: OverflowSlots, relu: bool = False) -> Tensor:
@@ -134,10 +69,31 @@ def _bmm(a_SK: Tensor, w_E: Tensor, transpose_w: bool) -> Tensor:
     return torch.bmm(a_SK.view(E, -1, a_SK.shape[1]), w).view(a_SK.shape[0], -1)
 
 
+def _fixup_variants(a: Tensor, w_E: Tensor, transpose_w: bool, relu: bool) -> list[int]:
+    """Registered variants of the row kernel's fix-up of a slotted GEMM (``tg.grouped_rows_mm``
+    with gather_R=rows_O, top_k 1 and out=), as ``slotted_bmm_forward`` launches them."""
+    E, N, KD = (w_E.shape[0], w_E.shape[1], w_E.shape[2]) if transpose_w else (w_E.shape[0], w_E.shape[2], w_E.shape[1])
+    shape = tg._rows_launch_shape(E, N, KD, True, tg.SCATTER_GATHERED, False,
+                                  tg.EPILOGUE_RELU if relu else tg.EPILOGUE_NONE, tg.ROWS_TILES)
+    return tg._grouped_rows_launches.variants(a.device.index, shape)
+
+
 class _SlottedBmm(torch.autograd.Function):
+    """Each direction one native call (``slotted_bmm_forward`` / ``_backward``) once the Triton
+    kernels it launches have registered variants that fit; else the same steps from Python, whose
+    launches register them."""
+
     @staticmethod
     def forward(ctx, a_SK, w_E, transpose_w, rows_O, over_E, hosted_E, relu):
         a_SK = a_SK.contiguous()
+        ctx.save_for_backward(a_SK, w_E, rows_O, over_E, hosted_E)
+        ctx.transpose_w = transpose_w
+        native = _native.loaded()
+        ids = _fixup_variants(a_SK, w_E, transpose_w, relu) if _native_gemms else None
+        if ids:
+            out = native.slotted_bmm_forward(a_SK, w_E, transpose_w, relu, rows_O, over_E, ids)
+            if out:
+                return out[0]
         if relu:
             h_ECN = _fused_gemm.fc1_relu(a_SK.view(w_E.shape[0], -1, a_SK.shape[1]), w_E, None)
             c_SN = h_ECN.view(a_SK.shape[0], -1)
@@ -145,8 +101,6 @@ class _SlottedBmm(torch.autograd.Function):
             c_SN = _bmm(a_SK, w_E, transpose_w)
         tg.grouped_rows_mm(a_SK, over_E, w_E, transpose_w, gather_R=rows_O, top_k=1, out=c_SN,
                            epilogue=tg.EPILOGUE_RELU if relu else tg.EPILOGUE_NONE)
-        ctx.save_for_backward(a_SK, w_E, rows_O, over_E, hosted_E)
-        ctx.transpose_w = transpose_w
         return c_SN
 
     @staticmethod
@@ -154,11 +108,16 @@ class _SlottedBmm(torch.autograd.Function):
         a_SK, w_E, rows_O, over_E, hosted_E = ctx.saved_tensors
         transpose_w, E = ctx.transpose_w, w_E.shape[0]
         gc_SN = gc_SN.contiguous()
+        need_a, need_w = ctx.needs_input_grad[:2]
+        if _native_gemms:
+            grads = _native_backward(gc_SN, a_SK, w_E, transpose_w, rows_O, over_E, hosted_E, need_a, need_w)
+            if grads:
+                return grads[0] if need_a else None, grads[1] if need_w else None, None, None, None, None, None
         ga_SK = gw_E = None
-        if ctx.needs_input_grad[0]:
+        if need_a:
             ga_SK = _bmm(gc_SN, w_E, not transpose_w)
             tg.grouped_rows_mm(gc_SN, over_E, w_E, not transpose_w, gather_R=rows_O, top_k=1, out=ga_SK)
-        if ctx.needs_input_grad[1]:
+        if need_w:
             # [E, N, KD] = gc^T a per expert, or [E, KD, N] = a^T gc
             p_SP, q_SQ = (gc_SN, a_SK) if transpose_w else (a_SK, gc_SN)
             gw_E = torch.bmm(p_SP.view(E, -1, p_SP.shape[1]).transpose(1, 2), q_SQ.view(E, -1, q_SQ.shape[1]))
@@ -168,6 +127,25 @@ class _SlottedBmm(torch.autograd.Function):
         return ga_SK, gw_E, None, None, None, None, None
 
 
+def _native_backward(gc_SN: Tensor, a_SK: Tensor, w_E: Tensor, transpose_w: bool, rows_O: Tensor, over_E: Tensor,
+                     hosted_E: Tensor, need_a: bool, need_w: bool) -> list[Tensor] | None:
+    """``slotted_bmm_backward``'s (ga, gw), or None when a kernel it needs has no registered variant."""
+    dgrad_ids = _fixup_variants(gc_SN, w_E, not transpose_w, False) if need_a else []
+    move_ids = tg.ragged_k_move_variants(gc_SN.device.index, *w_E.shape) if need_w else []
+    if (need_a and not dgrad_ids) or (need_w and not move_ids):
+        return None
+    return _native.loaded().slotted_bmm_backward(gc_SN, a_SK, w_E, transpose_w, rows_O, over_E, hosted_E, need_a,
+                                                 need_w, dgrad_ids, move_ids) or None
+
+
+_native_gemms = True
+
+
+def set_native_gemms(enabled: bool) -> None:
+    """Whether slotted GEMMs run as one native call per direction once their Triton kernels are
+    registered (True, the default) or always as Python steps, e.g. for A/B runs."""
+    global _native_gemms
+    _native_gemms = bool(enabled)
 
 
 _enabled = True
@@ -244,5 +222,5 @@ class OverflowMonitor:
         self._pending = (event, num_experts)
 
 
-__all__ = ["MAX_TOUCHED_FRACTION", "MIN_GEMM_WORK", "OverflowMonitor", "blocker", "is_enabled", "layout_on_gpu", "set_enabled",
-           "slotted_bmm", "touched_experts", "worth_it"]
+__all__ = ["MAX_TOUCHED_FRACTION", "MIN_GEMM_WORK", "OverflowMonitor", "blocker", "is_enabled", "layout_on_gpu",
+           "set_enabled", "set_native_gemms", "slotted_bmm", "touched_experts", "worth_it"]

@@ -121,6 +121,27 @@ def test_native_layout_matches_overflow_slots(T, routing):
     assert int(inv_S[~fed].abs().sum()) == 0
 
 
+def test_training_layout_matches_overflow_slots():
+    """ops._triton_slotted.layout_on_gpu (the native kernel's training outputs: slots, rows_O,
+    over_E, hosted_E, touched) against routing.overflow_slots and touched_experts on tilted random
+    routings: no overflow, some, experts without rows, E*C == T*K."""
+    from adaptmoe.ops._triton_slotted import layout_on_gpu, touched_experts
+    from adaptmoe.routing import build_routing
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        T, E = int(torch.randint(1, 300, (), generator=g)), int(torch.randint(1, 40, (), generator=g))
+        k = int(torch.randint(1, min(E, 8) + 1, (), generator=g))
+        tilt = torch.linspace(0, float(torch.rand((), generator=g)) * 6, E)
+        idx = (torch.randn(T, E, generator=g) + tilt).topk(k, dim=1).indices.to(DEV)
+        routing = build_routing(idx, torch.ones(T, k, device=DEV), E, 0.0)
+        C = capacity_for(1.0, T, E, k)
+        want, (got, touched) = overflow_slots(routing, C), layout_on_gpu(routing, C)
+        n = int(want.over_E.sum())
+        assert torch.equal(got.slots_TK, want.slots_TK) and torch.equal(got.rows_O[:n], want.rows_O[:n])
+        assert torch.equal(got.over_E, want.over_E) and torch.equal(got.hosted_E, want.hosted_E)
+        assert got.capacity == C and int(touched) == int(touched_experts(routing.counts_E, C))
+
+
 def test_row_kernel_scatters_to_indexed_rows():
     """grouped_rows_mm with scatter_R: row g (gathered from token choice_O[g] // K, grouped by
     expert) goes to out[scatter_R[g]] with relu and bias; every other row of out keeps its value."""

@@ -16,6 +16,7 @@ from adaptmoe.ops import _fused_gemm, _triton_slotted  # noqa: E402
 from adaptmoe.ops import _triton_gemm as tg  # noqa: E402
 from gpu_bf16 import assert_close_rel, rand, skip_unless_triton_kernels  # noqa: E402
 from gpu_poison import poison  # noqa: E402
+from native_calls import served_natively  # noqa: E402
 
 skip_unless_triton_kernels()
 
@@ -101,9 +102,10 @@ def step(lay, x, g):
 
 
 def spy(monkeypatch):
+    """The keyword arguments of each slotted_bmm call (relu=True: relu in the GEMM's epilogue)."""
     calls = []
     real = _triton_slotted.slotted_bmm
-    monkeypatch.setattr(_triton_slotted, "slotted_bmm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(_triton_slotted, "slotted_bmm", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     return calls
 
 
@@ -115,13 +117,11 @@ def test_slotted_training_step_matches_float64(T, skew, gated, monkeypatch):
     lay64 = copy.deepcopy(lay).double()
     x, g = routed_input(T, 8, skew), torch.randn(T, 128, device=DEV).bfloat16()
     calls = spy(monkeypatch)
-    fused = []
-    real_fc1_relu = _fused_gemm.fc1_relu
-    monkeypatch.setattr(_fused_gemm, "fc1_relu", lambda *a: fused.append(1) or real_fc1_relu(*a))
     poison(32 << 20)
     y, grads = step(lay, x, g)
     assert calls, "the bf16 dropless training step did not take the slot path"
-    assert bool(fused) == (not gated), "relu experts fuse the relu into the first GEMMs, gated ones do not"
+    fused = [kw.get("relu", False) for kw in calls]
+    assert any(fused) == (not gated), "relu experts fuse the relu into the first GEMMs, gated ones do not"
     y64, grads64 = step(lay64, x.double(), g.double())
     assert_close_rel(y, y64)
     names = ["x", *(name for name, _ in lay.named_parameters())]
@@ -171,3 +171,29 @@ def test_slotted_training_step_replays_from_cuda_graphs(monkeypatch):
             results.append([t.clone() for t in grads])
         for replayed, eager in zip(*results):
             torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("skew", [0.0, 1.0, 100.0], ids=["balanced-ish", "skewed", "all-to-two-experts"])
+@pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated-silu"])
+def test_native_slotted_gemms_match_the_python_steps(gated, skew, monkeypatch):
+    """After a first step registered the Triton kernels' variants, every slotted GEMM runs as one
+    native call per direction (slotted_bmm_forward / _backward): the same kernels on the same
+    inputs as the Python steps, so the same bits, outputs and every gradient."""
+    monkeypatch.setattr(_triton_slotted, "MAX_TOUCHED_FRACTION", 1.0)   # skewed calls stay on slots
+    monkeypatch.setattr(tg._grouped_rows_launches, "_variants", {})
+    monkeypatch.setattr(tg._ragged_k_move_launches, "_variants", {})
+    lay = layer(gated)
+    x, g = routed_input(200, 8, skew), torch.randn(200, 128, device=DEV).bfloat16()
+    step(lay, x, g)   # registers the variants (Python steps)
+    served = {name: served_natively(monkeypatch, name) for name in ("slotted_bmm_forward", "slotted_bmm_backward")}
+    y, grads = step(lay, x, g)
+    assert all(served["slotted_bmm_forward"]) and len(served["slotted_bmm_forward"]) == (3 if gated else 2)
+    assert all(served["slotted_bmm_backward"]) and len(served["slotted_bmm_backward"]) == (3 if gated else 2)
+    _triton_slotted.set_native_gemms(False)
+    try:
+        y_py, grads_py = step(lay, x, g)
+    finally:
+        _triton_slotted.set_native_gemms(True)
+    assert torch.equal(y, y_py)
+    for got, want in zip(grads, grads_py):
+        assert torch.equal(got, want)

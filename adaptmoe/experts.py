@@ -130,9 +130,8 @@ class FFNExperts(nn.Module):
             return None
         capacity = capacity_for(1.0, T, self.num_local_experts, K)
         monitor = self.__dict__.setdefault("_overflow_monitor", _triton_slotted.OverflowMonitor())
-        prefer = monitor.prefer_slots()
-        layout, touched = _triton_slotted.layout_on_gpu(routing, capacity)   # also measured when not taken
-        monitor.record(touched, self.num_local_experts)
+        prefer = monitor.prefer_slots(self.num_local_experts)
+        layout, _ = _triton_slotted.layout_on_gpu(routing, capacity, monitor)   # also measured when not taken
         return layout if prefer else None
 
     def forward_slotted(self, x_SD: Tensor, layout: OverflowSlots) -> Tensor:

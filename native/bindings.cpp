@@ -165,11 +165,29 @@ std::vector<Tensor> assign_slots(const Tensor& indices_TK, int64_t num_experts, 
   return {locations, counts, slots};
 }
 
+// The device address of pinned host memory (mapped: cudaHostAlloc under unified addressing), or
+// null where it has none.
+int64_t* mapped_host_pointer(const Tensor& host) {
+  void* device_ptr = nullptr;
+  if (cudaHostGetDevicePointer(&device_ptr, host.data_ptr(), 0) != cudaSuccess) {
+    cudaGetLastError();   // not a sticky error: clear it
+    return nullptr;
+  }
+  return static_cast<int64_t*>(device_ptr);
+}
+
+// Whether the layout kernel can write into this host tensor (pinned, mapped, one int64).
+bool host_writable(const Tensor& host) {
+  return !host.is_cuda() && host.is_pinned() && host.scalar_type() == at::kLong && host.numel() == 1 &&
+         mapped_host_pointer(host) != nullptr;
+}
+
 // A dropless routing laid out in `capacity` slots per expert (launch_overflow_layout) for the
 // training path of adaptmoe/ops/_triton_slotted.py: (slots_TK, rows_O [T*K], over_E, hosted_E,
-// touched (0-dim)), int64 views of one buffer: one allocation and one launch.
+// touched (0-dim)), int64 views of one buffer: one allocation and one launch. touched_host (a
+// tensor host_writable accepts): gets touched too, written by the kernel when it runs.
 std::vector<Tensor> overflow_layout(const Tensor& indices_TK, const Tensor& locations_TK, const Tensor& counts_E,
-                                    int64_t capacity) {
+                                    int64_t capacity, const std::optional<Tensor>& touched_host) {
   const Tensor idx = checked_indices(indices_TK, indices_TK);
   const Tensor loc = checked_indices(locations_TK, indices_TK, idx.size(0));
   check_cuda(counts_E, "counts_E", indices_TK);
@@ -181,12 +199,16 @@ std::vector<Tensor> overflow_layout(const Tensor& indices_TK, const Tensor& loca
               text("adaptmoe: capacity must give E * capacity >= T*k slots (fewer than 2^31), got ", capacity));
   const c10::cuda::CUDAGuard guard(indices_TK.device());
   const Tensor counts = counts_E.contiguous();
+  int64_t* host_ptr = touched_host.has_value() ? mapped_host_pointer(*touched_host) : nullptr;
+  TORCH_CHECK(!touched_host.has_value() || (host_ptr != nullptr && touched_host->numel() == 1 &&
+                                            touched_host->scalar_type() == at::kLong),
+              "adaptmoe: touched_host must be one int64 of pinned, mapped host memory (see host_writable)");
   const Tensor buf = at::empty({2 * n + 2 * E + 1}, idx.options());
   int64_t* p = buf.data_ptr<int64_t>();
   check_launch(adaptmoe::launch_overflow_layout(idx.data_ptr<int64_t>(), loc.data_ptr<int64_t>(),
                                                 counts.data_ptr<int64_t>(), T, static_cast<int>(E),
                                                 static_cast<int>(K), capacity, p, p + n, nullptr, p + 2 * n,
-                                                p + 2 * n + E, p + 2 * n + 2 * E, nullptr, nullptr,
+                                                p + 2 * n + E, p + 2 * n + 2 * E, host_ptr, nullptr, nullptr,
                                                 c10::cuda::getCurrentCUDAStream()),
                "slot layout");
   return {alias(buf, at::kLong, 0, {T, K}), alias(buf, at::kLong, n * 8, {n}), alias(buf, at::kLong, 2 * n * 8, {E}),
@@ -423,6 +445,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gshard_loss", &gshard_loss, "GShard balance loss of scores and first choices (no autograd)");
   m.def("assign_slots", &assign_slots, "slot locations in GShard priority order");
   m.def("overflow_layout", &overflow_layout, "dropless routing in capacity slots, overflow rows in free slots");
+  m.def("host_writable", &host_writable, "whether overflow_layout can write its count into this pinned tensor");
   m.def("scatter_rows", &scatter_rows, "token rows -> expert-major rows (optional scale, optional dots)");
   m.def("scatter_located_rows", &scatter_located_rows, "dispatch of slot-assignment slots, rows to zero from counts");
   m.def("gather_rows", &gather_rows, "expert-major rows -> weighted sum per token (optional dots)");

@@ -83,7 +83,7 @@ void launch_slot_layout(const Routed& r, const SlotLayout& l) {
   }
   torch_ops::check_launch(launch_overflow_layout(r.indices(), r.locations(), r.counts(), r.T, static_cast<int>(r.E),
                                                  static_cast<int>(r.k), l.C, l.slots(), l.rows_O(), l.choice_O(),
-                                                 l.over_E(), nullptr, nullptr, l.capacity_E(), l.inv_S(), stream),
+                                                 l.over_E(), nullptr, nullptr, nullptr, l.capacity_E(), l.inv_S(), stream),
                           "slot layout");
 }
 

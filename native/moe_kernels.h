@@ -62,10 +62,12 @@ cudaError_t launch_locate(const int64_t* indices_TK, int64_t T, int E, int K, in
 // overflow rows plus experts hosting some), capacity_E (= capacity for every expert: the padded
 // GEMM's rows per expert) and inv_S[slot] = choice for every fed slot (others untouched).
 // choice_O, capacity_E and inv_S may be null (not written); hosted_E and touched both or neither.
+// touched_host (may be null): a device pointer to mapped host memory that gets touched too, for a
+// host that reads it without a copy or an event.
 cudaError_t launch_overflow_layout(const int64_t* indices_TK, const int64_t* locations_TK, const int64_t* counts_E,
                                    int64_t T, int E, int K, int64_t capacity, int64_t* slots_TK, int64_t* rows_O,
                                    int64_t* choice_O, int64_t* over_E, int64_t* hosted_E, int64_t* touched,
-                                   int64_t* capacity_E, int* inv_S, cudaStream_t stream);
+                                   int64_t* touched_host, int64_t* capacity_E, int* inv_S, cudaStream_t stream);
 
 // GShard balance loss of a no-grad call, in two launches (partial sums, then the scalar):
 // loss = E * sum_e mean_t(p_te) * (tokens whose first choice is e) / T, with p = scores_TE (rows

@@ -18,7 +18,8 @@ constexpr int kLayoutThreads = 256;
 // order), touched = experts with overflow rows plus experts hosting some: what the training path's
 // fix-ups cost grows with (adaptmoe/ops/_triton_slotted.py). One block; total_over: all overflow rows.
 __device__ void write_hosted(const int* s_count, const int* s_free_end, int E, int64_t C, int total_over,
-                             int64_t* __restrict__ hosted_E, int64_t* __restrict__ touched) {
+                             int64_t* __restrict__ hosted_E, int64_t* __restrict__ touched,
+                             volatile int64_t* touched_host) {
   __shared__ int s_touched;
   if (threadIdx.x == 0) s_touched = 0;
   __syncthreads();
@@ -31,7 +32,10 @@ __device__ void write_hosted(const int* s_count, const int* s_free_end, int E, i
   }
   atomicAdd(&s_touched, mine);
   __syncthreads();
-  if (threadIdx.x == 0) *touched = s_touched;
+  if (threadIdx.x == 0) {
+    *touched = s_touched;
+    if (touched_host != nullptr) *touched_host = s_touched;
+  }
 }
 
 // Every block derives the same per-expert prefix sums from the counts (E is small next to N, and
@@ -42,7 +46,8 @@ __global__ void overflow_layout_kernel(const int64_t* __restrict__ indices, cons
                                        int64_t* __restrict__ slots, int64_t* __restrict__ rows_O,
                                        int64_t* __restrict__ choice_O, int64_t* __restrict__ over_E,
                                        int64_t* __restrict__ hosted_E, int64_t* __restrict__ touched,
-                                       int64_t* __restrict__ capacity_E, int* __restrict__ inv_S) {
+                                       int64_t* touched_host, int64_t* __restrict__ capacity_E,
+                                       int* __restrict__ inv_S) {
   extern __shared__ int s_layout[];
   int* s_count = s_layout;            // E
   int* s_over_start = s_count + E;    // E: overflow index of expert e's first overflow row
@@ -72,7 +77,9 @@ __global__ void overflow_layout_kernel(const int64_t* __restrict__ indices, cons
     free_carry += free_total;
     __syncthreads();
   }
-  if (blockIdx.x == 0 && hosted_E != nullptr) write_hosted(s_count, s_free_end, E, C, over_carry, hosted_E, touched);
+  if (blockIdx.x == 0 && hosted_E != nullptr) {
+    write_hosted(s_count, s_free_end, E, C, over_carry, hosted_E, touched, touched_host);
+  }
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const int e = static_cast<int>(indices[i]);
@@ -104,7 +111,7 @@ __global__ void overflow_layout_kernel(const int64_t* __restrict__ indices, cons
 cudaError_t launch_overflow_layout(const int64_t* indices_TK, const int64_t* locations_TK, const int64_t* counts_E,
                                    int64_t T, int E, int K, int64_t capacity, int64_t* slots_TK, int64_t* rows_O,
                                    int64_t* choice_O, int64_t* over_E, int64_t* hosted_E, int64_t* touched,
-                                   int64_t* capacity_E, int* inv_S, cudaStream_t stream) {
+                                   int64_t* touched_host, int64_t* capacity_E, int* inv_S, cudaStream_t stream) {
   const int64_t n = T * K;
   if (E < 1 || E > kMaxLocateExperts || K < 1 || capacity < 0 || static_cast<int64_t>(E) * capacity < n ||
       static_cast<int64_t>(E) * capacity >= INT32_MAX || (hosted_E == nullptr) != (touched == nullptr)) {
@@ -113,7 +120,7 @@ cudaError_t launch_overflow_layout(const int64_t* indices_TK, const int64_t* loc
   const unsigned blocks = static_cast<unsigned>(n > 0 ? (n + kLayoutThreads - 1) / kLayoutThreads : 1);
   overflow_layout_kernel<<<blocks, kLayoutThreads, 3 * sizeof(int) * E, stream>>>(
       indices_TK, locations_TK, counts_E, n, E, capacity, slots_TK, rows_O, choice_O, over_E, hosted_E, touched,
-      capacity_E, inv_S);
+      touched_host, capacity_E, inv_S);
   return cudaGetLastError();
 }
 

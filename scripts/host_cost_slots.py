@@ -31,11 +31,11 @@ def run(name: str) -> None:
     g = torch.randn(E, H, D, device=dev, dtype=bf)
     h = torch.randn(E * C, H, device=dev, dtype=bf)
     monitor = _triton_slotted.OverflowMonitor()
-    touched = _triton_slotted.touched_experts(routing.counts_E, C)
     rows = {
         "overflow_slots (torch ops, reference)": lambda: overflow_slots(routing, C),
-        "layout_on_gpu (one Triton launch)": lambda: _triton_slotted.layout_on_gpu(routing, C),
-        "monitor prefer + record": lambda: (monitor.prefer_slots(), monitor.record(touched, E)),
+        "layout_on_gpu (one native launch)": lambda: _triton_slotted.layout_on_gpu(routing, C),
+        "layout_on_gpu + monitor's count": lambda: (monitor.prefer_slots(E),
+                                                    _triton_slotted.layout_on_gpu(routing, C, monitor)),
         "grouped_rows_mm fix-up (no rows)": lambda: tg.grouped_rows_mm(
             x, layout.over_E, w1, True, gather_R=layout.rows_O, top_k=1, out=h),
         "ragged_k_move (no rows)": lambda: tg.ragged_k_move(g, h, x, layout.rows_O, layout.hosted_E, layout.over_E),

@@ -27,7 +27,7 @@ VARIANTS = {
     "grouped_mm": (0.0, False, ()),
     "slots, no fix-up launches": (0.0, True, ((_triton_gemm, "_launch_grouped_rows", lambda *a, **k: a[9]),
                                               (_triton_gemm, "ragged_k_move", lambda c, *a, **k: c))),
-    "slots, no monitor": (0.0, True, ((_triton_slotted.OverflowMonitor, "record", lambda *a: None),)),
+    "slots, no monitor": (0.0, True, ((_triton_slotted.OverflowMonitor, "host_count", lambda *a: None),)),
 }
 
 

@@ -3,6 +3,7 @@ what the slot path's host side does without a GPU (its kernels are tested in tes
 import copy
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,15 +79,32 @@ def test_blocker_explains_and_cpu_layers_keep_grouped_mm():
     assert layer.experts.slot_layout(torch.zeros(2, 128, dtype=torch.bfloat16), routing) is None
 
 
-def test_overflow_monitor_starts_afresh_in_copies():
+def test_overflow_monitor_reads_the_newest_count_and_starts_afresh_in_copies():
     monitor = _triton_slotted.OverflowMonitor()
-    assert monitor.prefer_slots()   # nothing measured yet
-    monitor.touched_fraction = 0.5
-    assert not monitor.prefer_slots()
-    monitor.record(torch.tensor(2), 2)   # a CPU count: nothing to read back, nothing recorded
-    assert monitor._pending is None
+    assert monitor.prefer_slots(16)   # nothing measured yet
+    monitor._count = np.array([-1])   # the pinned count before any layout wrote it
+    assert monitor.prefer_slots(16) and monitor.touched_fraction is None
+    monitor._count[0] = 4             # a layout kernel wrote: 4 of 16 experts to fix up
+    assert not monitor.prefer_slots(16) and monitor.touched_fraction == 0.25
+    monitor._count[0] = 1
+    assert monitor.prefer_slots(16)
     for twin in (copy.deepcopy(monitor), pickle.loads(pickle.dumps(monitor))):
-        assert twin.touched_fraction is None and twin.prefer_slots()
+        assert twin.touched_fraction is None and twin.prefer_slots(16) and twin._count is None
+
+
+def test_overflow_monitor_without_writable_host_memory_keeps_slots(monkeypatch):
+    """Where the extension cannot write pinned memory the monitor asks for no count (once)."""
+    class NoMappedMemory:
+        asked = 0
+
+        def host_writable(self, t):
+            NoMappedMemory.asked += 1
+            return False
+    monkeypatch.setattr(torch, "full", lambda *a, **kw: torch.zeros(1, dtype=torch.int64))   # no pinning on CPU
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monitor, native = _triton_slotted.OverflowMonitor(), NoMappedMemory()
+    assert monitor.host_count(native) is None and monitor.host_count(native) is None
+    assert NoMappedMemory.asked == 1 and monitor.prefer_slots(16)
 
 
 @pytest.mark.parametrize("counts, capacity, touched", [

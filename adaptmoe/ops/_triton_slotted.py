@@ -45,12 +45,16 @@ def blocker(x_SD: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor | No
     return tg.kernel_blocker(x_SD, weights, reduced=tuple(dims), produced=tuple(dims))
 
 
-def layout_on_gpu(routing: Routing, capacity: int) -> tuple[OverflowSlots, Tensor]:
+def layout_on_gpu(routing: Routing, capacity: int,
+                  monitor: "OverflowMonitor | None" = None) -> tuple[OverflowSlots, Tensor]:
     """(``routing.overflow_slots(routing, capacity)``, how many experts it touches) in one native
     launch (``launch_overflow_layout``) instead of ~15 torch ops (~0.3 ms of host time on the H100
-    machine). Needs E * capacity >= T * K (the caller's capacity is cf=1's, which always holds)."""
-    slots_TK, rows_O, over_E, hosted_E, touched = _native.loaded().overflow_layout(
-        routing.indices_TK, routing.locations_TK, routing.counts_E, capacity)
+    machine), the count also written for ``monitor``. Needs E * capacity >= T * K (the caller's
+    capacity is cf=1's, which always holds)."""
+    native = _native.loaded()
+    slots_TK, rows_O, over_E, hosted_E, touched = native.overflow_layout(
+        routing.indices_TK, routing.locations_TK, routing.counts_E, capacity,
+        None if monitor is None else monitor.host_count(native))
     return OverflowSlots(slots_TK, rows_O, over_E, hosted_E, capacity), touched
 
 
@@ -157,12 +161,14 @@ _enabled = True
 # 47.4. So the next call takes the slot path only when the last one touched at most 1/16 of the
 # experts.
 MAX_TOUCHED_FRACTION = 1 / 16
-# Rows x D x H of one expert GEMM below which grouped_mm serves anyway: the slot path adds ~1.7 ms
-# of host time per training step on the H100 machine (layout, fix-up launches, autograd nodes:
-# h100_slots_07c9aa8_ab_profile.log, _host_cost.log), which a small layer cannot hide behind its
-# GPU work. Balanced routing, one step: fine-grained (1.4e11) 5.13 ms vs 4.30 on grouped_mm,
-# Mixtral (9.6e11) 18.89 vs 19.40, DeepSeek-V3 (1.9e12) 42.29 vs 47.62.
-MIN_GEMM_WORK = 4e11
+# Rows x D x H of one expert GEMM below which grouped_mm serves anyway: the slot path's host time
+# (layout, fix-up launches, autograd nodes) must hide behind its GPU gain. When every piece ran
+# from Python it added ~1.7 ms of host time per step (h100_slots_07c9aa8_ab_profile.log) and the
+# bound was 4e11 (fine-grained 1.4e11: 5.13 ms vs 4.30 on grouped_mm); with the layout, the
+# monitor's count and each GEMM's fix-ups native, fine-grained balanced steps read slots 3.68 ms,
+# grouped_mm 3.90, cf=1 3.55 (H100, docs/results/2026-11-23/h100_train_host_split_session12_d.log).
+# Smaller layers are unmeasured: the bound sits a little below the smallest measured win.
+MIN_GEMM_WORK = 1e11
 
 
 def set_enabled(enabled: bool) -> None:
@@ -190,36 +196,43 @@ def touched_experts(counts_E: Tensor, capacity: int) -> Tensor:
 
 
 class OverflowMonitor:
-    """How many experts a layer's last dropless call would have fixed up in slots, read back
-    without a host sync: the count is copied to pinned memory behind the call's kernels and read
-    once that copy is done, so a decision uses the newest finished call (usually the previous)."""
+    """How many experts a layer's last dropless call would have fixed up in slots, seen by the host
+    without a sync, a copy or an event: the layout kernel writes the count into pinned, mapped host
+    memory when it runs (``overflow_layout``'s touched_host), and a decision reads the newest count
+    written (usually the previous call's). Why: the copy and event behind each call cost ~60 us of
+    a fine-grained training step's forward host time on the H100 machine, time its GPU waited for
+    (``scripts/train_host_split.py``, ``docs/results/2026-11-23/h100_train_host_split_session12_c.log``).
+    Where the extension cannot write host memory, the monitor has no count and slots stay on."""
 
     def __init__(self) -> None:
         self.touched_fraction: float | None = None
-        self._host: Tensor | None = None   # pinned, reused: a copy starts only after the last was read
-        self._pending: tuple[torch.cuda.Event, int] | None = None
+        self._host: Tensor | None = None   # one pinned int64, -1 until a layout wrote it
+        self._count = None                 # numpy view of it: a read costs ~0.1 us (.item() ~1-2)
+        self._unwritable = False
 
-    def __reduce__(self):   # copies and pickles of a layer start afresh (CUDA events do not copy)
+    def __reduce__(self):   # copies and pickles of a layer start afresh (pinned memory is per process)
         return (OverflowMonitor, ())
 
-    def prefer_slots(self) -> bool:
+    def prefer_slots(self, num_experts: int) -> bool:
         """Whether the next call should take the slot path (also while a CUDA graph is captured:
         the captured call keeps the path decided then)."""
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if self._pending is not None and not capturing and self._pending[0].query():
-            self.touched_fraction, self._pending = int(self._host.item()) / self._pending[1], None
+        if self._count is not None and self._count[0] >= 0:
+            self.touched_fraction = int(self._count[0]) / num_experts
         return self.touched_fraction is None or self.touched_fraction <= MAX_TOUCHED_FRACTION
 
-    def record(self, touched: Tensor, num_experts: int) -> None:
-        """Reads ``touched`` (0-dim int64 on the GPU, this call's count) back when it is ready."""
-        if not touched.is_cuda or torch.cuda.is_current_stream_capturing() or self._pending is not None:
-            return
+    def host_count(self, native) -> Tensor | None:
+        """The pinned tensor for this call's layout to write its count into; None while a CUDA
+        graph is captured (a replay outliving this monitor would write into freed pinned memory)
+        or where the extension cannot write host memory."""
+        if self._unwritable or torch.cuda.is_current_stream_capturing():
+            return None
         if self._host is None:
-            self._host = torch.empty((), dtype=torch.int64, pin_memory=True)
-        self._host.copy_(touched, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending = (event, num_experts)
+            host = torch.full((1,), -1, dtype=torch.int64, pin_memory=True)
+            if not native.host_writable(host):
+                self._unwritable = True
+                return None
+            self._host, self._count = host, host.numpy()
+        return self._host
 
 
 __all__ = ["MAX_TOUCHED_FRACTION", "MIN_GEMM_WORK", "OverflowMonitor", "blocker", "is_enabled", "layout_on_gpu",

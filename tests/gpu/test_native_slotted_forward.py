@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 import adaptmoe as am  # noqa: E402
 from adaptmoe import native_forward, ops  # noqa: E402
-from adaptmoe.ops import _triton_gemm  # noqa: E402
+from adaptmoe.ops import _triton_gemm, _triton_slotted  # noqa: E402
 from adaptmoe.routing import Routing, capacity_for, overflow_slots  # noqa: E402
 from gpu_bf16 import skip_unless_triton_kernels  # noqa: E402
 from gpu_poison import poison  # noqa: E402
@@ -123,11 +123,13 @@ def test_native_layout_matches_overflow_slots(T, routing):
 
 def test_training_layout_matches_overflow_slots():
     """ops._triton_slotted.layout_on_gpu (the native kernel's training outputs: slots, rows_O,
-    over_E, hosted_E, touched) against routing.overflow_slots and touched_experts on tilted random
-    routings: no overflow, some, experts without rows, E*C == T*K."""
-    from adaptmoe.ops._triton_slotted import layout_on_gpu, touched_experts
+    over_E, hosted_E, touched, and the count it writes into an overflow monitor's pinned memory)
+    against routing.overflow_slots and touched_experts on tilted random routings: no overflow,
+    some, experts without rows, E*C == T*K."""
+    from adaptmoe.ops._triton_slotted import OverflowMonitor, layout_on_gpu, touched_experts
     from adaptmoe.routing import build_routing
     g = torch.Generator().manual_seed(0)
+    monitor = OverflowMonitor()
     for _ in range(30):
         T, E = int(torch.randint(1, 300, (), generator=g)), int(torch.randint(1, 40, (), generator=g))
         k = int(torch.randint(1, min(E, 8) + 1, (), generator=g))
@@ -135,11 +137,14 @@ def test_training_layout_matches_overflow_slots():
         idx = (torch.randn(T, E, generator=g) + tilt).topk(k, dim=1).indices.to(DEV)
         routing = build_routing(idx, torch.ones(T, k, device=DEV), E, 0.0)
         C = capacity_for(1.0, T, E, k)
-        want, (got, touched) = overflow_slots(routing, C), layout_on_gpu(routing, C)
+        want, (got, touched) = overflow_slots(routing, C), layout_on_gpu(routing, C, monitor)
         n = int(want.over_E.sum())
         assert torch.equal(got.slots_TK, want.slots_TK) and torch.equal(got.rows_O[:n], want.rows_O[:n])
         assert torch.equal(got.over_E, want.over_E) and torch.equal(got.hosted_E, want.hosted_E)
         assert got.capacity == C and int(touched) == int(touched_experts(routing.counts_E, C))
+        torch.cuda.synchronize()   # the kernel wrote the count into the monitor's pinned memory too
+        assert monitor.prefer_slots(E) == (int(touched) <= E * _triton_slotted.MAX_TOUCHED_FRACTION)
+        assert monitor.touched_fraction == int(touched) / E
 
 
 def test_row_kernel_scatters_to_indexed_rows():

@@ -123,5 +123,6 @@ def test_touched_experts_counts_losers_and_hosts(counts, capacity, touched):
 
 
 def test_small_calls_keep_grouped_mm():
-    assert not _triton_slotted.worth_it(8192 * 8, 2048, 1024)    # fine-grained: host-bound on the slot path
+    assert not _triton_slotted.worth_it(1024 * 8, 2048, 1024)    # fine-grained experts, 1024 tokens: host-bound
+    assert _triton_slotted.worth_it(8192 * 8, 2048, 1024)        # the same at 8192 tokens (measured)
     assert _triton_slotted.worth_it(8192 * 2, 4096, 14336)       # Mixtral

@@ -131,7 +131,9 @@ class FFNExperts(nn.Module):
         capacity = capacity_for(1.0, T, self.num_local_experts, K)
         monitor = self.__dict__.setdefault("_overflow_monitor", _triton_slotted.OverflowMonitor())
         prefer = monitor.prefer_slots(self.num_local_experts)
-        layout, _ = _triton_slotted.layout_on_gpu(routing, capacity, monitor)   # also measured when not taken
+        if not prefer and not monitor.measure_off_slots():
+            return None
+        layout, _ = _triton_slotted.layout_on_gpu(routing, capacity, monitor)   # measured when not taken too
         return layout if prefer else None
 
     def forward_slotted(self, x_SD: Tensor, layout: OverflowSlots) -> Tensor:

@@ -92,6 +92,12 @@ def test_overflow_monitor_reads_the_newest_count_and_starts_afresh_in_copies():
         assert twin.touched_fraction is None and twin.prefer_slots(16) and twin._count is None
 
 
+def test_calls_kept_off_slots_measure_every_few_calls():
+    monitor = _triton_slotted.OverflowMonitor()
+    every = _triton_slotted.REMEASURE_EVERY
+    assert [monitor.measure_off_slots() for _ in range(2 * every)] == ([False] * (every - 1) + [True]) * 2
+
+
 def test_overflow_monitor_without_writable_host_memory_keeps_slots(monkeypatch):
     """Where the extension cannot write pinned memory the monitor asks for no count (once)."""
     class NoMappedMemory:

@@ -140,8 +140,10 @@ def test_heavy_overflow_switches_the_next_call_to_grouped_mm_and_back(monkeypatc
     y, _ = step(lay, skewed, g)          # the last call would fix up every expert: grouped_mm
     assert len(calls) == taken and lay.experts._overflow_monitor.touched_fraction == 1.0
     torch.cuda.synchronize()
-    step(lay, balanced, g)               # still decided by the skewed call before it
-    torch.cuda.synchronize()
+    for _ in range(_triton_slotted.REMEASURE_EVERY - 1):   # off slots, the REMEASURE_EVERY-th call
+        step(lay, balanced, g)                             # since the switch lays out (measures) its
+        torch.cuda.synchronize()                           # routing: the next takes slots again
+    assert len(calls) == taken
     step(lay, balanced, g)
     assert len(calls) > taken and lay.experts._overflow_monitor.touched_fraction == 0
     _triton_slotted.set_enabled(False)

@@ -7,7 +7,9 @@ cf=1 and slots with the relu outside the first GEMM (``ops._fused_gemm`` off).
         [--routing balanced|random] [--variants "cf=1,cf=1 unfused relu,..."] [--min-gemm-work W]
 
 Each round runs every variant once in a rotating order (CUDA events around each step, a sync
-after it); medians over the rounds, and each variant's peak memory over one step. Issue #3 asks
+after it); medians over the rounds, and each variant's peak memory over one step (above what was
+allocated before it: before 2026-11-23 the column included the inputs of the variants set up
+earlier, +64 MiB per variant on fine-grained). Issue #3 asks
 dropless to be within 5% of cf=1 on balanced routing.
 """
 from __future__ import annotations
@@ -78,9 +80,10 @@ def run(name: str, iters: int, profile: bool, routing: str, variants: list[str])
             steps[label]()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()   # the layer, and every variant's inputs made so far
         steps[label]()
         torch.cuda.synchronize()
-        peaks[label] = torch.cuda.max_memory_allocated() / 2**30
+        peaks[label] = (torch.cuda.max_memory_allocated() - held) / 2**30
     if profile:
         profile_steps({label: steps[label] for label in ("cf=1", "dropless slots (default)", "dropless grouped_mm")
                        if label in steps})

@@ -40,6 +40,7 @@ from torch import Tensor
 from .experts import FFNExperts
 from .gates import LinearGate
 from .ops import _fused_gemm, _native, _triton_gemm
+from .ops._triton_slotted import OverflowMonitor
 from .ops._decode_op import ACTIVATION_CODES, activation_code
 from .routing import Routing, capacity_for, fusable_gate
 
@@ -249,19 +250,49 @@ def _launch(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Te
     T = x_TD.shape[0]
     E, k = layer.config.num_experts, knobs.top_k
     capacity = capacity_for(knobs.capacity_factor, T, E, k)
+    slots = _slot_choice(layer, capacity_for(1.0, T, E, k)) if plan.slotted and capacity is None and T else None
+    in_slots = slots is not None and slots[1]
+    slot_capacity, share = (slots[0], slots[2]) if in_slots else (None, None)
     if (plan.gathered_fc1 and T * k * (w.w1_eHD.shape[1] + w.w1_eHD.shape[2]) >= _GATHER_MIN_ELEMENTS
             and capacity != 0):
-        slot_capacity = capacity_for(1.0, T, E, k) if plan.slotted and capacity is None else None
-        return _run_gathered(layer, x_TD, knobs, plan, gate, wg_ED, w, capacity, slot_capacity)
-    if plan.slotted and capacity is None and T > 0:
-        return _run_slotted(layer, x_TD, knobs, plan, gate, wg_ED, w, capacity_for(1.0, T, E, k))
-    dense = plan.dense and T > 0 and (capacity is None or capacity >= T)   # then no choice drops
-    outputs = _native.loaded().moe_forward_nograd(
-        x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, -1 if capacity is None else capacity,
-        layer.config.is_postscore, plan.grouped, w.w1_eHD, w.w2_eHO, w.w3_eHD, w.b1_eH, w.b2_eO, plan.activation,
-        plan.relu_epilogue, x_TD.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32, plan.gshard_loss,
-        dense)   # (the TF32 flag only matters for float32; reading it costs ~0.6 us)
-    return _packaged(outputs, capacity, T * k if capacity is None else E * capacity, plan)
+        result = _run_gathered(layer, x_TD, knobs, plan, gate, wg_ED, w, capacity, slot_capacity, share)
+    elif in_slots:
+        result = _run_slotted(layer, x_TD, knobs, plan, gate, wg_ED, w, slot_capacity, share)
+    else:
+        dense = plan.dense and T > 0 and (capacity is None or capacity >= T)   # then no choice drops
+        outputs = _native.loaded().moe_forward_nograd(
+            x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, -1 if capacity is None else capacity,
+            layer.config.is_postscore, plan.grouped, w.w1_eHD, w.w2_eHO, w.w3_eHD, w.b1_eH, w.b2_eO, plan.activation,
+            plan.relu_epilogue, x_TD.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32,
+            plan.gshard_loss, dense)   # (the TF32 flag only matters for float32; reading it costs ~0.6 us)
+        result = _packaged(outputs, capacity, T * k if capacity is None else E * capacity, plan)
+    if slots is not None and not in_slots and slots[2] is not None:   # measured off the slots too
+        _measure_share(result[1].counts_E, slots[0], T * k, slots[2])
+    return result
+
+
+# A dropless no-grad call runs in cf=1's capacity slots while the last call measured would have
+# spent at most this share of its routed rows on fix-ups (each overflowing expert's rows rounded up
+# to the row kernel's tile); else in grouped rows. H100, interleaved, random routing: fine-grained
+# (~12% of rows in fix-up tiles) and DeepSeek-V3 (~25%) tie with the grouped layout or beat it
+# (h100_ab_slotted_session12.log); a routing that sends every token to a few experts puts nearly all
+# rows in fix-ups: up to twice the GEMM work.
+MAX_FIXUP_SHARE = 1 / 4
+
+
+def _slot_choice(layer, slot_capacity: int) -> tuple[int, bool, Tensor | None]:
+    """(slot capacity, whether this call runs in slots, the pinned count its layout writes for the
+    next call's choice (None where it cannot be written))."""
+    monitor = layer.__dict__.get("_forward_slot_monitor")
+    if monitor is None:
+        monitor = layer.__dict__["_forward_slot_monitor"] = OverflowMonitor()
+    share = monitor.host_count(_native.loaded())
+    return slot_capacity, monitor.prefer_slots(1024, MAX_FIXUP_SHARE), share
+
+
+def _measure_share(counts_E: Tensor, slot_capacity: int, rows: int, share: Tensor) -> None:
+    """The fix-up share a slot layout of these counts would cost, into the monitor's pinned count."""
+    _native.loaded().overflow_fixup_share(counts_E, slot_capacity, _triton_gemm.ROWS_TILES.m, rows, share)
 
 
 def _packaged(outputs: list, capacity: int | None, num_rows: int, plan: NativeForwardPlan) -> tuple:
@@ -280,7 +311,7 @@ def _gate_of(layer, gate_index: int) -> tuple:
 
 
 def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Tensor, w,
-                  capacity: int | None, slot_capacity: int | None) -> tuple:
+                  capacity: int | None, slot_capacity: int | None, share: Tensor | None = None) -> tuple:
     """Relu experts whose first GEMM gathers its rows from the tokens, relu in its epilogue
     (``ops._triton_gemm``; ``gathered_fc1_blocker`` says which): native routing, that GEMM over
     the grouped rows then the grouped second GEMM (dropless, capacity None), or over the padded
@@ -289,7 +320,7 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_
     into other experts' slots recomputed (``_triton_gemm.slot_fixups``); native combine. One
     native call when registered variants of the Triton kernels fit this call's arguments; else
     they are launched from Python (where Triton's launcher registers the variants it ran for the
-    next calls)."""
+    next calls). ``share``: the slot monitor's pinned count, written with this call's fix-up share."""
     T, k = x_TD.shape[0], knobs.top_k
     native = _native.loaded()
     native_capacity = -1 if capacity is None else capacity
@@ -303,12 +334,14 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_
         if variants and (slot_capacity is None or all(fixups)):
             outputs = native.moe_forward_nograd_gathered(
                 x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, w.w1_eHD, w.w2_eHO, w.b1_eH, variants,
-                plan.gshard_loss, native_capacity, native_slots, *fixups)
+                plan.gshard_loss, native_capacity, native_slots, *fixups, share)
             if outputs:
                 return _packaged(outputs, capacity, _routed_rows(T, k, layer.config.num_experts, capacity), plan)
     routed = native.moe_route_nograd(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, native_capacity,
                                      native_slots)
     logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK, inv_R = routed[:8]
+    if share is not None:
+        _measure_share(counts_E, slot_capacity, T * k, share)
     y_TO = _gathered_experts(x_TD, w, k, capacity, slot_capacity, weights_TK, counts_E, slots_TK, inv_R, routed[8:])
     # Last, like inside the one-call path: nothing in front of the expert GEMMs waits for it.
     loss = native.gshard_loss(scores_TE, indices_TK, plan.score_fn == 1) if plan.gshard_loss else None
@@ -317,7 +350,7 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_
 
 
 def _run_slotted(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Tensor, w,
-                 slot_capacity: int) -> tuple:
+                 slot_capacity: int, share: Tensor | None = None) -> tuple:
     """Dropless relu experts (any size) in cf=1's capacity slots: native routing and slot layout,
     the tokens dispatched into the slots, cuBLAS's batched GEMMs over them (relu in the first's
     epilogue), the overflow rows recomputed (``_triton_gemm.slot_fixups``), native combine. One
@@ -330,12 +363,14 @@ def _run_slotted(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_E
     if all(fixups):
         outputs = native.moe_forward_nograd_slotted(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, True,
                                                     w.w1_eHD, w.w2_eHO, w.b1_eH, slot_capacity, plan.gshard_loss,
-                                                    *fixups)
+                                                    *fixups, share)
         if outputs:
             return _packaged(outputs, None, T * k, plan)
     routed = native.moe_route_nograd(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, -1, slot_capacity)
     logits_TE, indices_TK, weights_TK, scores_TE, locations_TK, counts_E, slots_TK = routed[:7]
     slots_S, rows_O, _, over_E, _ = routed[8:]
+    if share is not None:
+        _measure_share(counts_E, slot_capacity, T * k, share)
     (E, H, D), C = w.w1_eHD.shape, slot_capacity
     x_SD = native.scatter_rows(x_TD, slots_S, E * C, None, None)[0]
     h_SH = _fused_gemm.fc1_relu(x_SD.view(E, C, D), w.w1_eHD, w.b1_eH).view(E * C, H)

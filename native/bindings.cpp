@@ -165,21 +165,27 @@ std::vector<Tensor> assign_slots(const Tensor& indices_TK, int64_t num_experts, 
   return {locations, counts, slots};
 }
 
-// The device address of pinned host memory (mapped: cudaHostAlloc under unified addressing), or
-// null where it has none.
-int64_t* mapped_host_pointer(const Tensor& host) {
-  void* device_ptr = nullptr;
-  if (cudaHostGetDevicePointer(&device_ptr, host.data_ptr(), 0) != cudaSuccess) {
-    cudaGetLastError();   // not a sticky error: clear it
-    return nullptr;
-  }
-  return static_cast<int64_t*>(device_ptr);
-}
-
-// Whether the layout kernel can write into this host tensor (pinned, mapped, one int64).
+// Whether the layout kernels can write into this host tensor (pinned, mapped, one int64).
 bool host_writable(const Tensor& host) {
   return !host.is_cuda() && host.is_pinned() && host.scalar_type() == at::kLong && host.numel() == 1 &&
          mapped_host_pointer(host) != nullptr;
+}
+
+// share_host[0] = the fix-up rows a slot layout of these counts would cost, per 1024 of the n
+// routed rows (launch_overflow_fixup_share), written by a kernel when it runs.
+void overflow_fixup_share(const Tensor& counts_E, int64_t capacity, int64_t row_tile, int64_t n,
+                          const Tensor& share_host) {
+  TORCH_CHECK(counts_E.is_cuda() && counts_E.dim() == 1 && counts_E.scalar_type() == at::kLong &&
+                  counts_E.is_contiguous(),
+              "adaptmoe: counts_E must be a contiguous int64 (E,) CUDA tensor");
+  check_experts(counts_E.size(0), INT32_MAX, "the fix-up share");
+  int64_t* share = host_writable(share_host) ? mapped_host_pointer(share_host) : nullptr;
+  TORCH_CHECK(share != nullptr, "adaptmoe: share_host must be one int64 of pinned, mapped host memory");
+  const c10::cuda::CUDAGuard guard(counts_E.device());
+  check_launch(adaptmoe::launch_overflow_fixup_share(counts_E.data_ptr<int64_t>(), static_cast<int>(counts_E.size(0)),
+                                                     capacity, row_tile, n, share,
+                                                     c10::cuda::getCurrentCUDAStream()),
+               "fix-up share");
 }
 
 // A dropless routing laid out in `capacity` slots per expert (launch_overflow_layout) for the
@@ -446,6 +452,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("assign_slots", &assign_slots, "slot locations in GShard priority order");
   m.def("overflow_layout", &overflow_layout, "dropless routing in capacity slots, overflow rows in free slots");
   m.def("host_writable", &host_writable, "whether overflow_layout can write its count into this pinned tensor");
+  m.def("overflow_fixup_share", &overflow_fixup_share, "a slot layout's fix-up rows per 1024 routed rows, into pinned memory");
   m.def("scatter_rows", &scatter_rows, "token rows -> expert-major rows (optional scale, optional dots)");
   m.def("scatter_located_rows", &scatter_located_rows, "dispatch of slot-assignment slots, rows to zero from counts");
   m.def("gather_rows", &gather_rows, "expert-major rows -> weighted sum per token (optional dots)");

@@ -113,6 +113,24 @@ std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tenso
 
 namespace {
 
+// The device pointer of a pinned count (see torch_ops::mapped_host_pointer) for a slotted call.
+int64_t* checked_share(const Tensor& share_host, bool slotted) {
+  int64_t* share = torch_ops::mapped_host_pointer(share_host);
+  TORCH_CHECK(slotted && share != nullptr && share_host.numel() == 1 && share_host.scalar_type() == at::kLong,
+              "adaptmoe: share_host takes one int64 of pinned, mapped host memory, for a slotted call");
+  return share;
+}
+
+// The fix-up rows this call's slot layout costs per 1024 routed rows, into *share when given
+// (rounded to the row tile of the fix-up kernel that will run).
+void launch_share(const Routed& r, int64_t slot_capacity, const RowsLaunch& fixup, int64_t* share) {
+  if (share == nullptr) return;
+  torch_ops::check_launch(launch_overflow_fixup_share(r.counts(), static_cast<int>(r.E), slot_capacity,
+                                                      triton_kernel_constant(fixup.id, "BM", 128), r.T * r.k, share,
+                                                      c10::cuda::getCurrentCUDAStream()),
+                          "fix-up share");
+}
+
 // The Triton launches of one gathered forward: the first GEMM, and with a slot layout the two
 // overflow fix-ups (each GEMM recomputed for the rows that sit in other experts' slots).
 struct GatheredLaunches {
@@ -128,9 +146,11 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
                                                     const std::vector<int64_t>& kernel_ids, bool want_gshard_loss,
                                                     int64_t capacity, int64_t slot_capacity,
                                                     const std::vector<int64_t>& fc1_fixup_ids,
-                                                    const std::vector<int64_t>& fc2_fixup_ids) {
+                                                    const std::vector<int64_t>& fc2_fixup_ids,
+                                                    const std::optional<at::Tensor>& share_host) {
   const ExpertWeights w{w1_EHD, w2_EHO, Tensor(), value_or_undefined(b1_EH), Tensor()};
   const bool slotted = slot_capacity >= 0;
+  int64_t* share = share_host.has_value() ? checked_share(*share_host, slotted) : nullptr;
   TORCH_CHECK(!slotted || capacity < 0, "adaptmoe: a slot layout (slot_capacity >= 0) needs capacity -1");
   check_inputs(x_TD, wg_ED, k, capacity, /*grouped=*/capacity < 0 && !slotted, /*dense=*/false, /*postscore=*/true, w,
                false);
@@ -171,6 +191,7 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
   launch_routing(r, logits_TE, score_fn, normalize, capacity);
   if (slotted) {
     launch_slot_layout(r, l);
+    launch_share(r, slot_capacity, launches.fc1_fixup, share);
   } else {
     launch_gathered_inverse(r, capacity, inv_R);
   }
@@ -197,8 +218,10 @@ std::vector<at::Tensor> moe_forward_nograd_slotted(const at::Tensor& x_TD, const
                                                    const at::Tensor& w1_EHD, const at::Tensor& w2_EHO,
                                                    const std::optional<at::Tensor>& b1_EH, int64_t slot_capacity,
                                                    bool want_gshard_loss, const std::vector<int64_t>& fc1_fixup_ids,
-                                                   const std::vector<int64_t>& fc2_fixup_ids) {
+                                                   const std::vector<int64_t>& fc2_fixup_ids,
+                                                   const std::optional<at::Tensor>& share_host) {
   const ExpertWeights w{w1_EHD, w2_EHO, Tensor(), value_or_undefined(b1_EH), Tensor()};
+  int64_t* share = share_host.has_value() ? checked_share(*share_host, true) : nullptr;
   check_inputs(x_TD, wg_ED, k, -1, /*grouped=*/false, /*dense=*/false, postscore, w, /*relu_epilogue=*/true);
   TORCH_CHECK(x_TD.scalar_type() == at::kBFloat16, "adaptmoe: the slot layout's fix-ups take bfloat16 tokens");
   const c10::cuda::CUDAGuard guard(x_TD.device());
@@ -226,6 +249,7 @@ std::vector<at::Tensor> moe_forward_nograd_slotted(const at::Tensor& x_TD, const
   const Tensor logits_TE = gate_logits(x, wg_ED, gate_fp32);
   launch_routing(r, logits_TE, score_fn, normalize, /*capacity=*/-1);
   launch_slot_layout(r, l);
+  launch_share(r, C, fc1_fixup, share);
   // Slots no choice feeds stay unwritten: their outputs are never read (the combine reads fed slots).
   torch_ops::check_launch(launch_scatter_located_rows(x.data_ptr(), torch_ops::dtype_of(x), l.slots(),
                                                       postscore ? nullptr : r.weights(), r.vals_dtype(), T,

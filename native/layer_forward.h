@@ -53,7 +53,10 @@ std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tenso
 //   rows gathered from the tokens, scattered to their slots; fc2_fixup_ids: gathered from and
 //   scattered to their slots), which finds no rows on balanced routing. The routing returned is
 //   the dropless one (its slots the grouped rows'), as moe_route_nograd's.
-// Empty, with nothing enqueued, when a kernel is missing (or there are no rows).
+// share_host (slotted calls; one pinned int64, see host_writable in bindings.cpp): gets the fix-up
+// rows this call's layout costs per 1024 routed rows (launch_overflow_fixup_share), for a host that
+// decides the next call's layout from it. Empty, with nothing enqueued, when a kernel is missing
+// (or there are no rows).
 std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32,
                                                     int64_t k, int64_t score_fn, bool normalize,
                                                     const at::Tensor& w1_EHD, const at::Tensor& w2_EHO,
@@ -61,7 +64,8 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
                                                     const std::vector<int64_t>& kernel_ids, bool want_gshard_loss,
                                                     int64_t capacity, int64_t slot_capacity,
                                                     const std::vector<int64_t>& fc1_fixup_ids,
-                                                    const std::vector<int64_t>& fc2_fixup_ids);
+                                                    const std::vector<int64_t>& fc2_fixup_ids,
+                                                    const std::optional<at::Tensor>& share_host);
 
 // A dropless bf16 call of relu experts without w3 or b2 in cf=1's capacity slots, as
 // moe_forward_nograd returns it: the tokens dispatched into E * slot_capacity slots (the layout of
@@ -69,13 +73,15 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
 // batched GEMMs (relu and b1 in the first one's epilogue), then the rows that overflowed into other
 // experts' slots recomputed with their own expert's weights by the row kernel (fc1_fixup_ids,
 // fc2_fixup_ids: both gathered from and scattered to their slots), combine from the slots. The
-// routing returned is the dropless one (its slots the grouped rows'). Empty, with nothing enqueued,
-// when a fix-up kernel is missing (or there are no rows).
+// routing returned is the dropless one (its slots the grouped rows'); share_host as for
+// moe_forward_nograd_gathered. Empty, with nothing enqueued, when a fix-up kernel is missing (or
+// there are no rows).
 std::vector<at::Tensor> moe_forward_nograd_slotted(const at::Tensor& x_TD, const at::Tensor& wg_ED, bool gate_fp32,
                                                    int64_t k, int64_t score_fn, bool normalize, bool postscore,
                                                    const at::Tensor& w1_EHD, const at::Tensor& w2_EHO,
                                                    const std::optional<at::Tensor>& b1_EH, int64_t slot_capacity,
                                                    bool want_gshard_loss, const std::vector<int64_t>& fc1_fixup_ids,
-                                                   const std::vector<int64_t>& fc2_fixup_ids);
+                                                   const std::vector<int64_t>& fc2_fixup_ids,
+                                                   const std::optional<at::Tensor>& share_host);
 
 }  // namespace adaptmoe

@@ -69,6 +69,12 @@ cudaError_t launch_overflow_layout(const int64_t* indices_TK, const int64_t* loc
                                    int64_t* choice_O, int64_t* over_E, int64_t* hosted_E, int64_t* touched,
                                    int64_t* touched_host, int64_t* capacity_E, int* inv_S, cudaStream_t stream);
 
+// *share = (rows a slot layout's fix-ups compute for these counts: each expert's overflow past
+// `capacity` rounded up to row_tile) * 1024 / n, n the routed rows (0 when n == 0). share may be
+// a device pointer to mapped host memory (a host that reads it without a copy or an event).
+cudaError_t launch_overflow_fixup_share(const int64_t* counts_E, int E, int64_t capacity, int64_t row_tile, int64_t n,
+                                        int64_t* share, cudaStream_t stream);
+
 // GShard balance loss of a no-grad call, in two launches (partial sums, then the scalar):
 // loss = E * sum_e mean_t(p_te) * (tokens whose first choice is e) / T, with p = scores_TE (rows
 // divided by their sum, clamped at 1e-9, when normalize_rows: sigmoid scores), indices_TK[:, 0] the

@@ -106,7 +106,32 @@ __global__ void overflow_layout_kernel(const int64_t* __restrict__ indices, cons
   if (inv_S != nullptr) inv_S[slot] = static_cast<int>(i);
 }
 
+// share[0] = (rows the fix-ups of a slot layout of these counts compute, each expert's overflow
+// rounded up to the row kernel's row_tile) * 1024 / n: what laying out in slots adds to the expert
+// GEMMs, per 1024 rows. One block.
+__global__ void overflow_fixup_share_kernel(const int64_t* __restrict__ counts, int E, int64_t C, int64_t row_tile,
+                                            int64_t n, volatile int64_t* share) {
+  __shared__ unsigned long long s_rows;
+  if (threadIdx.x == 0) s_rows = 0;
+  __syncthreads();
+  unsigned long long mine = 0;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    const int64_t over = counts[e] > C ? counts[e] - C : 0;
+    mine += static_cast<unsigned long long>((over + row_tile - 1) / row_tile * row_tile);
+  }
+  atomicAdd(&s_rows, mine);
+  __syncthreads();
+  if (threadIdx.x == 0) *share = n > 0 ? static_cast<int64_t>(s_rows * 1024 / static_cast<unsigned long long>(n)) : 0;
+}
+
 }  // namespace
+
+cudaError_t launch_overflow_fixup_share(const int64_t* counts_E, int E, int64_t capacity, int64_t row_tile, int64_t n,
+                                        int64_t* share, cudaStream_t stream) {
+  if (E < 1 || capacity < 0 || row_tile < 1 || n < 0) return cudaErrorInvalidValue;
+  overflow_fixup_share_kernel<<<1, kLayoutThreads, 0, stream>>>(counts_E, E, capacity, row_tile, n, share);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_overflow_layout(const int64_t* indices_TK, const int64_t* locations_TK, const int64_t* counts_E,
                                    int64_t T, int E, int K, int64_t capacity, int64_t* slots_TK, int64_t* rows_O,

@@ -62,6 +62,17 @@ inline Tensor checked_indices(const Tensor& indices_TK, const Tensor& like, int6
   return indices_TK.contiguous();
 }
 
+// The device address of pinned host memory (mapped: cudaHostAlloc under unified addressing), or
+// null where it has none: kernels write counts there for a host that reads them without a copy.
+inline int64_t* mapped_host_pointer(const Tensor& host) {
+  void* device_ptr = nullptr;
+  if (cudaHostGetDevicePointer(&device_ptr, host.data_ptr(), 0) != cudaSuccess) {
+    (void)cudaGetLastError();   // not a sticky error: clear it
+    return nullptr;
+  }
+  return static_cast<int64_t*>(device_ptr);
+}
+
 // num_experts in [1, max_experts] for the kernels of `what`.
 inline void check_experts(int64_t num_experts, int64_t max_experts, const char* what) {
   TORCH_CHECK(num_experts >= 1 && num_experts <= max_experts,

@@ -123,7 +123,7 @@ class _GatheredNative:
         self.serve, self.native_calls, self.registered, self.capacities, self.fixup_calls = True, [], [], [], []
 
     def moe_forward_nograd_gathered(self, x, wg, fp32, k, score_fn, normalize, w1, w2, b1, kernel_ids, loss,
-                                    capacity, slot_capacity, fc1_fixup_ids, fc2_fixup_ids):
+                                    capacity, slot_capacity, fc1_fixup_ids, fc2_fixup_ids, share):
         self.native_calls.append(list(kernel_ids))
         self.fixup_calls.append((list(fc1_fixup_ids), list(fc2_fixup_ids)))
         self.capacities.append((capacity, slot_capacity))
@@ -150,7 +150,7 @@ class _GatheredNative:
                 torch.zeros(T, k, dtype=torch.long), torch.full((E,), T * k // E), torch.arange(T * k).view(T, k)]
 
     def moe_forward_nograd_slotted(self, x, wg, fp32, k, score_fn, normalize, postscore, w1, w2, b1, slot_capacity,
-                                   loss, fc1_fixup_ids, fc2_fixup_ids):
+                                   loss, fc1_fixup_ids, fc2_fixup_ids, share):
         self.fixup_calls.append((list(fc1_fixup_ids), list(fc2_fixup_ids)))
         self.capacities.append((-1, slot_capacity))
         if not self.serve:
@@ -279,6 +279,44 @@ def test_slotted_dispatched_forward_is_one_native_call_once_its_fixups_are_regis
     fake.serve = False
     assert call()[0].eq(3.0).all() and len(python_steps) == 6
     assert set(fake.capacities) == {(-1, C)}
+
+
+def test_dropless_calls_leave_the_slots_while_the_last_measured_fixup_share_is_large(monkeypatch):
+    """The forward's slot monitor: no count yet, or a layout whose fix-ups cost at most
+    MAX_FIXUP_SHARE of the routed rows: the slotted call (handed the pinned count to write); a
+    larger share: the grouped call, after which the share of this call's counts is measured."""
+    from adaptmoe.ops import _triton_slotted
+    T, k, E = 8, 2, 4
+    layer = make_layer(capacity_factor=0.0)
+    fake = _GatheredNative(T, k, E)
+    grouped, measured, slotted = [], [], []
+
+    def moe_forward_nograd(*args):
+        grouped.append(args[6])   # capacity
+        return [torch.zeros(T, 16)] + fake._routing() + [torch.zeros(())]
+    fake.moe_forward_nograd = moe_forward_nograd
+    fake.overflow_fixup_share = lambda counts, C, tile, rows, share: measured.append((C, tile, rows, share))
+    monkeypatch.setattr(native_forward._native, "loaded", lambda: fake)
+    monkeypatch.setattr(native_forward, "_run_slotted", lambda *args: slotted.append(args[-2:]) or ("slots",))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monitor = _triton_slotted.OverflowMonitor()   # a count the kernels would write into pinned memory
+    monitor._host = torch.full((1,), -1, dtype=torch.int64)
+    monitor._count = monitor._host.numpy()
+    layer.__dict__["_forward_slot_monitor"] = monitor
+    plan = native_forward.NativeForwardPlan(score_fn=0, normalize=True, activation=1, relu_epilogue=False,
+                                            grouped=True, slotted=True)
+    gate, wg = native_forward._gate_of(layer, 0)
+
+    def call():
+        return native_forward._launch(layer, torch.randn(T, 16), layer.resolve_knobs(), plan, gate, wg,
+                                      layer.experts.stored_weights())
+    C = 2 * -(-T // E)   # cf=1's capacity
+    assert call() == ("slots",) and slotted[-1][0] == C and slotted[-1][1] is monitor._host
+    monitor._count[0] = 1024 // 2                      # half the rows in fix-up tiles: grouped
+    call()
+    assert grouped == [-1] and measured == [(C, 128, T * k, monitor._host)]
+    monitor._count[0] = 1024 // 8
+    assert call() == ("slots",) and len(grouped) == 1 and len(measured) == 1
 
 
 def _repeat_setup(monkeypatch):

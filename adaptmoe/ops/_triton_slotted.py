@@ -198,7 +198,8 @@ def touched_experts(counts_E: Tensor, capacity: int) -> Tensor:
 
 
 class OverflowMonitor:
-    """How many experts a layer's last dropless call would have fixed up in slots, seen by the host
+    """How many experts a layer's last dropless call would have fixed up in slots (the no-grad
+    forward's monitor: how many fix-up rows per 1024 routed rows), seen by the host
     without a sync, a copy or an event: the layout kernel writes the count into pinned, mapped host
     memory when it runs (``overflow_layout``'s touched_host), and a decision reads the newest count
     written (usually the previous call's). Why: the copy and event behind each call cost ~60 us of
@@ -216,12 +217,14 @@ class OverflowMonitor:
     def __reduce__(self):   # copies and pickles of a layer start afresh (pinned memory is per process)
         return (OverflowMonitor, ())
 
-    def prefer_slots(self, num_experts: int) -> bool:
-        """Whether the next call should take the slot path (also while a CUDA graph is captured:
-        the captured call keeps the path decided then)."""
+    def prefer_slots(self, whole: int, max_fraction: float | None = None) -> bool:
+        """Whether the next call should take the slot path: the newest count is at most
+        ``max_fraction`` (default MAX_TOUCHED_FRACTION) of ``whole`` (training: the experts).
+        Also while a CUDA graph is captured: the captured call keeps the path decided then."""
         if self._count is not None and self._count[0] >= 0:
-            self.touched_fraction = int(self._count[0]) / num_experts
-        return self.touched_fraction is None or self.touched_fraction <= MAX_TOUCHED_FRACTION
+            self.touched_fraction = int(self._count[0]) / whole
+        limit = MAX_TOUCHED_FRACTION if max_fraction is None else max_fraction
+        return self.touched_fraction is None or self.touched_fraction <= limit
 
     def measure_off_slots(self) -> bool:
         """Whether a call the monitor keeps off the slot path should still lay out its routing

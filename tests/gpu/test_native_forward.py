@@ -181,8 +181,10 @@ def gathered_layer(bias: bool = True):
 
 
 def test_gathered_path_replays_from_a_cuda_graph(monkeypatch):
-    """The gathered dropless path reads counts only on the device: it captures and replays."""
+    """The gathered dropless path reads counts only on the device: it captures and replays (in
+    slots whatever the overflow: the eager calls then decide as the captured one did)."""
     monkeypatch.setattr(native_forward, "_GATHER_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(native_forward, "MAX_FIXUP_SHARE", float("inf"))
     layer = gathered_layer()
     x = torch.randn(96, 128, device=DEV, dtype=torch.bfloat16)
     assert gathered_plan(layer, x)
@@ -227,6 +229,7 @@ def test_gathered_kernel_launched_from_the_native_call(monkeypatch):
 def test_natively_launched_gathered_path_replays_from_a_cuda_graph(slotted, monkeypatch):
     monkeypatch.setattr(native_forward, "_GATHER_MIN_ELEMENTS", 0)
     monkeypatch.setattr(native_forward, "_slotted_enabled", slotted)
+    monkeypatch.setattr(native_forward, "MAX_FIXUP_SHARE", float("inf"))   # eager calls decide as captured
     monkeypatch.setattr(_triton_gemm._grouped_rows_launches, "_variants", {})
     layer = gathered_layer(bias=False)
     x = torch.randn(96, 128, device=DEV, dtype=torch.bfloat16)

@@ -184,11 +184,13 @@ FIRST_GEMMS = {"gathered": "moe_forward_nograd_gathered", "dispatched": "moe_for
                                        ("one_sided", 37)])
 def test_slotted_forward_matches_python_path_reference_and_grouped(routing, T, bias, first_gemm, monkeypatch):
     """The first GEMM gathering the slots' tokens (Triton) or over dispatched slots (cuBLAS, as
-    experts too large for the gathered GEMM run). Launched through Triton's launcher first
+    experts too large for the gathered GEMM run), slots kept whatever the overflow (the monitor's
+    choice is the last test's). Launched through Triton's launcher first
     (variants registered), from inside the native call after: the dropless routing of the Python
     path, outputs within a rounding of it, of the grouped layout and of the float64 reference;
     output memory poisoned before each call."""
     monkeypatch.setattr(native_forward, "_gathered_enabled", first_gemm == "gathered")
+    monkeypatch.setattr(native_forward, "MAX_FIXUP_SHARE", float("inf"))   # slots whatever the overflow
     layer = slotted_layer(bias, routing)
     x = tokens(T, routing)
     assert is_slotted(layer, x)
@@ -216,6 +218,7 @@ def test_slotted_forward_replays_from_a_cuda_graph(first_gemm, monkeypatch):
     """The slotted path reads its counts on the device only: captured (its Triton kernels launched
     from inside the native call), replayed on new tokens, equal to eager calls."""
     monkeypatch.setattr(native_forward, "_gathered_enabled", first_gemm == "gathered")
+    monkeypatch.setattr(native_forward, "MAX_FIXUP_SHARE", float("inf"))   # slots whatever the overflow
     layer = slotted_layer(True, "random")
     x = tokens(300, "random")
     assert is_slotted(layer, x)
@@ -223,3 +226,45 @@ def test_slotted_forward_replays_from_a_cuda_graph(first_gemm, monkeypatch):
         layer(x)   # registers the variants: the capture launches them natively
     for out, y in replays_and_eager(lambda: layer(x), x):
         assert torch.equal(out, y)
+
+
+@pytest.mark.parametrize("first_gemm", list(FIRST_GEMMS))
+def test_calls_whose_layout_would_mostly_be_fixups_run_in_grouped_rows(first_gemm, monkeypatch):
+    """The forward's slot monitor on one layer: the first one-sided call (every token to experts
+    0..K-1) runs in slots and writes its fix-up share (every overflowing expert's rows rounded up
+    to the row tile, per 1024 routed rows) into pinned memory; the next one-sided call runs in
+    grouped rows (and measures its share too); once a balanced call has been measured, calls run
+    in slots again. Outputs as the Python path's either way."""
+    monkeypatch.setattr(native_forward, "_gathered_enabled", first_gemm == "gathered")
+    layer = slotted_layer(False, "balanced")   # gate row e reads feature e
+    T = 512
+    balanced = tokens(T, "balanced")
+    skewed = balanced.clone()
+    skewed[:, :E] = 0.0
+    skewed[:, :K] = (2.0 * (K - torch.arange(K, device=DEV, dtype=torch.float32)) + 2.0).to(skewed.dtype)
+    layouts = []   # (native function, slot capacity of a gathered call)
+    real = ops._native.load()
+    for name in ("moe_forward_nograd_gathered", "moe_forward_nograd_slotted", "moe_forward_nograd"):
+        fn = getattr(real, name)
+        monkeypatch.setattr(real, name, lambda *a, _fn=fn, _name=name: layouts.append(
+            (_name, a[12] if _name == "moe_forward_nograd_gathered" else None)) or _fn(*a))
+    with torch.no_grad():
+        layer(skewed)   # slots (nothing measured yet): registers the Triton variants, writes its share
+    torch.cuda.synchronize()
+    monitor = layer._forward_slot_monitor
+    C = capacity_for(1.0, T, E, K)
+    want = K * -(-(T - C) // 128) * 128 * 1024 // (T * K)
+    assert int(monitor._count[0]) == want > 1024 * native_forward.MAX_FIXUP_SHARE
+    in_slots = ((FIRST_GEMMS[first_gemm], C if first_gemm == "gathered" else None),)
+    in_rows = (("moe_forward_nograd", None) if first_gemm == "dispatched" else ("moe_forward_nograd_gathered", -1),)
+    layouts.clear()
+    y, _ = call(layer, skewed)
+    assert tuple(layouts) == in_rows, layouts
+    y_py, _ = call(layer, skewed, native=False)
+    torch.testing.assert_close(y, y_py, rtol=2e-2, atol=2e-2 * max(1.0, y_py.abs().max().item()))
+    call(layer, balanced)
+    torch.cuda.synchronize()
+    assert int(monitor._count[0]) == 0
+    layouts.clear()
+    call(layer, balanced)
+    assert tuple(layouts) == in_slots, layouts

@@ -21,7 +21,8 @@ Triton has compiled and launched it once: ``ops._triton_native``); such dropless
 cf=1's capacity slots (``NativeForwardPlan.slotted``: cuBLAS's batched second GEMM instead of
 torch's grouped one, and Triton row kernels recompute the rows that overflow into other experts'
 slots; H100, balanced, graphed: fine-grained 1.031 vs 1.081 ms, DeepSeek-V3 13.01 vs 13.46;
-random routing a tie: ``docs/results/2026-11-23/h100_ab_slotted_session12.log``), and so do dropless
+random routing a tie: ``docs/results/2026-11-23/h100_ab_slotted_session12.log``; a layer whose
+last call would have spent over ``MAX_FIXUP_SHARE`` of its rows on fix-ups runs grouped), and so do dropless
 calls of larger relu experts, dispatched into the slots for cuBLAS's batched GEMMs (Mixtral,
 balanced: 5.97 vs 6.10 ms eager, 5.76 vs 5.97 graphed; random 6.41 vs 6.60,
 ``h100_ab_slotted_mixtral_session12.log``); calls where every token goes to every
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -88,7 +90,7 @@ class NativeForwardPlan:
     gathered_fc1: bool = False   # the first GEMM gathers its rows (Triton, no dispatch; with capacity: padded rows)
     gshard_loss: bool = False    # the gate's only loss is gshard: the native call computes it
     dense: bool = False          # k == E, post-scored: calls that drop nothing skip the dispatch
-    slotted: bool = False        # gathered dropless rows in cf=1's capacity slots, overflow fixed up
+    slotted: bool = False        # dropless rows in cf=1's capacity slots, overflow rows fixed up
 
 
 def native_forward_blocker(layer, x_TD: Tensor, knobs) -> str | None:
@@ -251,8 +253,8 @@ def _launch(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Te
     E, k = layer.config.num_experts, knobs.top_k
     capacity = capacity_for(knobs.capacity_factor, T, E, k)
     slots = _slot_choice(layer, capacity_for(1.0, T, E, k)) if plan.slotted and capacity is None and T else None
-    in_slots = slots is not None and slots[1]
-    slot_capacity, share = (slots[0], slots[2]) if in_slots else (None, None)
+    in_slots = slots is not None and slots.take
+    slot_capacity, share = (slots.capacity, slots.share) if in_slots else (None, None)
     if (plan.gathered_fc1 and T * k * (w.w1_eHD.shape[1] + w.w1_eHD.shape[2]) >= _GATHER_MIN_ELEMENTS
             and capacity != 0):
         result = _run_gathered(layer, x_TD, knobs, plan, gate, wg_ED, w, capacity, slot_capacity, share)
@@ -266,8 +268,8 @@ def _launch(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Te
             plan.relu_epilogue, x_TD.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32,
             plan.gshard_loss, dense)   # (the TF32 flag only matters for float32; reading it costs ~0.6 us)
         result = _packaged(outputs, capacity, T * k if capacity is None else E * capacity, plan)
-    if slots is not None and not in_slots and slots[2] is not None:   # measured off the slots too
-        _measure_share(result[1].counts_E, slots[0], T * k, slots[2])
+    if slots is not None and not in_slots and slots.share is not None:   # measured off the slots too
+        _measure_share(result[1].counts_E, slots.capacity, T * k, slots.share)
     return result
 
 
@@ -280,14 +282,21 @@ def _launch(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Te
 MAX_FIXUP_SHARE = 1 / 4
 
 
-def _slot_choice(layer, slot_capacity: int) -> tuple[int, bool, Tensor | None]:
-    """(slot capacity, whether this call runs in slots, the pinned count its layout writes for the
-    next call's choice (None where it cannot be written))."""
+class SlotChoice(NamedTuple):
+    """A dropless call's slot layout: cf=1's capacity, whether this call takes it, and the
+    layer's pinned count that this call's layout (or a measurement) writes for the next call's
+    choice (None where it cannot be written, e.g. while a CUDA graph is captured)."""
+    capacity: int
+    take: bool
+    share: Tensor | None
+
+
+def _slot_choice(layer, slot_capacity: int) -> SlotChoice:
     monitor = layer.__dict__.get("_forward_slot_monitor")
     if monitor is None:
         monitor = layer.__dict__["_forward_slot_monitor"] = OverflowMonitor()
     share = monitor.host_count(_native.loaded())
-    return slot_capacity, monitor.prefer_slots(1024, MAX_FIXUP_SHARE), share
+    return SlotChoice(slot_capacity, monitor.prefer_slots(1024, MAX_FIXUP_SHARE), share)
 
 
 def _measure_share(counts_E: Tensor, slot_capacity: int, rows: int, share: Tensor) -> None:
@@ -433,8 +442,8 @@ def set_dense_enabled(enabled: bool) -> None:
 
 
 def set_slotted_enabled(enabled: bool) -> None:
-    """Turns the slotted layout of gathered dropless calls off (their rows are grouped and the
-    second GEMM is torch's grouped one) or back on, e.g. for A/B runs."""
+    """Turns the slotted layout of dropless calls off (their rows are grouped and the second GEMM
+    is torch's grouped one) or back on, e.g. for A/B runs."""
     global _slotted_enabled
     _slotted_enabled = bool(enabled)
 

@@ -62,6 +62,8 @@ cudaError_t launch_locate(const int64_t* indices_TK, int64_t T, int E, int K, in
 // overflow rows plus experts hosting some), capacity_E (= capacity for every expert: the padded
 // GEMM's rows per expert) and inv_S[slot] = choice for every fed slot (others untouched).
 // choice_O, capacity_E and inv_S may be null (not written); hosted_E and touched both or neither.
+// A choice whose expert or location does not fit the counts (not the routing they came from) gets
+// slot -1 and nothing else written, never an out-of-range write.
 // touched_host (may be null): a device pointer to mapped host memory that gets touched too, for a
 // host that reads it without a copy or an event.
 cudaError_t launch_overflow_layout(const int64_t* indices_TK, const int64_t* locations_TK, const int64_t* counts_E,

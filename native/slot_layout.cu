@@ -82,8 +82,12 @@ __global__ void overflow_layout_kernel(const int64_t* __restrict__ indices, cons
   }
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const int e = static_cast<int>(indices[i]);
-  const int64_t loc = locations[i];
+  const int64_t e64 = indices[i], loc = locations[i];
+  if (e64 < 0 || e64 >= E || loc < 0 || loc >= s_count[e64]) {   // not a routing these counts came from
+    slots[i] = -1;
+    return;
+  }
+  const int e = static_cast<int>(e64);
   int64_t slot;
   if (loc < C) {
     slot = static_cast<int64_t>(e) * C + loc;
@@ -91,6 +95,10 @@ __global__ void overflow_layout_kernel(const int64_t* __restrict__ indices, cons
     // overflow row g takes the g-th free slot in slot order: its host is the first expert whose
     // free slots end past g (binary search over the non-decreasing ends)
     const int g = s_over_start[e] + static_cast<int>(loc - C);
+    if (g >= s_free_end[E - 1]) {   // no free slot left: counts summing past E*C, not a routing's
+      slots[i] = -1;
+      return;
+    }
     int lo = 0, hi = E;
     while (lo < hi) {
       const int mid = (lo + hi) / 2;

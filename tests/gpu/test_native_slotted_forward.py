@@ -147,6 +147,24 @@ def test_training_layout_matches_overflow_slots():
         assert monitor.touched_fraction == int(touched) / E
 
 
+def test_layout_of_counts_that_do_not_fit_the_routing_writes_no_slot_out_of_range():
+    """overflow_layout on inconsistent inputs (counts not from these choices): every choice whose
+    expert or location the counts do not cover, or that finds no free slot, gets slot -1."""
+    T = 64
+    C = capacity_for(1.0, T, E, K)
+    idx = torch.randint(0, E, (T, K), device=DEV)
+    loc = torch.arange(T * K, device=DEV).view(T, K)
+    native = ops._native.load()
+    zero = torch.zeros(E, dtype=torch.long, device=DEV)
+    slots = native.overflow_layout(idx, loc, zero, C, None)[0]
+    assert bool((slots == -1).all())
+    many = torch.full((E,), 100, dtype=torch.long, device=DEV)   # 1600 rows for E*C = 256 slots
+    slots = native.overflow_layout(idx, loc % 100, many, C, None)[0]
+    torch.cuda.synchronize()
+    assert bool(((slots == -1) | ((slots >= 0) & (slots < E * C))).all())
+    assert bool((slots[(loc % 100) < C] >= 0).all()) and bool((slots[(loc % 100) >= C] == -1).all())
+
+
 def test_row_kernel_scatters_to_indexed_rows():
     """grouped_rows_mm with scatter_R: row g (gathered from token choice_O[g] // K, grouped by
     expert) goes to out[scatter_R[g]] with relu and bias; every other row of out keeps its value."""

@@ -166,10 +166,7 @@ std::vector<Tensor> assign_slots(const Tensor& indices_TK, int64_t num_experts, 
 }
 
 // Whether the layout kernels can write into this host tensor (pinned, mapped, one int64).
-bool host_writable(const Tensor& host) {
-  return !host.is_cuda() && host.is_pinned() && host.scalar_type() == at::kLong && host.numel() == 1 &&
-         mapped_host_pointer(host) != nullptr;
-}
+bool host_writable(const Tensor& host) { return host_count_pointer(host) != nullptr; }
 
 // share_host[0] = the fix-up rows a slot layout of these counts would cost, per 1024 of the n
 // routed rows (launch_overflow_fixup_share), written by a kernel when it runs.
@@ -179,8 +176,7 @@ void overflow_fixup_share(const Tensor& counts_E, int64_t capacity, int64_t row_
                   counts_E.is_contiguous(),
               "adaptmoe: counts_E must be a contiguous int64 (E,) CUDA tensor");
   check_experts(counts_E.size(0), INT32_MAX, "the fix-up share");
-  int64_t* share = host_writable(share_host) ? mapped_host_pointer(share_host) : nullptr;
-  TORCH_CHECK(share != nullptr, "adaptmoe: share_host must be one int64 of pinned, mapped host memory");
+  int64_t* share = checked_host_count(share_host, "share_host");
   const c10::cuda::CUDAGuard guard(counts_E.device());
   check_launch(adaptmoe::launch_overflow_fixup_share(counts_E.data_ptr<int64_t>(), static_cast<int>(counts_E.size(0)),
                                                      capacity, row_tile, n, share,
@@ -205,10 +201,7 @@ std::vector<Tensor> overflow_layout(const Tensor& indices_TK, const Tensor& loca
               text("adaptmoe: capacity must give E * capacity >= T*k slots (fewer than 2^31), got ", capacity));
   const c10::cuda::CUDAGuard guard(indices_TK.device());
   const Tensor counts = counts_E.contiguous();
-  int64_t* host_ptr = touched_host.has_value() ? mapped_host_pointer(*touched_host) : nullptr;
-  TORCH_CHECK(!touched_host.has_value() || (host_ptr != nullptr && touched_host->numel() == 1 &&
-                                            touched_host->scalar_type() == at::kLong),
-              "adaptmoe: touched_host must be one int64 of pinned, mapped host memory (see host_writable)");
+  int64_t* host_ptr = touched_host.has_value() ? checked_host_count(*touched_host, "touched_host") : nullptr;
   const Tensor buf = at::empty({2 * n + 2 * E + 1}, idx.options());
   int64_t* p = buf.data_ptr<int64_t>();
   check_launch(adaptmoe::launch_overflow_layout(idx.data_ptr<int64_t>(), loc.data_ptr<int64_t>(),

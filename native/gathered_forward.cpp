@@ -113,12 +113,10 @@ std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tenso
 
 namespace {
 
-// The device pointer of a pinned count (see torch_ops::mapped_host_pointer) for a slotted call.
+// The device pointer of a slotted call's pinned count (torch_ops::checked_host_count).
 int64_t* checked_share(const Tensor& share_host, bool slotted) {
-  int64_t* share = torch_ops::mapped_host_pointer(share_host);
-  TORCH_CHECK(slotted && share != nullptr && share_host.numel() == 1 && share_host.scalar_type() == at::kLong,
-              "adaptmoe: share_host takes one int64 of pinned, mapped host memory, for a slotted call");
-  return share;
+  TORCH_CHECK(slotted, "adaptmoe: share_host is for a slotted call (slot_capacity >= 0)");
+  return torch_ops::checked_host_count(share_host, "share_host");
 }
 
 // The fix-up rows this call's slot layout costs per 1024 routed rows, into *share when given
@@ -182,9 +180,9 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
     launches.fc1_fixup = first_fitting(fc1_fixup_ids, {x.data_ptr(), l.choice_O(), l.rows_O(), w.w1.data_ptr(), b1,
                                                        h_RH.data_ptr(), l.over_E(), E, k, D, H, T * k, true,
                                                        kScatterIndexed, kEpilogueRelu});
-    launches.fc2_fixup = first_fitting(fc2_fixup_ids, {h_RH.data_ptr(), l.rows_O(), nullptr, w.w2.data_ptr(), nullptr,
-                                                       y_ECO.data_ptr(), l.over_E(), E, 1, H, O, T * k, false,
-                                                       kScatterGathered, kEpilogueNone});
+    launches.fc2_fixup = first_fitting(fc2_fixup_ids, slot_fixup(h_RH.data_ptr(), w.w2.data_ptr(), nullptr,
+                                                                 y_ECO.data_ptr(), l.rows_O(), l.over_E(), T * k, E, H,
+                                                                 O, false, kEpilogueNone));
     if (launches.fc1_fixup.id < 0 || launches.fc2_fixup.id < 0) return {};
   }
   const Tensor logits_TE = gate_logits(x, wg_ED, gate_fp32);
@@ -238,12 +236,12 @@ std::vector<at::Tensor> moe_forward_nograd_slotted(const at::Tensor& x_TD, const
   const Tensor h_SH = at::empty({S, H}, x.options());
   Tensor y_ECO = at::empty({E, C, O}, x.options());
   const void* b1 = w.b1.defined() ? w.b1.data_ptr() : nullptr;
-  const RowsLaunch fc1_fixup = first_fitting(fc1_fixup_ids, {x_SD.data_ptr(), l.rows_O(), nullptr, w.w1.data_ptr(), b1,
-                                                             h_SH.data_ptr(), l.over_E(), E, 1, D, H, T * k, true,
-                                                             kScatterGathered, kEpilogueRelu});
-  const RowsLaunch fc2_fixup = first_fitting(fc2_fixup_ids, {h_SH.data_ptr(), l.rows_O(), nullptr, w.w2.data_ptr(),
-                                                             nullptr, y_ECO.data_ptr(), l.over_E(), E, 1, H, O, T * k,
-                                                             false, kScatterGathered, kEpilogueNone});
+  const RowsLaunch fc1_fixup = first_fitting(fc1_fixup_ids, slot_fixup(x_SD.data_ptr(), w.w1.data_ptr(), b1,
+                                                                       h_SH.data_ptr(), l.rows_O(), l.over_E(), T * k, E,
+                                                                       D, H, true, kEpilogueRelu));
+  const RowsLaunch fc2_fixup = first_fitting(fc2_fixup_ids, slot_fixup(h_SH.data_ptr(), w.w2.data_ptr(), nullptr,
+                                                                       y_ECO.data_ptr(), l.rows_O(), l.over_E(), T * k, E,
+                                                                       H, O, false, kEpilogueNone));
   if (fc1_fixup.id < 0 || fc2_fixup.id < 0) return {};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Tensor logits_TE = gate_logits(x, wg_ED, gate_fp32);

@@ -49,12 +49,12 @@ void batched_into(const Tensor& c_SN, const Tensor& a_SK, const Tensor& w_E, boo
   at::bmm_out(c, a_SK.view({E, C, a_SK.size(1)}), transpose_w ? w_E.transpose(1, 2) : w_E);
 }
 
-// The row kernel over the overflow rows (gathered from and scattered back to their slots).
-RowsGemm slot_fixup(const Tensor& a_SK, const Tensor& w_E, const Tensor& c_SN, bool transpose_w, const Tensor& rows_O,
-                    const Tensor& over_E, int64_t epilogue) {
-  const int64_t E = w_E.size(0), N = c_SN.size(1), KD = a_SK.size(1);
-  return {a_SK.data_ptr(), rows_O.data_ptr(), nullptr, w_E.data_ptr(), nullptr, c_SN.data_ptr(),
-          over_E.data_ptr<int64_t>(), E, 1, KD, N, rows_O.numel(), transpose_w, kScatterGathered, epilogue};
+// triton_rows.h's slot_fixup of these tensors (no bias).
+RowsGemm slot_fixup_of(const Tensor& a_SK, const Tensor& w_E, const Tensor& c_SN, bool transpose_w, const Tensor& rows_O,
+                       const Tensor& over_E, int64_t epilogue) {
+  return slot_fixup(a_SK.data_ptr(), w_E.data_ptr(), nullptr, c_SN.data_ptr(), rows_O.data_ptr<int64_t>(),
+                    over_E.data_ptr<int64_t>(), rows_O.numel(), w_E.size(0), a_SK.size(1), c_SN.size(1), transpose_w,
+                    epilogue);
 }
 
 }  // namespace
@@ -67,8 +67,8 @@ std::vector<at::Tensor> slotted_bmm_forward(const at::Tensor& a_SK, const at::Te
   const c10::cuda::CUDAGuard guard(a_SK.device());
   const at::NoGradGuard no_grad;
   const Tensor c_SN = at::empty({E * C, N}, a_SK.options());
-  const RowsLaunch fixup = first_fitting(fixup_ids, slot_fixup(a_SK, w_E, c_SN, transpose_w, rows_O, over_E,
-                                                               relu ? kEpilogueRelu : kEpilogueNone));
+  const RowsLaunch fixup = first_fitting(fixup_ids, slot_fixup_of(a_SK, w_E, c_SN, transpose_w, rows_O, over_E,
+                                                                  relu ? kEpilogueRelu : kEpilogueNone));
   if (fixup.id < 0) return {};   // nothing enqueued: the caller runs the Python steps
   if (relu) {
     bmm_nt_act_into(at::kBFloat16, a_SK.get_device(), a_SK.data_ptr(), w_E.data_ptr(), nullptr, c_SN.data_ptr(), E, C,
@@ -102,7 +102,7 @@ std::vector<at::Tensor> slotted_bmm_backward(const at::Tensor& gc_SN, const at::
   const Tensor ga_SK = need_a ? at::empty({E * C, KD}, a_SK.options()) : Tensor();
   const Tensor gw_E = need_w ? at::empty(w_E.sizes(), w_E.options()) : Tensor();
   RowsLaunch dgrad, move;
-  if (need_a) dgrad = first_fitting(dgrad_ids, slot_fixup(gc_SN, w_E, ga_SK, !transpose_w, rows_O, over_E, kEpilogueNone));
+  if (need_a) dgrad = first_fitting(dgrad_ids, slot_fixup_of(gc_SN, w_E, ga_SK, !transpose_w, rows_O, over_E, kEpilogueNone));
   if (need_w) {
     move = first_fitting(move_ids, MoveGemm{p_SP.data_ptr(), q_SQ.data_ptr(), gw_E.data_ptr(), hosted_E.data_ptr(),
                                             over_E.data_ptr(), rows_O.data_ptr(), E, p_SP.size(1), q_SQ.size(1)});

@@ -62,15 +62,25 @@ inline Tensor checked_indices(const Tensor& indices_TK, const Tensor& like, int6
   return indices_TK.contiguous();
 }
 
-// The device address of pinned host memory (mapped: cudaHostAlloc under unified addressing), or
-// null where it has none: kernels write counts there for a host that reads them without a copy.
-inline int64_t* mapped_host_pointer(const Tensor& host) {
+// The device address of `host` for a kernel that writes a count there, read by the host without a
+// copy or an event: one int64 of pinned, mapped host memory (cudaHostAlloc under unified
+// addressing); null for any other tensor.
+inline int64_t* host_count_pointer(const Tensor& host) {
+  if (host.is_cuda() || !host.is_pinned() || host.scalar_type() != at::kLong || host.numel() != 1) return nullptr;
   void* device_ptr = nullptr;
   if (cudaHostGetDevicePointer(&device_ptr, host.data_ptr(), 0) != cudaSuccess) {
     (void)cudaGetLastError();   // not a sticky error: clear it
     return nullptr;
   }
   return static_cast<int64_t*>(device_ptr);
+}
+
+// host_count_pointer, or an error naming the argument.
+inline int64_t* checked_host_count(const Tensor& host, const char* name) {
+  int64_t* device_ptr = host_count_pointer(host);
+  TORCH_CHECK(device_ptr != nullptr,
+              text("adaptmoe: ", name, " must be one int64 of pinned, mapped host memory (see host_writable)"));
+  return device_ptr;
 }
 
 // num_experts in [1, max_experts] for the kernels of `what`.

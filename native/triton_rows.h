@@ -66,6 +66,15 @@ inline RowsLaunch first_fitting(const std::vector<int64_t>& ids, const RowsGemm&
   return {};
 }
 
+// The row kernel over a slot layout's overflow rows (rows_O[g], over_E rows per true expert; only
+// the first `rows` entries of rows_O are read): each row read from its slot of a and written back
+// to the same slot of c, computed with its own expert's weights (and bias).
+inline RowsGemm slot_fixup(const void* a, const void* w, const void* bias, const void* c, const int64_t* rows_O,
+                           const int64_t* over_E, int64_t rows, int64_t E, int64_t KD, int64_t N, bool transpose_w,
+                           int64_t epilogue) {
+  return {a, rows_O, nullptr, w, bias, c, over_E, E, 1, KD, N, rows, transpose_w, kScatterGathered, epilogue};
+}
+
 // One launch of _ragged_k_move_kernel: c[e] -= a[rows removed]^T b[same], c[e] += a[rows added]^T b.
 struct MoveGemm {
   const void *a, *b, *c, *remove, *add, *gather;

@@ -442,13 +442,21 @@ def gathered_fc1_relu(x_TD: Tensor, inv_R: Tensor, top_k: int, counts_E: Tensor,
                                 ROWS_TILES)
 
 
+def rows_variants(device: int | None, b_E: Tensor, transpose_b: bool, *, gather: bool, scatter: int, bias: bool,
+                  epilogue: int) -> list[int]:
+    """The extension's ids of the compiled variants of ``grouped_rows_mm`` launches over weights
+    ``b_E`` (as that function takes them) with these options on ``device``, registered by its
+    launches so far: a native call launches the first that fits its own arguments
+    (``native/triton_rows.h``)."""
+    N, KD = (b_E.shape[1], b_E.shape[2]) if transpose_b else (b_E.shape[2], b_E.shape[1])
+    shape = _rows_launch_shape(b_E.shape[0], N, KD, gather, scatter, bias, epilogue, ROWS_TILES)
+    return _grouped_rows_launches.variants(device, shape)
+
+
 def gathered_fc1_variants(x_TD: Tensor, w1_EHD: Tensor, b1_EH: Tensor | None) -> list[int]:
-    """The extension's ids of the compiled variants of ``gathered_fc1_relu`` for these weights on
-    x's device, registered by its launches so far: a native call launches the first that fits its
-    own arguments (``native/layer_forward.cpp``)."""
-    E, H, D = w1_EHD.shape
-    shape = _rows_launch_shape(E, H, D, True, SCATTER_NONE, b1_EH is not None, EPILOGUE_RELU, ROWS_TILES)
-    return _grouped_rows_launches.variants(x_TD.device.index, shape)
+    """``rows_variants`` of ``gathered_fc1_relu`` for these weights on x's device."""
+    return rows_variants(x_TD.device.index, w1_EHD, True, gather=True, scatter=SCATTER_NONE, bias=b1_EH is not None,
+                         epilogue=EPILOGUE_RELU)
 
 
 def slot_fixups(x: Tensor, h_SH: Tensor, y_SO: Tensor | None, w1_EHD: Tensor, b1_EH: Tensor | None, w2_EHO: Tensor,
@@ -472,14 +480,13 @@ def slot_fixups(x: Tensor, h_SH: Tensor, y_SO: Tensor | None, w1_EHD: Tensor, b1
 
 def slot_fixup_variants(x_TD: Tensor, w1_EHD: Tensor, b1_EH: Tensor | None, w2_EHO: Tensor,
                         gathered: bool = True) -> tuple[list[int], list[int]]:
-    """The registered variants (extension ids) of ``slot_fixups``' two launches on x's device
-    (``gathered``: the first one reads the tokens through choice_O), as ``gathered_fc1_variants``."""
-    E, H, D = w1_EHD.shape
-    first = _rows_launch_shape(E, H, D, True, SCATTER_INDEXED if gathered else SCATTER_GATHERED, b1_EH is not None,
-                               EPILOGUE_RELU, ROWS_TILES)
-    second = _rows_launch_shape(E, w2_EHO.shape[2], H, True, SCATTER_GATHERED, False, EPILOGUE_NONE, ROWS_TILES)
+    """``rows_variants`` of ``slot_fixups``' two launches on x's device (``gathered``: the first
+    one reads the tokens through choice_O)."""
     device = x_TD.device.index
-    return _grouped_rows_launches.variants(device, first), _grouped_rows_launches.variants(device, second)
+    first = rows_variants(device, w1_EHD, True, gather=True, scatter=SCATTER_INDEXED if gathered else SCATTER_GATHERED,
+                          bias=b1_EH is not None, epilogue=EPILOGUE_RELU)
+    return first, rows_variants(device, w2_EHO, False, gather=True, scatter=SCATTER_GATHERED, bias=False,
+                                epilogue=EPILOGUE_NONE)
 
 
 def is_available() -> bool:
@@ -488,4 +495,4 @@ def is_available() -> bool:
 
 __all__ = ["EPILOGUE_NONE", "EPILOGUE_RELU", "EPILOGUE_RELU_GRAD", "MAX_EXPERT_WEIGHTS", "TOLERANCE", "Tiles",
            "gathered_fc1_blocker", "gathered_fc1_relu", "gathered_fc1_variants", "grouped_rows_mm", "is_available", "kernel_blocker",
-           "ragged_k_mm", "ragged_k_move", "ragged_k_move_variants", "slot_fixup_variants", "slot_fixups"]
+           "ragged_k_mm", "ragged_k_move", "ragged_k_move_variants", "rows_variants", "slot_fixup_variants", "slot_fixups"]

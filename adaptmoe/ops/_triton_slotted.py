@@ -76,10 +76,8 @@ def _bmm(a_SK: Tensor, w_E: Tensor, transpose_w: bool) -> Tensor:
 def _fixup_variants(a: Tensor, w_E: Tensor, transpose_w: bool, relu: bool) -> list[int]:
     """Registered variants of the row kernel's fix-up of a slotted GEMM (``tg.grouped_rows_mm``
     with gather_R=rows_O, top_k 1 and out=), as ``slotted_bmm_forward`` launches them."""
-    E, N, KD = (w_E.shape[0], w_E.shape[1], w_E.shape[2]) if transpose_w else (w_E.shape[0], w_E.shape[2], w_E.shape[1])
-    shape = tg._rows_launch_shape(E, N, KD, True, tg.SCATTER_GATHERED, False,
-                                  tg.EPILOGUE_RELU if relu else tg.EPILOGUE_NONE, tg.ROWS_TILES)
-    return tg._grouped_rows_launches.variants(a.device.index, shape)
+    return tg.rows_variants(a.device.index, w_E, transpose_w, gather=True, scatter=tg.SCATTER_GATHERED, bias=False,
+                            epilogue=tg.EPILOGUE_RELU if relu else tg.EPILOGUE_NONE)
 
 
 class _SlottedBmm(torch.autograd.Function):

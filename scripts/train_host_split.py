@@ -2,8 +2,8 @@
 forward call and of the backward call (perf_counter around each, no sync inside: the time until
 their kernels are enqueued) and the step's GPU time (CUDA events, a sync after each step),
 interleaved rounds, medians. Variants: cf=1, dropless in capacity slots, dropless on grouped_mm,
-and slots with pieces of their host work taken out (results then wrong: host time only):
-no fix-up launches, no overflow monitor.
+and slots without the overflow monitor's count (host time only). (A "no fix-up launches" variant
+measured the Python launches of the fix-ups until the slotted GEMMs became native calls.)
 
     python3 scripts/train_host_split.py [fine64 ...] [--iters N]
 """
@@ -18,15 +18,13 @@ from unittest import mock
 import torch
 
 from adaptmoe.examples.bench_layer import CONFIGS, balance_routing, build_layer
-from adaptmoe.ops import _triton_gemm, _triton_slotted
+from adaptmoe.ops import _triton_slotted
 
 # label -> (capacity factor, slot path, patches of host work: (object, attribute, replacement))
 VARIANTS = {
     "cf=1": (1.0, False, ()),
     "slots": (0.0, True, ()),
     "grouped_mm": (0.0, False, ()),
-    "slots, no fix-up launches": (0.0, True, ((_triton_gemm, "_launch_grouped_rows", lambda *a, **k: a[9]),
-                                              (_triton_gemm, "ragged_k_move", lambda c, *a, **k: c))),
     "slots, no monitor": (0.0, True, ((_triton_slotted.OverflowMonitor, "host_count", lambda *a: None),)),
 }
 

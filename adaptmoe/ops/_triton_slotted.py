@@ -247,5 +247,5 @@ class OverflowMonitor:
         return self._host
 
 
-__all__ = ["MAX_TOUCHED_FRACTION", "MIN_GEMM_WORK", "OverflowMonitor", "REMEASURE_EVERY", "blocker", "is_enabled", "layout_on_gpu",
-           "set_enabled", "set_native_gemms", "slotted_bmm", "touched_experts", "worth_it"]
+__all__ = ["MAX_TOUCHED_FRACTION", "MIN_GEMM_WORK", "OverflowMonitor", "REMEASURE_EVERY", "blocker", "is_enabled",
+           "layout_on_gpu", "set_enabled", "set_native_gemms", "slotted_bmm", "touched_experts", "worth_it"]

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "blaslt.h"
+#include "forward_parts.h"
 #include "layer_forward.h"
 #include "slotted_gemm.h"
 #include "moe_kernels.h"
@@ -43,6 +44,15 @@ std::optional<Tensor> checked_dot_rows(const std::optional<Tensor>& dot, const T
                   dot->size(1) == src.size(1),
               text("adaptmoe: dot rows must be (", n, ", ", src.size(1), ") of the rows' dtype"));
   return dot->contiguous();
+}
+
+// The gate's logits as the native forwards compute them (forward_parts::gate_logits), so that the
+// Python path of a no-grad call routes on the same bits.
+Tensor gate_logits(const Tensor& x_TD, const Tensor& wg_ED, bool fp32) {
+  adaptmoe::forward_parts::check_gate_inputs(x_TD, wg_ED);
+  const c10::cuda::CUDAGuard guard(x_TD.device());
+  const at::NoGradGuard no_grad;
+  return adaptmoe::forward_parts::gate_logits(x_TD, wg_ED, fp32);
 }
 
 // Returns (indices_TK int64, weights_TK, scores_TE (empty unless want_scores), locations_TK, counts_E, slots_TK).
@@ -438,6 +448,9 @@ int64_t launch_registered_triton(const std::vector<int64_t>& ids, const std::vec
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace adaptmoe::torch_ops;
   m.doc() = "adaptmoe native CUDA kernels (gating/top-k, slot assignment, dispatch/combine rows, decode FFN)";
+  m.def("gate_logits", &gate_logits, "x @ wg^T as the native forwards compute it (a kernel for few experts)");
+  m.def("set_gate_kernel_enabled", &adaptmoe::forward_parts::set_gate_kernel_enabled,
+        "off: the gate of few experts through at::mm too (an A/B switch)");
   m.def("route_topk", &route_topk, "fused scores + top-k + slot assignment");
   m.def("route_topk_backward", &route_topk_backward, "d loss / d logits of route_topk's weights and scores");
   m.def("gshard_loss_backward", &gshard_loss_backward, "d gshard_loss / d scores (rows not normalised)");
@@ -470,5 +483,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "registers a compiled Triton kernel (function handle and specialization) for launches from C++; -1 if refused");
   m.attr("max_decode_pairs") = adaptmoe::kMaxDecodePairs;
   m.attr("max_topk_experts") = adaptmoe::kMaxTopkExperts;
+  m.attr("max_gate_experts") = adaptmoe::kMaxGateExperts;
   m.attr("max_locate_experts") = adaptmoe::kMaxLocateExperts;
 }

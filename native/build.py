@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 NATIVE_DIR = Path(__file__).resolve().parent
-SOURCES = ("moe_kernels.cu", "gating_backward.cu", "row_movers.cu", "slot_layout.cu", "decode_kernels.cu", "elementwise_kernels.cu",
+SOURCES = ("moe_kernels.cu", "gate_kernels.cu", "gating_backward.cu", "row_movers.cu", "slot_layout.cu", "decode_kernels.cu", "elementwise_kernels.cu",
            "blaslt.cpp", "layer_forward.cpp", "gathered_forward.cpp", "slotted_gemm.cpp", "triton_launch.cpp", "bindings.cpp")
 CXX_FLAGS = ["-O3", "-std=c++17"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]

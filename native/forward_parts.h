@@ -21,8 +21,12 @@ struct ExpertWeights {
 
 inline Tensor value_or_undefined(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
-// logits_TE = x_TD @ wg_ED^T (float32 operands when gate_fp32, else x in wg's dtype).
+// logits_TE = x_TD @ wg_ED^T (float32 operands when gate_fp32, else x in wg's dtype); a gate of
+// few experts (launch_gate serves it) through that kernel, else at::mm (F.linear's bits).
 Tensor gate_logits(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32);
+
+// Turns the gate kernel off (at::mm for every gate) or back on, e.g. to compare the two.
+void set_gate_kernel_enabled(bool enabled);
 
 // t.view(sizes) for a contiguous t, without the dispatcher (see torch_ops::alias).
 Tensor viewed(const Tensor& t, at::IntArrayRef sizes);
@@ -66,6 +70,15 @@ void launch_routing(const Routed& r, const Tensor& logits_TE, int64_t score_fn, 
 
 // alloc_routed + launch_routing.
 Routed route(const Tensor& logits_TE, int64_t k, int64_t score_fn, bool normalize, int64_t capacity);
+
+// The routing buffer for the logits of this gate (float32 when gate_fp32, else wg's dtype).
+Routed alloc_routed_for(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32, int64_t k);
+
+// gate_logits + launch_routing into r, returning the logits; a gate of few experts computes its
+// logits and top-k in one launch (launch_gate). tm_slots (may be null): also the dense layout's
+// token-major rows, indices * T + t.
+Tensor gate_and_route(const Routed& r, const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32, int64_t score_fn,
+                      bool normalize, int64_t capacity, int64_t* tm_slots = nullptr);
 
 // y_TO[t] = sum_k w[t,k] * y_RO[slots[t,k]] (w absent: 1); slots: r.slots() unless given.
 Tensor combine(const Tensor& y_RO, const Routed& r, bool postscore, const int64_t* slots = nullptr);

@@ -95,8 +95,8 @@ std::vector<at::Tensor> moe_route_nograd(const at::Tensor& x_TD, const at::Tenso
   TORCH_CHECK(slot_capacity < 0 || capacity < 0, "adaptmoe: a slot layout (slot_capacity >= 0) needs capacity -1");
   const c10::cuda::CUDAGuard guard(x_TD.device());
   const at::NoGradGuard no_grad;
-  const Tensor logits_TE = gate_logits(x_TD, wg_ED, gate_fp32);
-  const Routed r = route(logits_TE, k, score_fn, normalize, capacity);
+  const Routed r = alloc_routed_for(x_TD, wg_ED, gate_fp32, k);
+  const Tensor logits_TE = gate_and_route(r, x_TD, wg_ED, gate_fp32, score_fn, normalize, capacity);
   std::vector<Tensor> out{logits_TE};
   for (Tensor& t : r.views()) out.push_back(std::move(t));
   if (slot_capacity >= 0) {
@@ -162,7 +162,7 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
   if (T * k == 0 || R == 0) return {};
   // Every buffer first, then the kernels whose specializations fit their addresses; one missing:
   // nothing was enqueued, the caller launches through Triton.
-  Routed r = alloc_routed(T, E, k, gate_fp32 ? at::kFloat : wg_ED.scalar_type(), x.options());
+  Routed r = alloc_routed_for(x, wg_ED, gate_fp32, k);
   const SlotLayout l = slotted ? alloc_slot_layout(r, slot_capacity, x.options()) : SlotLayout();
   const Tensor inv_R = slotted ? Tensor() : at::empty({R}, x.options().dtype(at::kInt));
   // The first GEMM's rows per expert: the counts (grouped), or the capacity for every expert.
@@ -185,8 +185,7 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
                                                                  O, false, kEpilogueNone));
     if (launches.fc1_fixup.id < 0 || launches.fc2_fixup.id < 0) return {};
   }
-  const Tensor logits_TE = gate_logits(x, wg_ED, gate_fp32);
-  launch_routing(r, logits_TE, score_fn, normalize, capacity);
+  const Tensor logits_TE = gate_and_route(r, x, wg_ED, gate_fp32, score_fn, normalize, capacity);
   if (slotted) {
     launch_slot_layout(r, l);
     launch_share(r, slot_capacity, launches.fc1_fixup, share);
@@ -228,7 +227,7 @@ std::vector<at::Tensor> moe_forward_nograd_slotted(const at::Tensor& x_TD, const
   const int64_t T = x.size(0), E = wg_ED.size(0), D = x.size(1), H = w1_EHD.size(1), O = w2_EHO.size(2);
   const int64_t C = slot_capacity, S = E * slot_capacity;
   if (T * k == 0) return {};
-  Routed r = alloc_routed(T, E, k, gate_fp32 ? at::kFloat : wg_ED.scalar_type(), x.options());
+  Routed r = alloc_routed_for(x, wg_ED, gate_fp32, k);
   const SlotLayout l = alloc_slot_layout(r, C, x.options());
   // Every buffer first, then the fix-up kernels whose specializations fit their addresses; one
   // missing: nothing was enqueued, the caller runs the same steps from Python.
@@ -244,8 +243,7 @@ std::vector<at::Tensor> moe_forward_nograd_slotted(const at::Tensor& x_TD, const
                                                                        H, O, false, kEpilogueNone));
   if (fc1_fixup.id < 0 || fc2_fixup.id < 0) return {};
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const Tensor logits_TE = gate_logits(x, wg_ED, gate_fp32);
-  launch_routing(r, logits_TE, score_fn, normalize, /*capacity=*/-1);
+  const Tensor logits_TE = gate_and_route(r, x, wg_ED, gate_fp32, score_fn, normalize, /*capacity=*/-1);
   launch_slot_layout(r, l);
   launch_share(r, C, fc1_fixup, share);
   // Slots no choice feeds stay unwritten: their outputs are never read (the combine reads fed slots).

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 
 #include "blaslt.h"
@@ -23,8 +24,45 @@ namespace forward_parts {
 
 using torch_ops::text;
 
+namespace {
+
+bool float_type(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+std::atomic<bool> g_gate_kernel_enabled{true};   // off: at::mm for every gate (an A/B switch)
+
+// Whether launch_gate computes this gate's logits (then every path of the layer, the Python one
+// through the gate_logits binding included, gets them from it: the same bits everywhere).
+bool small_gate(const Tensor& x_TD, const Tensor& wg_ED) {
+  return g_gate_kernel_enabled.load(std::memory_order_relaxed) && x_TD.scalar_type() == wg_ED.scalar_type() && float_type(x_TD.scalar_type()) &&
+         gate_kernel_serves(torch_ops::dtype_of(x_TD), torch_ops::dtype_of(wg_ED), wg_ED.size(0), wg_ED.size(1));
+}
+
+at::ScalarType logits_type(const Tensor& wg_ED, bool gate_fp32) { return gate_fp32 ? at::kFloat : wg_ED.scalar_type(); }
+
+// launch_gate into logits_TE (K == 0) or with the top-k into r (K = r.k).
+void launch_small_gate(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32, const Tensor& logits_TE,
+                       const Routed* r, int64_t score_fn, bool normalize, int64_t* tm_slots) {
+  const Tensor x = x_TD.contiguous(), wg = wg_ED.contiguous();
+  torch_ops::check_launch(
+      launch_gate(x.data_ptr(), wg.data_ptr(), torch_ops::dtype_of(x), gate_fp32, x.size(0), x.size(1),
+                  static_cast<int>(wg.size(0)), logits_TE.data_ptr(), r ? static_cast<int>(r->k) : 0,
+                  score_fn == 1 ? kSigmoid : kSoftmax, normalize, r ? r->indices() : nullptr,
+                  r ? r->weights() : nullptr, r ? r->scores() : nullptr, tm_slots,
+                  c10::cuda::getCurrentCUDAStream()),
+      "gate");
+}
+
+}  // namespace
+
+void set_gate_kernel_enabled(bool enabled) { g_gate_kernel_enabled.store(enabled); }
+
 // F.linear of a 2-D input without bias is exactly mm(x, w^T); calling mm skips two dispatcher hops.
 Tensor gate_logits(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32) {
+  if (small_gate(x_TD, wg_ED)) {
+    const Tensor logits_TE = at::empty({x_TD.size(0), wg_ED.size(0)}, x_TD.options().dtype(logits_type(wg_ED, gate_fp32)));
+    launch_small_gate(x_TD, wg_ED, gate_fp32, logits_TE, nullptr, 0, false, nullptr);
+    return logits_TE;
+  }
   if (gate_fp32) return at::mm(x_TD.to(at::kFloat), wg_ED.to(at::kFloat).t());
   const Tensor wg_DE = wg_ED.is_contiguous()
                            ? torch_ops::alias_strided(wg_ED, wg_ED.scalar_type(), 0, {wg_ED.size(1), wg_ED.size(0)},
@@ -55,18 +93,23 @@ Routed alloc_routed(int64_t T, int64_t E, int64_t k, at::ScalarType vals_type, c
   return r;
 }
 
+// Slot assignment of r's top-k (launch_locate).
+void launch_slots(const Routed& r, int64_t capacity) {
+  torch_ops::check_launch(launch_locate(r.indices(), r.T, static_cast<int>(r.E), static_cast<int>(r.k), capacity,
+                                        r.workspace(), r.locations(), r.counts(), r.slots(),
+                                        c10::cuda::getCurrentCUDAStream()),
+                          "slot assignment");
+}
+
 // Scores + top-k + slot assignment into r: the kernels of torch_ops::route_topk.
 void launch_routing(const Routed& r, const Tensor& logits_TE, int64_t score_fn, bool normalize, int64_t capacity) {
   TORCH_CHECK(logits_TE.scalar_type() == r.vals_type, "adaptmoe: logits of another dtype than the routing buffer's");
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   const int E = static_cast<int>(r.E), k = static_cast<int>(r.k);
   torch_ops::check_launch(launch_topk(logits_TE.data_ptr(), torch_ops::dtype_of(logits_TE), r.T, E, k,
                                       score_fn == 1 ? kSigmoid : kSoftmax, normalize, r.indices(), r.weights(),
-                                      r.scores(), stream),
+                                      r.scores(), c10::cuda::getCurrentCUDAStream()),
                           "top-k");
-  torch_ops::check_launch(launch_locate(r.indices(), r.T, E, k, capacity, r.workspace(), r.locations(), r.counts(),
-                                        r.slots(), stream),
-                          "slot assignment");
+  launch_slots(r, capacity);
 }
 
 // Routing with one allocation instead of route_topk's seven (the buffer above).
@@ -74,6 +117,29 @@ Routed route(const Tensor& logits_TE, int64_t k, int64_t score_fn, bool normaliz
   Routed r = alloc_routed(logits_TE.size(0), logits_TE.size(1), k, logits_TE.scalar_type(), logits_TE.options());
   launch_routing(r, logits_TE, score_fn, normalize, capacity);
   return r;
+}
+
+Tensor gate_and_route(const Routed& r, const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32, int64_t score_fn,
+                      bool normalize, int64_t capacity, int64_t* tm_slots) {
+  TORCH_CHECK(r.vals_type == logits_type(wg_ED, gate_fp32), "adaptmoe: a routing buffer of another dtype than the logits'");
+  if (small_gate(x_TD, wg_ED)) {
+    const Tensor logits_TE = at::empty({r.T, r.E}, x_TD.options().dtype(r.vals_type));
+    launch_small_gate(x_TD, wg_ED, gate_fp32, logits_TE, &r, score_fn, normalize, tm_slots);
+    launch_slots(r, capacity);
+    return logits_TE;
+  }
+  const Tensor logits_TE = gate_logits(x_TD, wg_ED, gate_fp32);
+  launch_routing(r, logits_TE, score_fn, normalize, capacity);
+  if (tm_slots != nullptr) {
+    torch_ops::check_launch(launch_token_major_slots(r.indices(), r.T, static_cast<int>(r.k), static_cast<int>(r.E),
+                                                     tm_slots, c10::cuda::getCurrentCUDAStream()),
+                            "token-major slots");
+  }
+  return logits_TE;
+}
+
+Routed alloc_routed_for(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32, int64_t k) {
+  return alloc_routed(x_TD.size(0), wg_ED.size(0), k, logits_type(wg_ED, gate_fp32), x_TD.options());
 }
 
 // y_TO[t] = sum_k w[t,k] * y_RO[slots[t,k]] (w absent: 1), without torch_ops::gather_rows's
@@ -204,19 +270,16 @@ Tensor dense_first_gemm(const Tensor& x_TD, const ExpertWeights& w, int64_t act,
 }
 
 // The second GEMM per expert over its column block of h_TN ([E, T, H] view, row stride E*H: no
-// copy), then the combine over token-major slots (e * T + t).
-Tensor dense_second_gemm_and_combine(const Tensor& h_TN, const Routed& r, const ExpertWeights& w) {
+// copy), then the combine over token-major slots tm_slots_TK (e * T + t).
+Tensor dense_second_gemm_and_combine(const Tensor& h_TN, const Routed& r, const ExpertWeights& w,
+                                     const int64_t* tm_slots_TK) {
   const int64_t E = w.w2.size(0), H = w.w2.size(1), O = w.w2.size(2), T = r.T;
   const Tensor h_ETH = h_TN.is_contiguous()   // [E, T, H] with row stride E*H
                            ? torch_ops::alias_strided(h_TN, h_TN.scalar_type(), 0, {E, T, H}, {H, E * H, 1})
                            : h_TN.view({T, E, H}).transpose(0, 1);
   Tensor y_ETO = at::bmm(h_ETH, w.w2);
   if (w.b2.defined()) y_ETO = y_ETO + w.b2.unsqueeze(1);
-  const Tensor slots = at::empty({T * r.k}, r.buf.options().dtype(at::kLong));
-  torch_ops::check_launch(launch_token_major_slots(r.indices(), T, static_cast<int>(r.k), static_cast<int>(E),
-                                                   slots.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
-                          "token-major slots");
-  return combine(viewed(y_ETO, {E * T, O}), r, /*postscore=*/true, slots.data_ptr<int64_t>());
+  return combine(viewed(y_ETO, {E * T, O}), r, /*postscore=*/true, tm_slots_TK);
 }
 
 // Bias rows of the grouped layout, added in float32 (mirrors expert_compute._ffn_grouped_mm).
@@ -268,11 +331,13 @@ std::vector<at::Tensor> moe_forward_nograd(const at::Tensor& x_TD, const at::Ten
   // enqueues gate and routing (an isolated call no longer waits for those launches).
   const Tensor h_TN = dense ? dense_first_gemm(x, w, act, relu_epilogue, allow_tf32) : Tensor();
   const int64_t D = x_TD.size(1), E = wg_ED.size(0), O = w2_EHO.size(2);
-  const Tensor logits_TE = gate_logits(x, wg_ED, gate_fp32);
-  Routed r = route(logits_TE, k, score_fn, normalize, capacity);
+  Routed r = alloc_routed_for(x, wg_ED, gate_fp32, k);
+  const Tensor tm_slots = dense ? at::empty({x.size(0) * k}, x.options().dtype(at::kLong)) : Tensor();
+  const Tensor logits_TE = gate_and_route(r, x, wg_ED, gate_fp32, score_fn, normalize, capacity,
+                                          dense ? tm_slots.data_ptr<int64_t>() : nullptr);
   Tensor y_TO;
   if (dense) {
-    y_TO = dense_second_gemm_and_combine(h_TN, r, w);
+    y_TO = dense_second_gemm_and_combine(h_TN, r, w, tm_slots.data_ptr<int64_t>());
   } else {
     dispatch(r, x, capacity, postscore);
     const int64_t R = r.x_RD.size(0);

@@ -28,63 +28,9 @@ __global__ void topk_kernel(const T* __restrict__ logits, int64_t num_tokens, in
   const int64_t warps_per_block = blockDim.x >> 5;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * warps_per_block;
   for (int64_t t = blockIdx.x * warps_per_block + (threadIdx.x >> 5); t < num_tokens; t += stride) {
-    float v[VPL];
-    float p[VPL];
-    int rank[VPL];
-    const unsigned taken = row_scores<T, VPL>(logits + t * E, E, lane, fn, v, p);   // bit j: padding
-    unsigned chosen = 0u;  // bit j: element j is in the top-k
-#pragma unroll
-    for (int j = 0; j < VPL; ++j) rank[j] = 0;
-    if (scores != nullptr) {
-#pragma unroll
-      for (int j = 0; j < VPL; ++j) {
-        const int e = j * 32 + lane;
-        if (e < E) scores[t * E + e] = from_f<T>(p[j]);
-      }
-    }
-    // Selection on order-preserving unsigned keys of the logits (ties: lower expert first):
-    // two warp reductions per round (REDUX on sm_80+) instead of ten shuffles, which made
-    // this kernel ~12 us of the fine-grained forward on the H100 (8192 tokens, 64 experts, top-8).
-    unsigned key[VPL];
-#pragma unroll
-    for (int j = 0; j < VPL; ++j) key[j] = (taken >> j & 1u) ? 0u : ordered_key(v[j]);
-    float picked = 0.f;
-    for (int r = 0; r < K; ++r) {
-      unsigned lk = 0u;
-      int li = INT_MAX;
-#pragma unroll
-      for (int j = 0; j < VPL; ++j) {
-        if (key[j] > lk) {   // j ascending: the first of equal keys (the lower expert) stays
-          lk = key[j];
-          li = j * 32 + lane;
-        }
-      }
-      const unsigned best = warp_max_u32(lk);
-      const int bi = warp_min_i32(lk == best ? li : INT_MAX);
-      if ((bi & 31) == lane) {
-#pragma unroll
-        for (int j = 0; j < VPL; ++j) {
-          if (j == (bi >> 5)) {
-            key[j] = 0u;
-            chosen |= 1u << j;
-            rank[j] = r;
-            picked += p[j];
-          }
-        }
-      }
-    }
-    float scale = 1.f;
-    if (normalize) {
-      const float total = warp_sum(picked);
-      scale = total > 0.f ? 1.f / total : 0.f;
-    }
-#pragma unroll
-    for (int j = 0; j < VPL; ++j) {
-      if (chosen >> j & 1u) {
-        indices[t * K + rank[j]] = j * 32 + lane;
-        weights[t * K + rank[j]] = from_f<T>(p[j] * scale);
-      }
-    }
+    float v[VPL], p[VPL];
+    const unsigned padding = row_scores<T, VPL>(logits + t * E, E, lane, fn, v, p);
+    topk_of_row<T, VPL>(t, num_tokens, v, p, padding, E, K, normalize, lane, indices, weights, scores, nullptr);
   }
 }
 

@@ -27,6 +27,20 @@ cudaError_t launch_topk(const void* logits_TE, DType dt, int64_t T, int E, int K
                         bool normalize, int64_t* indices_TK, void* weights_TK, void* scores_TE,
                         cudaStream_t stream);
 
+// Largest expert count of the gate kernel below (a lane's accumulators hold every expert).
+constexpr int kMaxGateExperts = 8;
+
+// Whether launch_gate takes x and wg of these dtypes, E experts and D features (gate_kernels.cu).
+bool gate_kernel_serves(DType x_dt, DType wg_dt, int64_t E, int64_t D);
+
+// logits_TE = x_TD @ wg_ED^T (both contiguous, dtype dt, fp32 products and sums; logits in dt, or
+// fp32 when logits_fp32), the same bits for a token whatever the other tokens or x's alignment.
+// K > 0: fused with launch_topk's scores and top-k on the rounded logits (same outputs), plus
+// tm_slots_TK[t, r] = indices_TK[t, r] * T + t when not null (the dense layout's rows).
+cudaError_t launch_gate(const void* x_TD, const void* wg_ED, DType dt, bool logits_fp32, int64_t T, int64_t D, int E,
+                        void* logits_TE, int K, ScoreFn fn, bool normalize, int64_t* indices_TK, void* weights_TK,
+                        void* scores_TE, int64_t* tm_slots_TK, cudaStream_t stream);
+
 // d loss / d logits_TE of launch_topk's weights_TK and scores_TE (gating_backward.cu): scores
 // recomputed as launch_topk computes them, grad_w_TK and grad_scores_TE (either may be null: no
 // gradient) in the logits dtype, the weights' renormalisation differentiated when `normalize`

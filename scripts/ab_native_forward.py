@@ -6,7 +6,8 @@ gathered first GEMM (no_gather, and graphed_no_gather its graph), with that GEMM
 Python between two native calls instead of from inside the one native call (triton_py), with
 the gathered GEMM at any size (gather_all: native_forward._GATHER_MIN_ELEMENTS = 0), and dropless
 calls in grouped rows instead of cf=1's capacity slots (no_slots, graphed_no_slots: torch's
-grouped second GEMM).
+grouped second GEMM), and gates of few experts through at::mm instead of the gate kernel fused
+with the top-k (no_gate_kernel, graphed_no_gate_kernel).
 
     python scripts/ab_native_forward.py [config ...] [--iters N] [--routing random|balanced] [--tokens T]
                                         [--modes cf=1,dropless]
@@ -25,7 +26,7 @@ import time
 
 import torch
 
-from adaptmoe import native_forward
+from adaptmoe import native_forward, ops
 from adaptmoe.examples.bench_layer import CONFIGS, DTYPES, balance_routing, build_layer
 from adaptmoe.examples.timing import capture_no_grad
 
@@ -78,6 +79,20 @@ def variants(layer, x, cf, floor):
         native_forward.set_gathered_enabled(True)
         calls["triton_py"] = eager(True, triton_from_native=False)
         calls["gather_all"] = eager(True, gather_min=0)
+    native = ops._native.loaded()
+    if native is not None and layer.config.num_experts <= native.max_gate_experts:
+        def gate_kernel_off(fn):
+            def call():
+                native.set_gate_kernel_enabled(False)
+                try:
+                    fn()
+                finally:
+                    native.set_gate_kernel_enabled(True)
+            return call
+        calls["no_gate_kernel"] = gate_kernel_off(eager(True))
+        native.set_gate_kernel_enabled(False)
+        calls["graphed_no_gate_kernel"] = capture_no_grad(lambda: layer(x, capacity_factor=cf), warmup=3)[0].replay
+        native.set_gate_kernel_enabled(True)
     if plan is not None and plan.slotted:
         calls["no_slots"] = eager(True, slotted=False)
         native_forward.set_slotted_enabled(False)

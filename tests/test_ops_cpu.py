@@ -135,3 +135,22 @@ def test_native_kernels_can_be_turned_off_and_on():
     finally:
         ops.set_native_enabled(True)
     assert "set_native_enabled" not in ops.native_status()
+
+
+@pytest.mark.parametrize("fp32", [False, True])
+def test_gate_logits_cpu_is_the_reference_and_compiles(fp32):
+    """ops.gate_logits on CPU is x @ W^T with the gate's casts; its registered op traces under
+    torch.compile(fullgraph) with the fake implementation's dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 16, dtype=torch.bfloat16)
+    w = torch.randn(3, 16, dtype=torch.bfloat16)
+    want = torch.nn.functional.linear(x.float(), w.float()) if fp32 else torch.nn.functional.linear(x, w)
+    assert torch.equal(ops.gate_logits(x, w, fp32), want)
+    compiled = torch.compile(lambda a, b: ops.gate_logits(a, b, fp32) * 2, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(x, w)
+    assert got.dtype == want.dtype and torch.equal(got, want * 2)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        assert ops.gate_logits(torch.empty(5, 16), torch.empty(3, 16, dtype=torch.bfloat16), fp32).dtype == (
+            torch.float32 if fp32 else torch.bfloat16)

@@ -1,4 +1,4 @@
-"""Native ops of adaptmoe behind torch.library: dispatch, combine, fused routing, decode FFN.
+"""Native ops of adaptmoe behind torch.library: dispatch, combine, fused routing, gate logits, decode FFN.
 
 Legend: T tokens, E experts, K top-k, D model dim, R rows of the expert-major buffer.
 
@@ -13,11 +13,12 @@ from torch import Tensor
 
 from . import _native
 from ._decode_op import DECODE_TOLERANCES, decode_ffn, native_decode_blocker
+from ._gate_op import gate_logits, gate_logits_reference
 from ._ops import (SCORE_FNS, TOLERANCES, CombineFunction, DispatchFunction, RouteTopkFunction, assign_slots_op,
                    bypasses_dispatcher, combine_impl, combine_op, dispatch_impl, dispatch_op, eager_autograd,
                    gshard_loss_native, route_topk_grad, route_topk_impl, route_topk_op)
 
-__all__ = ["dispatch", "combine", "route_topk", "assign_slots", "decode_ffn", "native_decode_blocker",
+__all__ = ["dispatch", "combine", "route_topk", "assign_slots", "gate_logits", "decode_ffn", "native_decode_blocker",
            "DECODE_TOLERANCES", "native_available", "native_status",
            "set_native_enabled", "TOLERANCES", "SCORE_FNS"]
 

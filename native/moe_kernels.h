@@ -27,10 +27,13 @@ cudaError_t launch_topk(const void* logits_TE, DType dt, int64_t T, int E, int K
                         bool normalize, int64_t* indices_TK, void* weights_TK, void* scores_TE,
                         cudaStream_t stream);
 
-// Largest expert count of the gate kernel below (a lane's accumulators hold every expert).
+// Largest expert count of the gate kernel below (a lane's accumulators hold every expert), and
+// the largest gate weight it takes (staged in shared memory without an opt-in); others: cuBLAS.
 constexpr int kMaxGateExperts = 8;
+constexpr int64_t kMaxGateWeightBytes = 48 * 1024;
 
-// Whether launch_gate takes x and wg of these dtypes, E experts and D features (gate_kernels.cu).
+// Whether launch_gate takes x and wg of these dtypes, E experts and D features (gate_kernels.cu):
+// the same dtype, E <= kMaxGateExperts, E * D elements within kMaxGateWeightBytes.
 bool gate_kernel_serves(DType x_dt, DType wg_dt, int64_t E, int64_t D);
 
 // logits_TE = x_TD @ wg_ED^T (both contiguous, dtype dt, fp32 products and sums; logits in dt, or

@@ -32,7 +32,8 @@ def check_logits(got, x, w, fp32):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fp32", [False, True])
-@pytest.mark.parametrize("T,E,D", [(1, 1, 1), (3, 2, 7), (33, 3, 64), (257, 5, 130), (1000, 8, 2048), (0, 2, 64)])
+@pytest.mark.parametrize("T,E,D", [(1, 1, 1), (3, 2, 7), (33, 3, 64), (257, 5, 130), (1000, 8, 1536), (0, 2, 64),
+                                   (100, 2, 12288)])
 def test_gate_logits_against_float64(T, E, D, fp32, dtype):
     torch.manual_seed(T + E + D)
     x = torch.randn(T, D, device=DEV, dtype=dtype)
@@ -58,11 +59,14 @@ def test_gate_logits_bits_do_not_depend_on_batch_or_alignment(dtype):
     assert torch.equal(ops.gate_logits(x.t().contiguous().t(), w, False), full)   # strided x
 
 
-def test_gate_logits_of_many_experts_are_f_linear():
-    """E above the kernel's limit: at::mm, F.linear's bits."""
+@pytest.mark.parametrize("E,D", [(9, 128), (8, 4096), (2, 12296)])
+def test_gate_logits_beyond_the_kernel_are_f_linear(E, D):
+    """More experts than the kernel takes, or a weight beyond its shared memory (48 KiB): at::mm,
+    F.linear's bits."""
+    assert E > ops._native.load().max_gate_experts or E * D * 2 > 48 * 1024
     torch.manual_seed(1)
-    x = torch.randn(64, 128, device=DEV, dtype=torch.bfloat16)
-    w = torch.randn(ops._native.load().max_gate_experts + 1, 128, device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(64, D, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(E, D, device=DEV, dtype=torch.bfloat16)
     assert torch.equal(ops.gate_logits(x, w, False), F.linear(x, w))
 
 

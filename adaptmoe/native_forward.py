@@ -204,7 +204,7 @@ class RepeatCall:
     ``docs/results/2026-11-22/h100_isolated_native_call_session9.log``)."""
 
     __slots__ = ("knobs", "plan", "model_dim", "dtype", "device_index", "training", "settings", "experts", "params",
-                 "weights", "gate", "gate_linear", "wg_ED")
+                 "weights", "gate", "gate_linear", "wg_ED", "gate_key")
 
     def __init__(self, layer, x_TD: Tensor, knobs, plan: NativeForwardPlan):
         self.knobs, self.plan = knobs, plan
@@ -215,6 +215,7 @@ class RepeatCall:
         self.weights = self.experts.stored_weights()
         self.gate, self.wg_ED = _gate_of(layer, knobs.gate_index)
         self.gate_linear = self.gate._modules["wg"]
+        self.gate_key = str(knobs.gate_index)
 
     def modules_unchanged(self, layer) -> bool:
         """The same experts and gate modules holding the same parameter objects (parameters
@@ -222,7 +223,7 @@ class RepeatCall:
         params = self.experts._parameters
         return (layer._modules["experts"] is self.experts and len(params) == len(self.params)
                 and all(map(operator.is_, params.values(), self.params))
-                and layer._modules["gates"]._modules[str(self.knobs.gate_index)] is self.gate
+                and layer._modules["gates"]._modules[self.gate_key] is self.gate
                 and self.gate._modules["wg"] is self.gate_linear
                 and self.gate_linear._parameters["weight"] is self.wg_ED)
 
@@ -230,12 +231,13 @@ class RepeatCall:
 def repeat(layer, call: RepeatCall, x: Tensor) -> tuple | None:
     """``run``'s result for tokens ``x`` given to a call with ``call``'s knob arguments, when
     ``_plan_or_reason`` and ``MoELayer._tokens_of`` would decide as they did for it (same
-    switches, grad and autocast off, not traced, x a 2-D tensor of model_dim columns in the
-    experts' dtype on the same device, same training flag, same modules and parameters); else
-    None and nothing ran. Any token count: the capacity is recomputed per call."""
+    switches, grad and autocast off, x a 2-D tensor of model_dim columns in the experts' dtype on
+    the same device, same training flag, same modules and parameters); else None and nothing ran.
+    Any token count: the capacity is recomputed per call. Never reached while dynamo traces
+    (``MoELayer._memo_key`` is None then)."""
     if (type(x) is not Tensor or torch.is_grad_enabled() or x.dim() != 2 or x.shape[1] != call.model_dim
             or x.dtype is not call.dtype or x.get_device() != call.device_index or layer.training is not call.training
-            or call.settings != _settings() or torch.is_autocast_enabled("cuda") or torch.compiler.is_compiling()
+            or call.settings != _settings() or torch.is_autocast_enabled("cuda")
             or not call.modules_unchanged(layer) or call.weights.w1_eHD.dtype is not x.dtype):
         return None
     return _launch(layer, x, call.knobs, call.plan, call.gate, call.wg_ED, call.weights)

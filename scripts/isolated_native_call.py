@@ -7,9 +7,12 @@ full call.
 
 Rows (us): layer = MoELayer.forward as users call it; repeat = native_forward.repeat, the short
 way of the layer's later calls, called directly; run = native_forward.run with knobs and
-plan made beforehand (no knob checks, flattening, losses, output packaging); native = the
-extension's moe_forward_nograd alone; floor = two bmms with relu between (bench_layer's floor);
-graphed = the layer replayed from a CUDA graph.
+plan made beforehand (no knob checks, flattening, losses, output packaging); launch =
+native_forward._launch with the gate and weights read beforehand; native_pack = the extension's
+call with prebuilt arguments, its outputs packaged as _launch does; native = that call alone; floor = two bmms with relu between (bench_layer's floor);
+graphed = the layer replayed from a CUDA graph; layer_drop = the layer with its kept outputs
+(l_aux, losses, last_routing) dropped after each call. Isolated times: the cuts in a rotating
+order per round (before 2026-11-23 one cut after another: the first ran in other clocks).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch
 
 from adaptmoe import native_forward
 from adaptmoe.examples.bench_layer import CONFIGS, balance_routing, build_layer
-from adaptmoe.examples.timing import capture_no_grad, median_ms
+from adaptmoe.examples.timing import capture_no_grad, time_call
 from adaptmoe.layer import MoELayer
 from adaptmoe.ops import _native
 from scripts.host_costs import host_us
@@ -39,6 +42,16 @@ def _native_call(layer, x_TD, knobs, plan):
             plan.dense and (cap is None or cap >= T))
     native = _native.loaded()
     return lambda: native.moe_forward_nograd(*args)
+
+
+def _packed_native_call(layer, x_TD, knobs, plan):
+    """_native_call with its outputs packaged as native_forward._launch packages them."""
+    from adaptmoe.routing import capacity_for
+    T, E, k = x_TD.shape[0], layer.config.num_experts, knobs.top_k
+    cap = capacity_for(knobs.capacity_factor, T, E, k)
+    call = _native_call(layer, x_TD, knobs, plan)
+    rows = T * k if cap is None else E * cap
+    return lambda: native_forward._packaged(call(), cap, rows, plan)
 
 
 def stamps(layer, x, cf: float, calls: int = 40) -> dict[str, float]:
@@ -61,7 +74,22 @@ def stamps(layer, x, cf: float, calls: int = 40) -> dict[str, float]:
     return {label: statistics.median(v) for label, v in runs.items()}
 
 
-def run_config(name: str, cf: float, iters: int = 60) -> None:
+def interleaved_us(fns: dict, iters: int) -> dict[str, float]:
+    """Median us of each isolated call (CUDA events, a sync after each), the cuts taken in a rotating
+    order per round so that clock drift hits them alike."""
+    names = list(fns)
+    for fn in fns.values():
+        for _ in range(5):
+            fn()
+    times = {n: [] for n in names}
+    for i in range(iters):
+        for j in range(len(names)):
+            n = names[(i + j) % len(names)]
+            times[n].append(time_call(fns[n], "cuda") * 1e3)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def run_config(name: str, cf: float, iters: int = 100) -> None:
     cfg = CONFIGS[name]
     layer = build_layer(cfg, "cuda")
     x = torch.randn(cfg["T"], cfg["D"], device="cuda", dtype=layer.experts.batched_fc1_w.dtype)
@@ -75,23 +103,28 @@ def run_config(name: str, cf: float, iters: int = 60) -> None:
         assert plan is not None, native_forward.native_forward_blocker(layer, x, knobs)
         layer(x, capacity_factor=cf)   # remembers the call: later ones take the repeat path
         call = next(iter(layer.__dict__["_repeat_calls"].values()))
+        gate, wg_ED, weights = call.gate, call.wg_ED, call.weights
         fns = {
             "layer": lambda: layer(x, capacity_factor=cf),
             "repeat": lambda: native_forward.repeat(layer, call, x),
             "run": lambda: native_forward.run(layer, x, knobs, plan),
             "native": _native_call(layer, x, knobs, plan),
+            "native_pack": _packed_native_call(layer, x, knobs, plan),
+            "launch": lambda: native_forward._launch(layer, x, knobs, plan, gate, wg_ED, weights),
             "floor": lambda: torch.bmm(torch.relu(torch.bmm(xf, w1.transpose(1, 2))), w2),
+            # the layer without keeping its outputs (l_aux, losses, last_routing) until the next call
+            "layer_drop": lambda: (layer(x, capacity_factor=cf), [layer.__dict__.pop(n, None)
+                                                                  for n in ("l_aux", "losses", "last_routing")]),
         }
         t_end = time.perf_counter() + 2.0
         while time.perf_counter() < t_end:   # clocks up
             for fn in fns.values():
                 fn()
             torch.cuda.synchronize()
-        iso = {k: median_ms(fn, "cuda", iters, 5) * 1e3 for k, fn in fns.items()}
-        host = {k: host_us(fn, reps=20, inner=4) for k, fn in fns.items()}
         graph, _ = capture_no_grad(lambda: layer(x, capacity_factor=cf))
-        iso["graphed"] = median_ms(graph.replay, "cuda", iters, 5) * 1e3
-        host["graphed"] = host_us(graph.replay, reps=20, inner=4)
+        fns["graphed"] = graph.replay
+        iso = interleaved_us(fns, iters)
+        host = {k: host_us(fn, reps=20, inner=4) for k, fn in fns.items()}
         st = stamps(layer, x, cf)
     mode = "dropless" if cf == 0 else f"cf={cf:g}"
     print(f"=== {name} {mode}: isolated call (us, CUDA events) and host time per call (us, warm loop)")

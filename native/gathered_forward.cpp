@@ -27,14 +27,16 @@ using torch_ops::text;
 int64_t gathered_rows(int64_t T, int64_t E, int64_t k, int64_t capacity) { return capacity < 0 ? T * k : E * capacity; }
 
 // inv_R[r] = the choice feeding row r (launch_inverse_slots); the padded layout's unfed rows read
-// choice 0 (their outputs are never gathered; an unset index would read out of bounds).
-void launch_gathered_inverse(const Routed& r, int64_t capacity, const Tensor& inv_R) {
+// choice 0 (their outputs are never gathered; an unset index would read out of bounds). rows_E
+// (may be undefined): every expert's rows, the capacity, written by the same launch.
+void launch_gathered_inverse(const Routed& r, int64_t capacity, const Tensor& inv_R, const Tensor& rows_E = Tensor()) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t rows = inv_R.numel();
   if (capacity >= 0 && rows > 0) {
     torch_ops::check_launch(cudaMemsetAsync(inv_R.data_ptr<int>(), 0, sizeof(int) * rows, stream), "inverse slots");
   }
-  torch_ops::check_launch(launch_inverse_slots(r.slots(), r.T * r.k, rows, inv_R.data_ptr<int>(), stream),
+  torch_ops::check_launch(launch_inverse_slots(r.slots(), r.T * r.k, rows, inv_R.data_ptr<int>(), stream,
+                                               rows_E.defined() ? rows_E.data_ptr<int64_t>() : nullptr, r.E, capacity),
                           "inverse slots");
 }
 
@@ -164,9 +166,12 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
   // nothing was enqueued, the caller launches through Triton.
   Routed r = alloc_routed_for(x, wg_ED, gate_fp32, k);
   const SlotLayout l = slotted ? alloc_slot_layout(r, slot_capacity, x.options()) : SlotLayout();
-  const Tensor inv_R = slotted ? Tensor() : at::empty({R}, x.options().dtype(at::kInt));
-  // The first GEMM's rows per expert: the counts (grouped), or the capacity for every expert.
-  const Tensor rows_E = capacity < 0 ? Tensor() : at::empty({E}, x.options().dtype(at::kLong));
+  // The padded layout's rows per expert (the capacity for every expert; grouped: the counts) and
+  // the gathered rows' inverse in one allocation (each costs host time in front of the first GEMM).
+  const int64_t rows_bytes = capacity < 0 ? 0 : (E * 8 + 15) / 16 * 16;
+  const Tensor inverse_buf = slotted ? Tensor() : at::empty({rows_bytes + R * 4}, x.options().dtype(at::kByte));
+  const Tensor inv_R = slotted ? Tensor() : alias(inverse_buf, at::kInt, rows_bytes, {R});
+  const Tensor rows_E = rows_bytes == 0 ? Tensor() : alias(inverse_buf, at::kLong, 0, {E});
   const int64_t* rows_per_expert = slotted ? l.capacity_E() : capacity < 0 ? r.counts() : rows_E.data_ptr<int64_t>();
   Tensor h_RH = at::empty({R, H}, x.options());
   Tensor y_ECO = slotted ? at::empty({E, slot_capacity, O}, x.options()) : Tensor();
@@ -190,9 +195,8 @@ std::vector<at::Tensor> moe_forward_nograd_gathered(const at::Tensor& x_TD, cons
     launch_slot_layout(r, l);
     launch_share(r, slot_capacity, launches.fc1_fixup, share);
   } else {
-    launch_gathered_inverse(r, capacity, inv_R);
+    launch_gathered_inverse(r, capacity, inv_R, rows_E);
   }
-  if (rows_E.defined()) rows_E.fill_(capacity);
   launches.fc1.enqueue("gathered first GEMM (Triton)");
   Tensor y_RO;
   if (slotted) {   // every expert's C slots through cuBLAS's batched GEMM, then the rows it got wrong

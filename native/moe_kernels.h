@@ -122,8 +122,11 @@ cudaError_t launch_scatter_located_rows(const void* src_TD, DType dt, const int6
                                         cudaStream_t stream);
 
 // inv_R[slots[i]] = i for the n = T*K choices whose slot is in [0, R) (other entries untouched):
-// the grouped row -> (token, choice) map of a dropless routing, where every row is fed.
-cudaError_t launch_inverse_slots(const int64_t* slots_TK, int64_t n, int64_t R, int* inv_R, cudaStream_t stream);
+// the grouped row -> (token, choice) map of a dropless routing, where every row is fed. fill_E
+// (may be null): also set to fill_value in its E entries (the padded layout's rows per expert, in
+// the same launch instead of an ATen fill in front of the first GEMM).
+cudaError_t launch_inverse_slots(const int64_t* slots_TK, int64_t n, int64_t R, int* inv_R, cudaStream_t stream,
+                                 int64_t* fill_E = nullptr, int64_t E = 0, int64_t fill_value = 0);
 
 // slots_TK[t,k] = indices_TK[t,k] * T + t (-1 for an index outside [0, E)): the rows of choice
 // (t, k) in a buffer that holds every token once per expert, expert-major ([E, T, ...]).

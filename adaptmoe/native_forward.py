@@ -204,7 +204,7 @@ class RepeatCall:
     ``docs/results/2026-11-22/h100_isolated_native_call_session9.log``)."""
 
     __slots__ = ("knobs", "plan", "model_dim", "dtype", "device_index", "training", "settings", "experts", "params",
-                 "weights", "gate", "gate_linear", "wg_ED", "gate_key")
+                 "weights", "gate", "gate_linear", "wg_ED", "gate_key", "kernels")
 
     def __init__(self, layer, x_TD: Tensor, knobs, plan: NativeForwardPlan):
         self.knobs, self.plan = knobs, plan
@@ -216,6 +216,7 @@ class RepeatCall:
         self.gate, self.wg_ED = _gate_of(layer, knobs.gate_index)
         self.gate_linear = self.gate._modules["wg"]
         self.gate_key = str(knobs.gate_index)
+        self.kernels = _triton_kernels(x_TD, plan, self.weights)
 
     def modules_unchanged(self, layer) -> bool:
         """The same experts and gate modules holding the same parameter objects (parameters
@@ -240,7 +241,7 @@ def repeat(layer, call: RepeatCall, x: Tensor) -> tuple | None:
             or call.settings != _settings() or torch.is_autocast_enabled("cuda")
             or not call.modules_unchanged(layer) or call.weights.w1_eHD.dtype is not x.dtype):
         return None
-    return _launch(layer, x, call.knobs, call.plan, call.gate, call.wg_ED, call.weights)
+    return _launch(layer, x, call.knobs, call.plan, call.gate, call.wg_ED, call.weights, call.kernels)
 
 
 def _settings() -> tuple:
@@ -249,8 +250,33 @@ def _settings() -> tuple:
             _slotted_enabled)
 
 
-def _launch(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Tensor, w) -> tuple:
-    """``run`` with the gate module, its weight and the experts' weights read."""
+class TritonKernels(NamedTuple):
+    """The registered variants (extension ids, ``_triton_gemm.rows_variants``) a plan's native calls
+    pick their Triton kernels from: the gathered first GEMM, the fix-ups of the gathered slotted
+    call, those of the dispatched slotted call. The registry's own lists, which grow as Python
+    launches register variants, so a RepeatCall keeps them: each lookup cost ~1.5 us of host time
+    in front of the launch."""
+    gathered_fc1: list
+    gathered_fixups: tuple[list, list]
+    dispatched_fixups: tuple[list, list]
+
+
+def _triton_kernels(x_TD: Tensor, plan: NativeForwardPlan, w) -> TritonKernels | None:
+    """The plan's TritonKernels, or None for plans that launch no Triton kernel."""
+    if not (plan.gathered_fc1 or plan.slotted):
+        return None
+    none = ([], [])
+    return TritonKernels(
+        _triton_gemm.gathered_fc1_variants(x_TD, w.w1_eHD, w.b1_eH) if plan.gathered_fc1 else [],
+        _triton_gemm.slot_fixup_variants(x_TD, w.w1_eHD, w.b1_eH, w.w2_eHO) if plan.gathered_fc1 and plan.slotted
+        else none,
+        _triton_gemm.slot_fixup_variants(x_TD, w.w1_eHD, w.b1_eH, w.w2_eHO, gathered=False) if plan.slotted else none)
+
+
+def _launch(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Tensor, w,
+            kernels: TritonKernels | None = None) -> tuple:
+    """``run`` with the gate module, its weight and the experts' weights read (and the plan's
+    TritonKernels when known: else looked up where needed)."""
     T = x_TD.shape[0]
     E, k = layer.config.num_experts, knobs.top_k
     capacity = capacity_for(knobs.capacity_factor, T, E, k)
@@ -259,9 +285,10 @@ def _launch(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Te
     slot_capacity, share = (slots.capacity, slots.share) if in_slots else (None, None)
     if (plan.gathered_fc1 and T * k * (w.w1_eHD.shape[1] + w.w1_eHD.shape[2]) >= _GATHER_MIN_ELEMENTS
             and capacity != 0):
-        result = _run_gathered(layer, x_TD, knobs, plan, gate, wg_ED, w, capacity, slot_capacity, share)
+        result = _run_gathered(layer, x_TD, knobs, plan, gate, wg_ED, w, capacity, slot_capacity, share,
+                               kernels=kernels)
     elif in_slots:
-        result = _run_slotted(layer, x_TD, knobs, plan, gate, wg_ED, w, slot_capacity, share)
+        result = _run_slotted(layer, x_TD, knobs, plan, gate, wg_ED, w, slot_capacity, share, kernels=kernels)
     else:
         dense = plan.dense and T > 0 and (capacity is None or capacity >= T)   # then no choice drops
         outputs = _native.loaded().moe_forward_nograd(
@@ -322,7 +349,8 @@ def _gate_of(layer, gate_index: int) -> tuple:
 
 
 def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Tensor, w,
-                  capacity: int | None, slot_capacity: int | None, share: Tensor | None = None) -> tuple:
+                  capacity: int | None, slot_capacity: int | None, share: Tensor | None = None,
+                  kernels: TritonKernels | None = None) -> tuple:
     """Relu experts whose first GEMM gathers its rows from the tokens, relu in its epilogue
     (``ops._triton_gemm``; ``gathered_fc1_blocker`` says which): native routing, that GEMM over
     the grouped rows then the grouped second GEMM (dropless, capacity None), or over the padded
@@ -339,9 +367,9 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_
     # Compiled variants of the Triton kernels that Python's launches registered: the native call
     # launches the first whose specialization its own arguments satisfy (ops._triton_native).
     if _triton_from_native:
-        variants = _triton_gemm.gathered_fc1_variants(x_TD, w.w1_eHD, w.b1_eH)
-        fixups = (_triton_gemm.slot_fixup_variants(x_TD, w.w1_eHD, w.b1_eH, w.w2_eHO) if slot_capacity is not None
-                  else ([], []))
+        kernels = kernels or _triton_kernels(x_TD, plan, w)
+        variants = kernels.gathered_fc1
+        fixups = kernels.gathered_fixups if slot_capacity is not None else ([], [])
         if variants and (slot_capacity is None or all(fixups)):
             outputs = native.moe_forward_nograd_gathered(
                 x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, w.w1_eHD, w.w2_eHO, w.b1_eH, variants,
@@ -361,7 +389,7 @@ def _run_gathered(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_
 
 
 def _run_slotted(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_ED: Tensor, w,
-                 slot_capacity: int, share: Tensor | None = None) -> tuple:
+                 slot_capacity: int, share: Tensor | None = None, kernels: TritonKernels | None = None) -> tuple:
     """Dropless relu experts (any size) in cf=1's capacity slots: native routing and slot layout,
     the tokens dispatched into the slots, cuBLAS's batched GEMMs over them (relu in the first's
     epilogue), the overflow rows recomputed (``_triton_gemm.slot_fixups``), native combine. One
@@ -369,8 +397,7 @@ def _run_slotted(layer, x_TD: Tensor, knobs, plan: NativeForwardPlan, gate, wg_E
     kernels fit; else the same steps from Python, whose Triton launches register them."""
     T, k = x_TD.shape[0], knobs.top_k
     native = _native.loaded()
-    fixups = (_triton_gemm.slot_fixup_variants(x_TD, w.w1_eHD, w.b1_eH, w.w2_eHO, gathered=False)
-              if _triton_from_native else ([], []))
+    fixups = (kernels or _triton_kernels(x_TD, plan, w)).dispatched_fixups if _triton_from_native else ([], [])
     if all(fixups):
         outputs = native.moe_forward_nograd_slotted(x_TD, wg_ED, gate.fp32, k, plan.score_fn, plan.normalize, True,
                                                     w.w1_eHD, w.w2_eHO, w.b1_eH, slot_capacity, plan.gshard_loss,

@@ -205,7 +205,7 @@ def test_gathered_gemm_is_launched_natively_once_a_variant_is_registered(monkeyp
     monkeypatch.setattr(_triton_gemm, "gathered_fc1_relu", gathered_fc1_relu)
     monkeypatch.setattr(_triton_gemm, "gathered_fc1_variants", lambda x, w1, b1: variants)
     monkeypatch.setattr(_triton_gemm, "slot_fixups", slot_fixups)
-    monkeypatch.setattr(_triton_gemm, "slot_fixup_variants", lambda x, w1, b1, w2: fixups)
+    monkeypatch.setattr(_triton_gemm, "slot_fixup_variants", lambda x, w1, b1, w2, gathered=True: fixups)
     monkeypatch.setattr(torch, "_grouped_mm", lambda h, w2, offs: torch.zeros(h.shape[0], w2.shape[2]), raising=False)
     plan = native_forward.NativeForwardPlan(score_fn=0, normalize=True, activation=1, relu_epilogue=False,
                                             grouped=True, gathered_fc1=True, gshard_loss=True,
@@ -263,7 +263,7 @@ def test_slotted_dispatched_forward_is_one_native_call_once_its_fixups_are_regis
         return torch.zeros(E, C, H)
     monkeypatch.setattr(native_forward._native, "loaded", lambda: fake)
     monkeypatch.setattr(_triton_gemm, "slot_fixups", slot_fixups)
-    monkeypatch.setattr(_triton_gemm, "slot_fixup_variants", lambda x, w1, b1, w2, gathered: fixups)
+    monkeypatch.setattr(_triton_gemm, "slot_fixup_variants", lambda x, w1, b1, w2, gathered=True: fixups)
     monkeypatch.setattr(_fused_gemm, "fc1_relu", fc1_relu)
     plan = native_forward.NativeForwardPlan(score_fn=0, normalize=True, activation=1, relu_epilogue=False,
                                             grouped=True, gshard_loss=True, slotted=True)
@@ -297,7 +297,7 @@ def test_dropless_calls_leave_the_slots_while_the_last_measured_fixup_share_is_l
     fake.moe_forward_nograd = moe_forward_nograd
     fake.overflow_fixup_share = lambda counts, C, tile, rows, share: measured.append((C, tile, rows, share))
     monkeypatch.setattr(native_forward._native, "loaded", lambda: fake)
-    monkeypatch.setattr(native_forward, "_run_slotted", lambda *args: slotted.append(args[-2:]) or ("slots",))
+    monkeypatch.setattr(native_forward, "_run_slotted", lambda *args, **kw: slotted.append(args[-2:]) or ("slots",))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monitor = _triton_slotted.OverflowMonitor()   # a count the kernels would write into pinned memory
     monitor._host = torch.full((1,), -1, dtype=torch.int64)

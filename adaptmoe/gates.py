@@ -27,8 +27,10 @@ class LinearGate(nn.Module):
 
     def forward(self, x_TD: Tensor) -> Tensor:
         weight_ED = self.wg.weight
-        if x_TD.is_cuda and not (torch.is_grad_enabled() and (x_TD.requires_grad or weight_ED.requires_grad)):
-            # the native forwards' gate (a kernel for few experts): both paths route on the same bits
+        if (x_TD.is_cuda and not (torch.is_grad_enabled() and (x_TD.requires_grad or weight_ED.requires_grad))
+                and not torch.is_autocast_enabled("cuda")):
+            # the native forwards' gate (a kernel for few experts): both paths route on the same bits;
+            # under autocast F.linear keeps autocast's dtype rules (no native forward runs then)
             return ops.gate_logits(x_TD, weight_ED, self.fp32)
         return ops.gate_logits_reference(x_TD, weight_ED, self.fp32)
 

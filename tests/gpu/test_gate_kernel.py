@@ -115,3 +115,14 @@ def test_gate_with_grad_keeps_f_linear_and_its_gradient():
     assert torch.equal(logits, F.linear(x, gate.wg.weight))
     logits.float().square().sum().backward()
     assert x.grad is not None and gate.wg.weight.grad is not None
+
+
+def test_gate_under_autocast_keeps_f_linear():
+    """Autocast's dtype rules stay F.linear's: the kernel serves calls outside autocast only."""
+    torch.manual_seed(4)
+    gate = am.gates.LinearGate(64, 2, fp32=False).to(DEV)
+    x = torch.randn(16, 64, device=DEV)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = gate(x)
+        want = F.linear(x, gate.wg.weight)
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, want)

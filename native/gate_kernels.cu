@@ -3,7 +3,7 @@
 // Why: with E = 2 the gate is a [T, D] x [D, 2] product, memory-bound on x, which cuBLAS ran as
 // a split-K GEMM plus a reduce kernel, ~24 us of the README bf16 layer's 0.46 ms forward on the
 // H100 (T 8192, D 2048) for 32 MB of reads (~11 us at the HBM's rate); with the top-k fused,
-// the logits never make a round trip through memory and one launch replaces three.
+// nothing reads the logits back and one launch replaces three.
 //
 // Legend: T tokens, D model dim, E experts, K top-k, TPW tokens per warp.
 // Plain CUDA translation unit (no torch headers): `nvcc -arch=sm_90 -c gate_kernels.cu` checks it.
@@ -22,7 +22,7 @@ constexpr int kGateThreads = 256;
 
 // Lane `lane` owns packs lane, lane + 32, ... of kGatePack elements and sums its products in that
 // order, then the warp adds its lanes (xor butterfly: every lane gets the same bits). The scalar
-// path (x or wg not 16-byte aligned, or D not a multiple of the pack) visits the same elements in
+// path (x or wg not aligned to a pack, or D not a multiple of it) visits the same elements in
 // the same order, so a token's logits depend neither on alignment nor on the other tokens of its
 // warp, and every caller (logits alone or fused with the top-k) gets the same bits.
 template <typename TX, int EMAX>

@@ -33,7 +33,8 @@ std::atomic<bool> g_gate_kernel_enabled{true};   // off: at::mm for every gate (
 // Whether launch_gate computes this gate's logits (then every path of the layer, the Python one
 // through the gate_logits binding included, gets them from it: the same bits everywhere).
 bool small_gate(const Tensor& x_TD, const Tensor& wg_ED) {
-  return g_gate_kernel_enabled.load(std::memory_order_relaxed) && x_TD.scalar_type() == wg_ED.scalar_type() && float_type(x_TD.scalar_type()) &&
+  return g_gate_kernel_enabled.load(std::memory_order_relaxed) && x_TD.scalar_type() == wg_ED.scalar_type() &&
+         float_type(x_TD.scalar_type()) &&
          gate_kernel_serves(torch_ops::dtype_of(x_TD), torch_ops::dtype_of(wg_ED), wg_ED.size(0), wg_ED.size(1));
 }
 

@@ -218,6 +218,15 @@ class RepeatCall:
         self.gate_key = str(knobs.gate_index)
         self.kernels = _triton_kernels(x_TD, plan, self.weights)
 
+    def __getstate__(self) -> dict:
+        # Copies and pickles look their Triton variants up anew (kernels None): registry ids belong
+        # to this process, and the registry's live lists should not be frozen into copies.
+        return {name: (None if name == "kernels" else getattr(self, name)) for name in self.__slots__}
+
+    def __setstate__(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
     def modules_unchanged(self, layer) -> bool:
         """The same experts and gate modules holding the same parameter objects (parameters
         converted in place, ``module.to(...)``, keep their identity: ``repeat`` checks the dtype)."""

@@ -377,3 +377,17 @@ def test_forward_remembers_no_call_the_native_path_did_not_serve():
         layer(torch.randn(5, 16))
         layer(torch.randn(5, 16), capacity_factor=0.0)
     assert not layer.__dict__.get("_repeat_calls")
+
+
+def test_copies_of_a_remembered_call_look_their_triton_variants_up_anew():
+    """RepeatCall.kernels holds this process's registry lists: copies and pickles carry None (the
+    launch looks the variants up per call), everything else is carried."""
+    import copy
+    import pickle
+    call = object.__new__(native_forward.RepeatCall)
+    for name in native_forward.RepeatCall.__slots__:
+        setattr(call, name, name)
+    call.kernels = native_forward.TritonKernels([1, 2], ([3], [4]), ([], []))
+    for clone in (copy.deepcopy(call), pickle.loads(pickle.dumps(call))):
+        assert clone.kernels is None
+        assert all(getattr(clone, n) == n for n in native_forward.RepeatCall.__slots__ if n != "kernels")

@@ -53,23 +53,26 @@ void launch_small_gate(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32, 
       "gate");
 }
 
-}  // namespace
-
-void set_gate_kernel_enabled(bool enabled) { g_gate_kernel_enabled.store(enabled); }
-
-// F.linear of a 2-D input without bias is exactly mm(x, w^T); calling mm skips two dispatcher hops.
-Tensor gate_logits(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32) {
-  if (small_gate(x_TD, wg_ED)) {
-    const Tensor logits_TE = at::empty({x_TD.size(0), wg_ED.size(0)}, x_TD.options().dtype(logits_type(wg_ED, gate_fp32)));
-    launch_small_gate(x_TD, wg_ED, gate_fp32, logits_TE, nullptr, 0, false, nullptr);
-    return logits_TE;
-  }
+// The gates launch_gate does not serve. F.linear of a 2-D input without bias is exactly
+// mm(x, w^T); calling mm skips two dispatcher hops.
+Tensor mm_gate_logits(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32) {
   if (gate_fp32) return at::mm(x_TD.to(at::kFloat), wg_ED.to(at::kFloat).t());
   const Tensor wg_DE = wg_ED.is_contiguous()
                            ? torch_ops::alias_strided(wg_ED, wg_ED.scalar_type(), 0, {wg_ED.size(1), wg_ED.size(0)},
                                                       {1, wg_ED.size(1)})
                            : wg_ED.t();
   return at::mm(x_TD.scalar_type() == wg_ED.scalar_type() ? x_TD : x_TD.to(wg_ED.scalar_type()), wg_DE);
+}
+
+}  // namespace
+
+void set_gate_kernel_enabled(bool enabled) { g_gate_kernel_enabled.store(enabled); }
+
+Tensor gate_logits(const Tensor& x_TD, const Tensor& wg_ED, bool gate_fp32) {
+  if (!small_gate(x_TD, wg_ED)) return mm_gate_logits(x_TD, wg_ED, gate_fp32);
+  const Tensor logits_TE = at::empty({x_TD.size(0), wg_ED.size(0)}, x_TD.options().dtype(logits_type(wg_ED, gate_fp32)));
+  launch_small_gate(x_TD, wg_ED, gate_fp32, logits_TE, nullptr, 0, false, nullptr);
+  return logits_TE;
 }
 
 // t.view(sizes) for a contiguous t, without the dispatcher (see torch_ops::alias).
@@ -129,7 +132,7 @@ Tensor gate_and_route(const Routed& r, const Tensor& x_TD, const Tensor& wg_ED, 
     launch_slots(r, capacity);
     return logits_TE;
   }
-  const Tensor logits_TE = gate_logits(x_TD, wg_ED, gate_fp32);
+  const Tensor logits_TE = mm_gate_logits(x_TD, wg_ED, gate_fp32);
   launch_routing(r, logits_TE, score_fn, normalize, capacity);
   if (tm_slots != nullptr) {
     torch_ops::check_launch(launch_token_major_slots(r.indices(), r.T, static_cast<int>(r.k), static_cast<int>(r.E),

@@ -31,10 +31,13 @@ from scripts.host_costs import host_us
 from scripts.isolated_call_events import stamped_calls
 
 
-def _native_call(layer, x_TD, knobs, plan):
+def _capacity(layer, x_TD, knobs):
     from adaptmoe.routing import capacity_for
-    T, E, k = x_TD.shape[0], layer.config.num_experts, knobs.top_k
-    cap = capacity_for(knobs.capacity_factor, T, E, k)
+    return capacity_for(knobs.capacity_factor, x_TD.shape[0], layer.config.num_experts, knobs.top_k)
+
+
+def _native_call(layer, x_TD, knobs, plan):
+    T, k, cap = x_TD.shape[0], knobs.top_k, _capacity(layer, x_TD, knobs)
     gate, w = layer.gates[0], layer.experts.stored_weights()
     args = (x_TD, gate.wg.weight, gate.fp32, k, plan.score_fn, plan.normalize, -1 if cap is None else cap,
             layer.config.is_postscore, plan.grouped, w.w1_eHD, w.w2_eHO, w.w3_eHD, w.b1_eH, w.b2_eO,
@@ -46,11 +49,8 @@ def _native_call(layer, x_TD, knobs, plan):
 
 def _packed_native_call(layer, x_TD, knobs, plan):
     """_native_call with its outputs packaged as native_forward._launch packages them."""
-    from adaptmoe.routing import capacity_for
-    T, E, k = x_TD.shape[0], layer.config.num_experts, knobs.top_k
-    cap = capacity_for(knobs.capacity_factor, T, E, k)
-    call = _native_call(layer, x_TD, knobs, plan)
-    rows = T * k if cap is None else E * cap
+    cap, call = _capacity(layer, x_TD, knobs), _native_call(layer, x_TD, knobs, plan)
+    rows = native_forward._routed_rows(x_TD.shape[0], knobs.top_k, layer.config.num_experts, cap)
     return lambda: native_forward._packaged(call(), cap, rows, plan)
 
 
